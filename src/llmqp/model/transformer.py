@@ -1,0 +1,154 @@
+"""The decoder-only transformer (Llama / Qwen2 family) as pure functions over a params pytree.
+
+Layout decisions (measured on XLA:CPU, see DESIGN.md):
+- f32 matmul weights are stored ``[in, out]`` and used as ``x @ W``; q/k/v and gate/up are fused so
+  each layer issues three dots instead of seven.
+- Layers are a Python list, unrolled under `jit`: `lax.scan` over stacked layers ran 2x slower.
+- The LM head is *not* part of the trunk: `forward` returns final-normed hidden states and the plans
+  decide how much of the vocabulary to score (`dense_logits` / `sparse_logits`).
+
+Params pytree::
+
+    embed        (V, d)          token embedding rows
+    unembed_rows (V, d)          unembedding rows, gathered by sparse plans (== embed when tied)
+    unembed      (d, V)          the same matrix transposed, for the dense head
+    final_norm   (d,)
+    layers[i]:   attn_norm (d,), w_qkv (d, q+2kv), b_qkv (q+2kv,) [qkv_bias only], w_o (q, d),
+                 ffn_norm (d,), w_gate_up (d, 2F), w_down (F, d)
+
+KV cache pytree: ``{"k": [ (B, S, KV, hd) per layer ], "v": [...]}`` — fixed size S, written in place
+(the cache argument is donated).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmqp.model.config import ModelConfig, RopeStyle
+
+
+def init_cache(cfg: ModelConfig, batch: int, seq_len: int, dtype=jnp.float32) -> dict:
+    """A zeroed KV cache of `seq_len` positions for `batch` rows."""
+    shape = (batch, seq_len, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+    }
+
+
+def rms_norm(x, weight, eps: float):
+    # Normalise in f32 whatever the compute dtype: bf16 variance is too coarse.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_angles(positions, head_dim: int, theta: float):
+    """cos, sin of shape positions.shape + (1, head_dim // 2): one angle per rotated pair."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
+
+
+def apply_rope(x, cos, sin, style: RopeStyle):
+    """Rotate x: (B, T, heads, hd) by the per-position angles."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    if style is RopeStyle.ADJACENT_PAIR:
+        pairs = x32.reshape(*x.shape[:-1], half, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(x.shape)
+    else:
+        x0, x1 = x32[..., :half], x32[..., half:]
+        out = jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _write_rows(cache_layer, new, start):
+    # cache_layer: (B, S, KV, hd); new: (B, T, KV, hd); start: (B,) — each row writes at its own offset.
+    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))(cache_layer, new, start)
+
+
+def _attention(q, k_all, v_all, q_pos, cfg: ModelConfig):
+    # q: (B, T, H, hd); k_all, v_all: (B, S, KV, hd); q_pos: (B, T) absolute positions.
+    b, t = q.shape[:2]
+    groups = cfg.n_heads // cfg.n_kv_heads
+    q = q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_all, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(cfg.head_dim))
+    key_pos = jnp.arange(k_all.shape[1])
+    visible = key_pos[None, None, :] <= q_pos[:, :, None]  # (B, T, S)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_all)
+    return out.reshape(b, t, cfg.q_size)
+
+
+def forward(params, cache, tokens, start, *, cfg: ModelConfig):
+    """Run the trunk on a chunk of tokens and write their keys/values into the cache.
+
+    tokens: (B, T) int32; start: (B,) int32 position of tokens[:, 0] in each row.
+    Returns (hidden: (B, T, d) f32 after the final norm, cache). Positions past a row's real length may
+    hold padding: their cache entries are overwritten before any later query can see them, because a
+    query at position p only attends to keys at positions <= p and position p is written first.
+    The caller guarantees start + T <= S (dynamic_update_slice would otherwise clamp the offset)."""
+    dtype = params["embed"].dtype
+    x = params["embed"][tokens].astype(jnp.float32)  # (B, T, d)
+    b, t = tokens.shape
+    q_pos = start[:, None] + jnp.arange(t, dtype=start.dtype)[None, :]  # (B, T)
+    cos, sin = rope_angles(q_pos, cfg.head_dim, cfg.rope_theta)
+    new_k, new_v = [], []
+    for i, layer in enumerate(params["layers"]):
+        h = rms_norm(x, layer["attn_norm"], cfg.rms_eps).astype(dtype)
+        qkv = h @ layer["w_qkv"]
+        if cfg.qkv_bias:
+            qkv = qkv + layer["b_qkv"]
+        q = qkv[..., : cfg.q_size].reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = qkv[..., cfg.q_size : cfg.q_size + cfg.kv_size].reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = qkv[..., cfg.q_size + cfg.kv_size :].reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        q = apply_rope(q, cos, sin, cfg.rope_style)
+        k = apply_rope(k, cos, sin, cfg.rope_style)
+        k_all = _write_rows(cache["k"][i], k.astype(cache["k"][i].dtype), start)
+        v_all = _write_rows(cache["v"][i], v.astype(cache["v"][i].dtype), start)
+        new_k.append(k_all)
+        new_v.append(v_all)
+        attn = _attention(q, k_all, v_all, q_pos, cfg)
+        x = x + (attn.astype(dtype) @ layer["w_o"]).astype(jnp.float32)
+        h = rms_norm(x, layer["ffn_norm"], cfg.rms_eps).astype(dtype)
+        gate_up = h @ layer["w_gate_up"]
+        gate, up = gate_up[..., : cfg.ffn_size], gate_up[..., cfg.ffn_size :]
+        x = x + ((jax.nn.silu(gate) * up) @ layer["w_down"]).astype(jnp.float32)
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_eps)
+    return hidden, {"k": new_k, "v": new_v}
+
+
+def dense_logits(params, hidden):
+    """hidden: (..., d) -> logits (..., V) f32 over the whole vocabulary."""
+    w = params["unembed"]
+    return (hidden.astype(w.dtype) @ w).astype(jnp.float32)
+
+
+def sparse_logits(params, hidden, ids):
+    """hidden: (B, d); ids: (B, K) int32 (padding may be any valid id) -> logits (B, K) f32.
+
+    Gathers only the K unembedding rows that can be chosen: cost O(B*K*d) instead of O(B*V*d)."""
+    rows = params["unembed_rows"][ids]  # (B, K, d)
+    return jnp.einsum("bd,bkd->bk", hidden.astype(rows.dtype), rows).astype(jnp.float32)
+
+
+# Jitted entry points. `cfg` is static (hashable); the cache is donated so it is updated in place.
+forward_jit = jax.jit(forward, static_argnames=("cfg",), donate_argnames=("cache",))
+dense_logits_jit = jax.jit(dense_logits)
+sparse_logits_jit = jax.jit(sparse_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_step(params, cache, tokens, positions, *, cfg: ModelConfig):
+    """One decode step. tokens: (B,) int32; positions: (B,). Returns (hidden (B, d) f32, cache)."""
+    hidden, cache = forward(params, cache, tokens[:, None], positions, cfg=cfg)
+    return hidden[:, 0], cache

@@ -1,0 +1,287 @@
+"""Loading checkpoints into the params pytree of `llmqp.model.transformer`.
+
+Two sources: a llama-architecture GGUF file (any quantization the `gguf` package dequantizes) and a local
+Hugging Face directory (config.json + *.safetensors) for Llama and Qwen2. Both go through the same
+"raw" form — numpy arrays in the checkpoint's own ``[out, in]`` orientation — whose every key and shape
+is checked against the config *before* anything is copied (`check_raw`), then `pack_params` transposes
+explicitly to ``[in, out]`` and fuses q/k/v and gate/up.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from llmqp.errors import ModelLoadError
+from llmqp.model.config import ModelConfig, RopeStyle
+
+LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+BIAS_KEYS = ("bq", "bk", "bv")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The raw (checkpoint-orientation) shape of every tensor a config needs, by raw key."""
+    d, f, v = cfg.hidden_size, cfg.ffn_size, cfg.vocab_size
+    shapes = {"embed": (v, d), "final_norm": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["output"] = (v, d)
+    for i in range(cfg.n_layers):
+        layer = {
+            "attn_norm": (d,), "wq": (cfg.q_size, d), "wk": (cfg.kv_size, d), "wv": (cfg.kv_size, d),
+            "wo": (d, cfg.q_size), "ffn_norm": (d,), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
+        }
+        if cfg.qkv_bias:
+            layer.update(bq=(cfg.q_size,), bk=(cfg.kv_size,), bv=(cfg.kv_size,))
+        shapes.update({f"layers.{i}.{k}": s for k, s in layer.items()})
+    return shapes
+
+
+def check_raw(cfg: ModelConfig, raw: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
+    """raw maps raw key -> (checkpoint tensor name, shape). Raises ModelLoadError naming every problem."""
+    want = expected_shapes(cfg)
+    problems = []
+    for key, shape in want.items():
+        if key not in raw:
+            problems.append(f"missing tensor for {key!r}")
+        elif tuple(raw[key][1]) != shape:
+            problems.append(f"tensor {raw[key][0]!r} has shape {tuple(raw[key][1])}, expected {shape}")
+    for key, (name, _) in raw.items():
+        if key not in want:
+            problems.append(f"unexpected tensor {name!r} (not used by a {cfg.arch} model with this config)")
+    if problems:
+        raise ModelLoadError(f"{source}: " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+
+
+def pack_params(cfg: ModelConfig, raw: dict[str, np.ndarray], dtype=np.float32) -> dict:
+    """Raw numpy tensors ([out, in]) -> params pytree of numpy arrays ([in, out], fused)."""
+    def t(a):  # explicit transpose to [in, out], contiguous for XLA:CPU
+        return np.ascontiguousarray(np.asarray(a, np.float32).T).astype(dtype)
+
+    layers = []
+    for i in range(cfg.n_layers):
+        g = lambda k: raw[f"layers.{i}.{k}"]  # noqa: E731
+        layer = {
+            "attn_norm": np.asarray(g("attn_norm"), np.float32),
+            "w_qkv": t(np.concatenate([g("wq"), g("wk"), g("wv")], axis=0)),
+            "w_o": t(g("wo")),
+            "ffn_norm": np.asarray(g("ffn_norm"), np.float32),
+            "w_gate_up": t(np.concatenate([g("w_gate"), g("w_up")], axis=0)),
+            "w_down": t(g("w_down")),
+        }
+        if cfg.qkv_bias:
+            layer["b_qkv"] = np.concatenate([g("bq"), g("bk"), g("bv")]).astype(dtype)
+        layers.append(layer)
+    embed = np.asarray(raw["embed"], np.float32).astype(dtype)
+    rows = embed if cfg.tie_embeddings else np.asarray(raw["output"], np.float32).astype(dtype)
+    return {
+        "embed": embed,
+        "unembed_rows": rows,
+        "unembed": np.ascontiguousarray(rows.T),
+        "final_norm": np.asarray(raw["final_norm"], np.float32),
+        "layers": layers,
+    }
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo the HF->GGUF q/k row permutation: adjacent-pair RoPE layout -> rotate-half layout."""
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.reshape(n_heads, hd // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+# ---------------------------------------------------------------- GGUF
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
+    "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "w_gate",
+    "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
+    "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+}
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_gguf(path: str | Path):
+    """Open a GGUF file. Returns (cfg, raw arrays, reader). The reader is returned so the tokenizer can be
+    built from the same parse (opening a GGUF costs seconds)."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError/struct errors on non-GGUF input
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from None
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported in GGUF form (only 'llama')")
+    scaling = _field(reader, "llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ModelLoadError(f"{path}: RoPE scaling {scaling!r} is not supported")
+    n_heads = int(_field(reader, "llama.attention.head_count"))
+    d = int(_field(reader, "llama.embedding_length"))
+    tensors = {t.name: t for t in reader.tensors}
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    vocab = int(_field(reader, "llama.vocab_size", len(tokens)))
+    cfg = ModelConfig(
+        arch="llama",
+        name=str(_field(reader, "general.name", path.stem)),
+        vocab_size=vocab,
+        hidden_size=d,
+        n_layers=int(_field(reader, "llama.block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        head_dim=int(_field(reader, "llama.attention.key_length", d // n_heads)),
+        ffn_size=int(_field(reader, "llama.feed_forward_length")),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_style=RopeStyle.ADJACENT_PAIR,
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        max_position=int(_field(reader, "llama.context_length", 8192)),
+    )
+    index = {}
+    for name, t in tensors.items():
+        if name == "token_embd.weight":
+            key = "embed"
+        elif name == "output_norm.weight":
+            key = "final_norm"
+        elif name == "output.weight":
+            key = "output"
+        elif name.startswith("blk.") and name.split(".", 2)[2] in _GGUF_LAYER_NAMES:
+            _, i, rest = name.split(".", 2)
+            key = f"layers.{i}.{_GGUF_LAYER_NAMES[rest]}"
+        else:
+            key = name  # reported as unexpected by check_raw
+        index[key] = (name, tuple(int(x) for x in reversed(list(t.shape))))
+    check_raw(cfg, index, str(path))
+    raw = {}
+    for key, (name, _) in index.items():
+        t = tensors[name]
+        try:
+            raw[key] = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        except NotImplementedError:
+            raise ModelLoadError(f"{path}: tensor {name!r} uses quantization {t.tensor_type.name}, "
+                                 "which the gguf package cannot dequantize") from None
+    return cfg, raw, reader
+
+
+# ---------------------------------------------------------------- Hugging Face safetensors
+
+_HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
+    "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
+    "post_attention_layernorm.weight": "ffn_norm", "mlp.gate_proj.weight": "w_gate",
+    "mlp.up_proj.weight": "w_up", "mlp.down_proj.weight": "w_down",
+    "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
+}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _safetensors_index(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, begin, end) read from the header, without loading any data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = meta["data_offsets"]
+        out[name] = (meta["dtype"], tuple(meta["shape"]), base + b, base + e)
+    return out
+
+
+def _read_safetensor(path: Path, dtype: str, shape, begin: int, end: int) -> np.ndarray:
+    if dtype not in _ST_DTYPES:
+        raise ModelLoadError(f"{path}: tensor dtype {dtype} is not supported (F32, F16, BF16, F64)")
+    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=begin, shape=(end - begin,))
+    a = mm.view(_ST_DTYPES[dtype]).reshape(shape)
+    if dtype == "BF16":  # numpy has no bfloat16: widen the bits to f32
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+    try:
+        c = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path}: invalid JSON ({e})") from None
+    archs = c.get("architectures") or []
+    arch = next((_HF_ARCHS[a] for a in archs if a in _HF_ARCHS), None)
+    if arch is None:
+        raise ModelLoadError(f"{cfg_path}: architectures {archs} not supported "
+                             f"(supported: {', '.join(_HF_ARCHS)})")
+    scaling = c.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ModelLoadError(f"{cfg_path}: rope_scaling {scaling} is not supported")
+    try:
+        n_heads = int(c["num_attention_heads"])
+        d = int(c["hidden_size"])
+        return ModelConfig(
+            arch=arch,
+            name=str(c.get("_name_or_path") or directory.name),
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=d,
+            n_layers=int(c["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+            head_dim=int(c.get("head_dim") or d // n_heads),
+            ffn_size=int(c["intermediate_size"]),
+            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rms_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_style=RopeStyle.ROTATE_HALF,
+            tie_embeddings=bool(c.get("tie_word_embeddings", arch == "llama")),
+            qkv_bias=True if arch == "qwen2" else bool(c.get("attention_bias", False)),
+            max_position=int(c.get("max_position_embeddings", 8192)),
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"{cfg_path}: missing required key {e.args[0]!r}") from None
+    except ValueError as e:
+        raise ModelLoadError(f"{cfg_path}: {e}") from None
+
+
+def read_hf(directory: str | Path):
+    """Load a Hugging Face directory. Returns (cfg, raw arrays)."""
+    directory = Path(directory)
+    cfg = read_hf_config(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory}: no *.safetensors files")
+    index, where = {}, {}
+    for f in files:
+        for name, (dt, shape, b, e) in _safetensors_index(f).items():
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # some tied checkpoints still store the (identical) head
+            if name == "model.embed_tokens.weight":
+                key = "embed"
+            elif name == "model.norm.weight":
+                key = "final_norm"
+            elif name == "lm_head.weight":
+                key = "output"
+            elif name.startswith("model.layers.") and name.split(".", 3)[3] in _HF_LAYER_NAMES:
+                _, _, i, rest = name.split(".", 3)
+                key = f"layers.{i}.{_HF_LAYER_NAMES[rest]}"
+            elif name.endswith("rotary_emb.inv_freq"):
+                continue  # a derived buffer some exports include
+            else:
+                key = name
+            index[key] = (name, shape)
+            where[key] = (f, dt, shape, b, e)
+    check_raw(cfg, index, str(directory))
+    raw = {key: _read_safetensor(*where[key]) for key in index}
+    return cfg, raw
