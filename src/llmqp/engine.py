@@ -50,6 +50,21 @@ def _pow2_at_least(n: int, floor: int = 1) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
+def device_params(packed: dict, dtype: str = "float32") -> dict:
+    """Numpy params (`llmqp.model.weights.pack_params` layout) -> device arrays. Norm weights stay f32;
+    a tied unembedding keeps one device copy."""
+    jdtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
+
+    def to_device(path, x):
+        norm = any(getattr(p, "key", None) in ("attn_norm", "ffn_norm", "final_norm") for p in path)
+        return jnp.asarray(x, jnp.float32 if norm else jdtype)
+
+    params = jax.tree_util.tree_map_with_path(to_device, packed)
+    if packed["unembed_rows"] is packed["embed"]:
+        params["unembed_rows"] = params["embed"]
+    return params
+
+
 class Engine:
     """A loaded model ready to generate.
 
@@ -67,19 +82,14 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
         self.dtype = dtype
-        jdtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
-
-        def to_device(path, x):
-            norm = any(getattr(p, "key", None) in ("attn_norm", "ffn_norm", "final_norm") for p in path)
-            return jnp.asarray(x, jnp.float32 if norm else jdtype)
-
-        self.params = jax.tree_util.tree_map_with_path(to_device, loaded.params)
-        if loaded.params["unembed_rows"] is loaded.params["embed"]:
-            self.params["unembed_rows"] = self.params["embed"]  # tied: one device copy
+        self.params = device_params(loaded.params, dtype)
         self.head = {"unembed": self.params["unembed"], "unembed_rows": self.params["unembed_rows"]}
         self.load_seconds = time.perf_counter() - t0
         self.loaded_from_cache = loaded.from_cache
         self._all_ids = np.arange(self.config.vocab_size, dtype=np.int32)
+        # Unconstrained steps reuse one device copy of "every id allowed".
+        self._all_ids_dev = jnp.asarray(self._all_ids[None, :])
+        self._all_valid_dev = jnp.ones((1, self.config.vocab_size), bool)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "Engine":
@@ -295,9 +305,12 @@ class Engine:
             else:
                 row = self._all_ids if allowed is None else allowed
                 kind = self.choose_plan(plan_kind, len(row))
-                ids_pad, valid = plans_mod.pad_allowed([row], self.vocab_size)
+                if allowed is None:
+                    ids_pad, valid = self._all_ids_dev, self._all_valid_dev
+                else:
+                    ids_pad, valid = (jnp.asarray(a) for a in plans_mod.pad_allowed([row], self.vocab_size))
                 index, logprob = plans_mod.score_and_select(
-                    self.head, hidden, jnp.asarray(ids_pad), jnp.asarray(valid), seed_arr,
+                    self.head, hidden, ids_pad, valid, seed_arr,
                     jnp.asarray([len(out)], jnp.int32), temp_arr, topk_arr, topp_arr,
                     plan=plans_mod.PLANS[kind], greedy=sampling.greedy)
                 token = int(row[int(index[0])])
