@@ -2,7 +2,7 @@
 
 The public surface: everything users import is listed in `__all__`; other modules may change."""
 
-from llmqp.engine import Engine
+from llmqp.engine import Engine, Request
 from llmqp.errors import ConstraintError, LLMQPError, ModelLoadError
 from llmqp.model.loader import cache_dir
 from llmqp.results import GenerationResult, StepTrace
@@ -17,6 +17,7 @@ __all__ = [
     "InvalidArgument",
     "LLMQPError",
     "ModelLoadError",
+    "Request",
     "SamplingParams",
     "StepTrace",
     "cache_dir",

@@ -5,6 +5,7 @@ The host-stepped decode loop lives here: prefill → [constraint mask → plan �
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -144,34 +145,50 @@ class Engine:
             raise InvalidArgument("token_ids is empty")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise InvalidArgument(f"token ids must be in [0, {self.vocab_size})")
-        hidden = self._prefill(ids.astype(np.int32), extra=0, keep_all=True)[0]
+        hidden, _ = self._prefill([ids.astype(np.int32)], [0], keep_all=True)
         out = transformer.dense_logits_jit(self.head, hidden)
         return np.asarray(out, dtype=np.float32)
 
-    def _prefill(self, ids: np.ndarray, extra: int, keep_all: bool = False):
-        """Run the prompt through the trunk in bucketed chunks. Returns (hidden, cache, cache_len) where
-        hidden is (n, d) for keep_all or the last position's (1, d)."""
-        n = len(ids)
-        chunks = [(s, ids[s : s + PREFILL_CHUNK]) for s in range(0, n, PREFILL_CHUNK)]
-        last_len = _pow2_at_least(len(chunks[-1][1]), 16)
-        cache_len = _pow2_at_least(max(chunks[-1][0] + last_len, n + extra), MIN_CACHE)
-        if n + extra > self.config.max_position:
-            raise InvalidArgument(f"prompt ({n} tokens) + max_tokens ({extra}) exceeds the model's context "
-                                  f"of {self.config.max_position} tokens")
-        cache = transformer.init_cache(self.config, 1, cache_len, self.params["embed"].dtype)
+    def _prefill(self, prompts: list[np.ndarray], extra: list[int], keep_all: bool = False):
+        """Run the prompts (one per batch row) through the trunk in chunks of at most PREFILL_CHUNK
+        positions, padded to power-of-two buckets. Rows of different lengths share the chunks: padding
+        written past a row's end is overwritten by that row's own later tokens before it can be attended.
+        Returns (hidden, cache): hidden is (n, d) for one row with keep_all, else (Bb, d) — the last prompt
+        position of each row (Bb = rows rounded up to a power of two; extra rows are zero)."""
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        need = max(n + e for n, e in zip(lengths, extra))
+        if need > self.config.max_position:
+            raise InvalidArgument(f"prompt + max_tokens ({need} tokens) exceeds the model's context of "
+                                  f"{self.config.max_position} tokens")
+        starts = list(range(0, longest, PREFILL_CHUNK))
+        last_len = _pow2_at_least(longest - starts[-1], 16)
+        cache_len = _pow2_at_least(max(starts[-1] + last_len, need), MIN_CACHE)
+        batch = _pow2_at_least(len(prompts))
+        cache = transformer.init_cache(self.config, batch, cache_len, self.params["embed"].dtype)
+        last = [None] * len(prompts)
         hiddens = []
-        for start, chunk in chunks:
-            padded = np.zeros((1, _pow2_at_least(len(chunk), 16)), np.int32)
-            padded[0, : len(chunk)] = chunk
-            hidden, cache = transformer.forward_jit(self.params, cache, jnp.asarray(padded),
-                                                    jnp.asarray([start], jnp.int32), cfg=self.config)
-            hiddens.append(hidden[0, : len(chunk)] if keep_all else hidden[:, len(chunk) - 1])
-        hidden = jnp.concatenate(hiddens, axis=0) if keep_all else hiddens[-1]
-        return hidden, cache, cache_len
+        for start in starts:
+            width = _pow2_at_least(min(PREFILL_CHUNK, longest - start), 16)
+            tokens = np.zeros((batch, width), np.int32)
+            for r, p in enumerate(prompts):
+                chunk = p[start : start + width]
+                tokens[r, : len(chunk)] = chunk
+            hidden, cache = transformer.forward_jit(self.params, cache, jnp.asarray(tokens),
+                                                    jnp.zeros((batch,), jnp.int32) + start, cfg=self.config)
+            if keep_all:
+                hiddens.append(hidden[0, : min(width, longest - start)])
+            for r, n in enumerate(lengths):
+                if start <= n - 1 < start + width:
+                    last[r] = hidden[r, n - 1 - start]
+        if keep_all:
+            return jnp.concatenate(hiddens, axis=0), cache
+        zero = jnp.zeros_like(last[0])
+        return jnp.stack(last + [zero] * (batch - len(prompts))), cache
 
     def _feed(self, cache, tokens: list[int], pos: int):
-        """Feed tokens at positions pos.. through the trunk in power-of-two chunks (no padding, so each
-        chunk fits the cache exactly). Returns (hidden of the last token (1, d), cache)."""
+        """Feed one row's tokens at positions pos.. through the trunk in power-of-two chunks (no padding,
+        so every chunk fits the cache exactly). Returns (hidden of the last token (1, d), cache)."""
         hidden = None
         i = 0
         while i < len(tokens):
@@ -191,163 +208,346 @@ class Engine:
                  top_k: int = 0, seed: int = 0, raw: bool = False, json_schema=None, regex=None, choice=None,
                  grammar=None, strict: bool = True, whitespace: str = "compact", plan: str = "auto",
                  forced: bool = True, on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        """Generate a completion. See the README for every option.
+        """Generate one completion.
 
         Constraints: at most one of json_schema (dict, JSON string or Pydantic model class), regex, choice
-        (list of strings), grammar (Lark; GBNF accepted). plan: "auto" | "dense" | "sparse" — all give the
-        same tokens, only speed differs. forced=True feeds runs of forced tokens through one multi-token
-        forward without scoring. on_text receives text deltas as they are produced (streaming)."""
-        events = self._run(prompt, max_tokens=max_tokens, sampling=SamplingParams(
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed), raw=raw,
-            constraint_kw=dict(json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
-                               strict=strict, whitespace=whitespace), plan=plan, forced=forced)
+        (list of strings), grammar (Lark; GBNF accepted). plan: "auto" (the default: learned per step) |
+        "dense" | "sparse" — every plan gives the same tokens, only speed differs. forced=True emits tokens
+        that the constraint forces without scoring them, feeding a run of them through one multi-token
+        forward. on_text receives text deltas as they are produced (streaming)."""
+        request = Request(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, seed=seed, raw=raw, json_schema=json_schema, regex=regex, choice=choice,
+                          grammar=grammar, strict=strict, whitespace=whitespace)
+        events = self._decode([request], plan=plan, forced=forced, stream=on_text is not None)
         while True:
             try:
                 delta = next(events)
             except StopIteration as stop:
-                return stop.value
-            if on_text is not None and delta:
-                on_text(delta)
+                return stop.value[0]
+            on_text(delta)
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Like `generate`, but yields text deltas as they are produced."""
-        result = yield from self._run_kw(prompt, **kwargs)
-        return result
+        """Like `generate`, but yields text deltas as they are produced; returns the GenerationResult
+        as the generator's return value."""
+        plan, forced = kwargs.pop("plan", "auto"), kwargs.pop("forced", True)
+        results = yield from self._decode([Request(prompt=prompt, **kwargs)], plan=plan, forced=forced,
+                                          stream=True)
+        return results[0]
 
-    def _run_kw(self, prompt, *, max_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=0, raw=False,
-                json_schema=None, regex=None, choice=None, grammar=None, strict=True, whitespace="compact",
-                plan="auto", forced=True):
-        return self._run(prompt, max_tokens=max_tokens, sampling=SamplingParams(
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed), raw=raw,
-            constraint_kw=dict(json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
-                               strict=strict, whitespace=whitespace), plan=plan, forced=forced)
+    def generate_batch(self, requests, *, plan: str = "auto", forced: bool = True) -> list[GenerationResult]:
+        """Generate several completions in one batch: each request (an `llmqp.Request` or a dict with the
+        same keys) has its own prompt, constraint, sampling settings and max_tokens. Results come back in
+        request order and equal what `generate` gives for each request alone. Rows that finish stop
+        consuming compute: the batch is compacted to the next power of two as rows finish."""
+        if isinstance(requests, (Request, dict)) or not hasattr(requests, "__iter__"):
+            raise InvalidArgument("requests must be a list of llmqp.Request or dicts")
+        reqs = [Request.coerce(r) for r in requests]
+        if not reqs:
+            return []
+        events = self._decode(reqs, plan=plan, forced=forced, stream=False)
+        while True:
+            try:
+                next(events)
+            except StopIteration as stop:
+                return stop.value
 
     def _resolve_plan(self, plan) -> PlanKind:
         try:
             kind = PlanKind(plan)
         except ValueError:
-            raise InvalidArgument(f"plan must be 'auto', 'dense' or 'sparse', got {plan!r}") from None
+            raise InvalidArgument(f"plan must be one of auto, dense, sparse, sparse_union; got {plan!r}") from None
         if kind is PlanKind.FORCED:
             raise InvalidArgument("plan='forced' cannot be chosen: forced steps happen by themselves "
                                   "whenever the constraint allows exactly one token")
         return kind
 
-    def choose_plan(self, plan: PlanKind, k: int) -> PlanKind:
-        """The plan a step with K allowed tokens runs under `plan`."""
-        if plan is not PlanKind.AUTO:
+    def applicable_plans(self, k_max: int, k_union: int, batch: int) -> list[PlanKind]:
+        """The plans worth considering for a step. Gathering more than a quarter of the vocabulary per row
+        is never cheaper than the dense head (and would materialise B×K×d floats), so such steps —
+        unconstrained rows among them — run dense."""
+        limit = AUTO_SPARSE_MAX_FRACTION * self.vocab_size
+        arms = [PlanKind.DENSE]
+        if k_max <= limit:
+            arms.append(PlanKind.SPARSE)
+        if batch > 1 and k_union <= limit:
+            arms.append(PlanKind.SPARSE_UNION)
+        return arms
+
+    def choose_plan(self, plan: PlanKind, k_max: int, k_union: int, batch: int) -> PlanKind:
+        """The plan a scoring step runs: the requested one when applicable, else the cheapest applicable
+        by the roofline rule (bytes of unembedding read)."""
+        arms = self.applicable_plans(k_max, k_union, batch)
+        if plan in arms:
             return plan
-        return PlanKind.SPARSE if k <= AUTO_SPARSE_MAX_FRACTION * self.vocab_size else PlanKind.DENSE
+        d = self.config.hidden_size
+        cost = {PlanKind.DENSE: self.vocab_size * d, PlanKind.SPARSE: batch * k_max * d,
+                PlanKind.SPARSE_UNION: k_union * d}
+        return min(arms, key=lambda a: cost[a])
 
-    def _run(self, prompt, *, max_tokens: int, sampling: SamplingParams, raw: bool, constraint_kw: dict,
-             plan, forced: bool):
-        """Generator: yields text deltas, returns the GenerationResult."""
-        if int(max_tokens) != max_tokens or max_tokens < 1:
-            raise InvalidArgument(f"max_tokens must be a positive integer, got {max_tokens}")
+    def _decode(self, requests: list["Request"], *, plan, forced: bool, stream: bool):
+        """The host-stepped decode loop for a batch of requests (one row each). A generator: yields text
+        deltas of row 0 when stream is set, returns the list of GenerationResults in request order.
+
+        Each step every active row gets exactly one token — forced (the constraint allows one token: no
+        scoring) or scored under the step's plan — and one batched trunk step feeds them. With a single
+        active row, a whole run of forced tokens is fed through one multi-token forward instead."""
         plan_kind = self._resolve_plan(plan)
-        kinds = [k for k in ("json_schema", "regex", "choice", "grammar") if constraint_kw[k] is not None]
-        if len(kinds) > 1:
-            raise InvalidArgument(f"give at most one constraint, got {', '.join(kinds)}")
-        compiled = self.constraint(**constraint_kw) if kinds else None
-        matcher = compiled.matcher() if compiled is not None else None
-        ids = np.asarray(self.prompt_ids(prompt, raw), np.int32)
-
+        rows = [_Row(i, r, self) for i, r in enumerate(requests)]  # compiles constraints: errors surface now
         t0 = time.perf_counter()
-        hidden, cache, cache_len = self._prefill(ids, extra=max_tokens)
+        hidden, cache = self._prefill([r.prompt_ids for r in rows], [r.request.max_tokens for r in rows])
         hidden.block_until_ready()
         prefill_ms = (time.perf_counter() - t0) * 1e3
+        for slot, row in enumerate(rows):
+            row.slot, row.prefill_ms = slot, prefill_ms
+            row.t_start = row.t_last = time.perf_counter()
+        batch = hidden.shape[0]
+        active = list(rows)
+        while active:
+            # 1. what each row does this step: a forced run, or scoring over its allowed ids
+            scoring = []
+            for row in active:
+                row.plan_step(forced, single=len(active) == 1)
+                if row.finish is None and row.run is None:
+                    scoring.append(row)
+            if scoring:
+                self._score(scoring, hidden, batch, plan_kind)
+            # 2. apply the tokens: EOS, max_tokens and is_done end a row
+            for row in active:
+                row.apply_step()
+            if stream and rows[0].out_text_delta():
+                yield rows[0].take_text_delta()
+            live = [r for r in active if r.finish is None]
+            # 3. compact the batch when at most half of it is still live
+            if live and len(live) <= batch // 2:
+                new_batch = _pow2_at_least(len(live))
+                order = jnp.asarray([r.slot for r in live] + [live[0].slot] * (new_batch - len(live)))
+                cache = jax.tree.map(lambda a: jnp.take(a, order, axis=0), cache)
+                hidden = jnp.take(hidden, order, axis=0)
+                for slot, row in enumerate(live):
+                    row.slot = slot
+                batch = new_batch
+            active = live
+            # 4. feed the new tokens through the trunk
+            if len(active) == 1 and len(active[0].new_tokens) > 1:
+                row = active[0]
+                hidden, cache = self._feed(cache, row.new_tokens, row.pos)
+                row.pos += len(row.new_tokens)
+            elif active:
+                tokens = np.zeros(batch, np.int32)
+                positions = np.zeros(batch, np.int32)
+                for row in active:
+                    tokens[row.slot], positions[row.slot] = row.new_tokens[0], row.pos
+                    row.pos += 1
+                hidden, cache = transformer.decode_step(self.params, cache, jnp.asarray(tokens),
+                                                        jnp.asarray(positions), cfg=self.config)
+        if stream and rows[0].out_text_delta():
+            yield rows[0].take_text_delta()
+        return [row.result() for row in rows]
 
-        eos = set(self.tokenizer.eos_ids)
-        out: list[int] = []
-        logprobs: list[float] = []
-        steps: list[StepTrace] = []
-        pos = len(ids)  # position of the next token to feed
-        finish = "length"
-        seed_arr = jnp.asarray([sampling.seed], jnp.uint32)
-        temp_arr = jnp.asarray([sampling.temperature], jnp.float32)
-        topk_arr = jnp.asarray([sampling.top_k], jnp.int32)
-        topp_arr = jnp.asarray([sampling.top_p], jnp.float32)
-        emitted_text = ""
-        t_decode = time.perf_counter()
-        t_last = t_decode
-        while len(out) < max_tokens:
-            if matcher is not None and matcher.is_done():
-                finish = "stop"
-                break
-            run = matcher.forced() if (matcher is not None and forced) else []
-            allowed = None
-            if matcher is not None and not run:
-                allowed = matcher.allowed()
-                if len(allowed) == 0:  # cannot happen with a consistent backend; never emit garbage
-                    raise LLMQPError("the constraint allows no token at this point")
-                if len(allowed) == 1 and forced:
-                    run = [int(allowed[0])]
-            if run:
-                run = run[: max_tokens - len(out)]
-                stop_at = next((i for i, t in enumerate(run) if t in eos), None)
-                eos_token = run[stop_at] if stop_at is not None else None
-                if stop_at is not None:
-                    run = run[:stop_at]
-                for t in run:
-                    matcher.accept(t)
-                out.extend(run)
-                logprobs.extend([0.0] * len(run))
-                if stop_at is not None:
-                    matcher.accept(eos_token)
-                    finish = "stop"
-                elif len(out) < max_tokens and not matcher.is_done():
-                    hidden, cache = self._feed(cache, run, pos)
-                    hidden.block_until_ready()
-                pos += len(run)
-                now = time.perf_counter()
-                steps.extend(StepTrace(PlanKind.FORCED.value, 1, (now - t_last) * 1e3 / max(len(run), 1))
-                             for _ in run)
-                t_last = now
+    def _score(self, scoring: list["_Row"], hidden, batch: int, plan_kind: PlanKind) -> None:
+        """Choose one token for every scoring row with one plan; records the plan, K and timing."""
+        allowed = {row.slot: (self._all_ids if row.allowed is None else row.allowed) for row in scoring}
+        ks = [len(a) for a in allowed.values()]
+        k_max = max(ks)
+        if batch == 1 or k_max == self.vocab_size:
+            k_union = k_max
+        else:
+            k_union = len(np.unique(np.concatenate(list(allowed.values()))))
+        kind = self.choose_plan(plan_kind if plan_kind is not PlanKind.AUTO else self._auto_plan(k_max, k_union, batch),
+                                k_max, k_union, batch)
+        rows_ids = [allowed.get(slot, self._all_ids[:1]) for slot in range(batch)]
+        ids_np = None
+        if k_max == self.vocab_size and batch == 1:
+            ids, valid = self._all_ids_dev, self._all_valid_dev
+        else:
+            ids_np, valid_np = plans_mod.pad_allowed(rows_ids, self.vocab_size)
+            for slot in range(batch):
+                if slot not in allowed:
+                    valid_np[slot] = False
+                    valid_np[slot, 0] = True
+            ids, valid = jnp.asarray(ids_np), jnp.asarray(valid_np)
+        union = None
+        if kind is PlanKind.SPARSE_UNION:
+            union_ids, positions = plans_mod.union_inputs(rows_ids, ids_np, self.vocab_size)
+            union = (jnp.asarray(union_ids), jnp.asarray(positions))
+        seeds = np.zeros(batch, np.uint32)
+        steps = np.zeros(batch, np.int32)
+        temps = np.zeros(batch, np.float32)
+        top_ks = np.zeros(batch, np.int32)
+        top_ps = np.ones(batch, np.float32)
+        for row in scoring:
+            sp = row.sampling
+            seeds[row.slot], steps[row.slot], temps[row.slot] = sp.seed, len(row.out), sp.temperature
+            top_ks[row.slot], top_ps[row.slot] = sp.top_k, sp.top_p
+        greedy = all(row.sampling.greedy for row in scoring)
+        hidden.block_until_ready()  # the trunk is shared by every plan: time only what the plan changes
+        t0 = time.perf_counter()
+        index, logprob = plans_mod.score_and_select(
+            self.head, hidden, ids, valid, jnp.asarray(seeds), jnp.asarray(steps), jnp.asarray(temps),
+            jnp.asarray(top_ks), jnp.asarray(top_ps), union, plan=plans_mod.PLANS[kind], greedy=greedy)
+        index, logprob = np.asarray(index), np.asarray(logprob)
+        head_ms = (time.perf_counter() - t0) * 1e3
+        self._observe(kind, k_max, k_union, batch, head_ms)
+        for row in scoring:
+            row.scored(int(allowed[row.slot][index[row.slot]]), float(logprob[row.slot]), kind,
+                       len(allowed[row.slot]))
+
+    def _auto_plan(self, k_max: int, k_union: int, batch: int) -> PlanKind:
+        """plan="auto": sparse (or union for batches) while K is small, else dense."""
+        return PlanKind.SPARSE if batch == 1 else PlanKind.SPARSE_UNION
+
+    def _observe(self, kind: PlanKind, k_max: int, k_union: int, batch: int, head_ms: float) -> None:
+        """Feedback of a step's measured plan latency (used by the planner)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    """One generation request for `Engine.generate_batch` (the keyword arguments of `Engine.generate`)."""
+
+    prompt: Any
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    raw: bool = False
+    json_schema: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    strict: bool = True
+    whitespace: str = "compact"
+
+    @classmethod
+    def coerce(cls, value) -> "Request":
+        if isinstance(value, Request):
+            return value
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"a request must be an llmqp.Request or a dict, got {type(value).__name__}")
+        unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise InvalidArgument(f"unknown request keys: {', '.join(sorted(unknown))}")
+        if "prompt" not in value:
+            raise InvalidArgument("a request needs a 'prompt'")
+        return cls(**value)
+
+    def constraint_kw(self) -> dict:
+        return dict(json_schema=self.json_schema, regex=self.regex, choice=self.choice, grammar=self.grammar,
+                    strict=self.strict, whitespace=self.whitespace)
+
+
+class _Row:
+    """Mutable state of one request inside the decode loop."""
+
+    def __init__(self, index: int, request: Request, engine: Engine):
+        if int(request.max_tokens) != request.max_tokens or request.max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be a positive integer, got {request.max_tokens}")
+        self.request = request
+        self.engine = engine
+        self.sampling = SamplingParams(temperature=request.temperature, top_p=request.top_p,
+                                       top_k=request.top_k, seed=request.seed)
+        kw = request.constraint_kw()
+        kinds = [k for k in ("json_schema", "regex", "choice", "grammar") if kw[k] is not None]
+        if len(kinds) > 1:
+            raise InvalidArgument(f"give at most one constraint, got {', '.join(kinds)}")
+        self.compiled = engine.constraint(**kw) if kinds else None
+        self.matcher = self.compiled.matcher() if self.compiled is not None else None
+        self.prompt_ids = np.asarray(engine.prompt_ids(request.prompt, request.raw), np.int32)
+        self.eos = set(engine.tokenizer.eos_ids)
+        self.pos = len(self.prompt_ids)
+        self.out: list[int] = []
+        self.logprobs: list[float] = []
+        self.steps: list[StepTrace] = []
+        self.finish: str | None = None
+        self.slot = 0
+        self.prefill_ms = 0.0
+        self.t_last = 0.0
+        self.t_start = time.perf_counter()
+        self.run: list[int] | None = None  # forced tokens this step
+        self.allowed: np.ndarray | None = None  # None: every token
+        self.new_tokens: list[int] = []
+        self.emitted = ""
+        self._pending_scored = None
+
+    def plan_step(self, forced: bool, single: bool) -> None:
+        """Decide this step: finish, a forced run (several tokens only when `single`), or scoring."""
+        self.run, self.allowed, self._pending_scored = None, None, None
+        if self.matcher is None:
+            return
+        if self.matcher.is_done():
+            self.finish = "stop"
+            return
+        run = self.matcher.forced() if forced else []
+        if not run:
+            allowed = self.matcher.allowed()
+            if len(allowed) == 0:  # cannot happen with a consistent backend; never emit garbage
+                raise LLMQPError("the constraint allows no token at this point")
+            if len(allowed) == 1 and forced:
+                run = [int(allowed[0])]
             else:
-                row = self._all_ids if allowed is None else allowed
-                kind = self.choose_plan(plan_kind, len(row))
-                if allowed is None:
-                    ids_pad, valid = self._all_ids_dev, self._all_valid_dev
-                else:
-                    ids_pad, valid = (jnp.asarray(a) for a in plans_mod.pad_allowed([row], self.vocab_size))
-                index, logprob = plans_mod.score_and_select(
-                    self.head, hidden, ids_pad, valid, seed_arr,
-                    jnp.asarray([len(out)], jnp.int32), temp_arr, topk_arr, topp_arr,
-                    plan=plans_mod.PLANS[kind], greedy=sampling.greedy)
-                token = int(row[int(index[0])])
-                logprobs.append(float(logprob[0]))
-                now = time.perf_counter()
-                steps.append(StepTrace(kind.value, len(row), (now - t_last) * 1e3))
-                t_last = now
-                if token in eos:
-                    if matcher is not None:
-                        matcher.accept(token)
-                    finish = "stop"
-                    logprobs.pop()  # the EOS is not part of the output
-                    steps.pop()
-                    break
-                out.append(token)
-                if matcher is not None:
-                    matcher.accept(token)
-                if len(out) < max_tokens and not (matcher is not None and matcher.is_done()):
-                    hidden, cache = transformer.decode_step(self.params, cache, jnp.asarray([token], jnp.int32),
-                                                            jnp.asarray([pos], jnp.int32), cfg=self.config)
-                pos += 1
-            text = self.tokenizer.decode(out)
-            if not text.endswith("\ufffd") and len(text) > len(emitted_text) and text.startswith(emitted_text):
-                yield text[len(emitted_text):]
-                emitted_text = text
-            if finish == "stop":
-                break
-        decode_ms = (time.perf_counter() - t_decode) * 1e3
-        text = self.tokenizer.decode(out)
-        if len(text) > len(emitted_text) and text.startswith(emitted_text):
-            yield text[len(emitted_text):]
-        if matcher is not None and finish == "length" and matcher.is_done():
-            finish = "stop"
-        valid = True if matcher is None else (finish == "stop" and matcher.can_stop())
+                self.allowed = allowed
+                return
+        self.run = list(run) if single else list(run[:1])
+
+    def scored(self, token: int, logprob: float, kind: PlanKind, k: int) -> None:
+        self._pending_scored = (token, logprob, kind, k)
+
+    def apply_step(self) -> None:
+        self.new_tokens = []
+        if self.finish is not None:
+            return
+        now = time.perf_counter()
+        if self.run is not None:
+            run = self.run[: self.request.max_tokens - len(self.out)]
+            stop_at = next((i for i, t in enumerate(run) if t in self.eos), None)
+            tokens = run if stop_at is None else run[:stop_at]
+            per_token_ms = (now - self.t_last) * 1e3 / max(len(tokens), 1)
+            for t in tokens:
+                self.matcher.accept(t)
+            self.out.extend(tokens)
+            self.logprobs.extend([0.0] * len(tokens))
+            self.steps.extend(StepTrace(PlanKind.FORCED.value, 1, per_token_ms) for _ in tokens)
+            self.new_tokens = tokens
+            if stop_at is not None:
+                self.matcher.accept(run[stop_at])
+                self.finish = "stop"
+        else:
+            token, logprob, kind, k = self._pending_scored
+            if self.matcher is not None:
+                self.matcher.accept(token)
+            if token in self.eos:
+                self.finish = "stop"
+            else:
+                self.out.append(token)
+                self.logprobs.append(logprob)
+                self.steps.append(StepTrace(kind.value, k, (now - self.t_last) * 1e3))
+                self.new_tokens = [token]
+        self.t_last = now
+        if self.finish is None:
+            if self.matcher is not None and self.matcher.is_done():
+                self.finish = "stop"
+            elif len(self.out) >= self.request.max_tokens:
+                self.finish = "length"
+
+    def out_text_delta(self) -> bool:
+        text = self.engine.tokenizer.decode(self.out)
+        self._text = text
+        return len(text) > len(self.emitted) and text.startswith(self.emitted) and not text.endswith("\ufffd")
+
+    def take_text_delta(self) -> str:
+        delta = self._text[len(self.emitted):]
+        self.emitted = self._text
+        return delta
+
+    def result(self) -> GenerationResult:
+        text = self.engine.tokenizer.decode(self.out)
+        finish = self.finish or "length"
+        valid = True if self.matcher is None else (finish == "stop" and self.matcher.can_stop())
         value = None
-        if compiled is not None and constraint_kw["json_schema"] is not None and valid:
+        if self.request.json_schema is not None and valid:
             value = json.loads(text)
-        return GenerationResult(text=text, token_ids=out, finish_reason=finish, valid=valid, value=value,
-                                logprobs=logprobs, steps=steps, prompt_tokens=len(ids), prefill_ms=prefill_ms,
-                                decode_ms=decode_ms)
+        decode_ms = (self.t_last - self.t_start) * 1e3
+        return GenerationResult(text=text, token_ids=list(self.out), finish_reason=finish, valid=valid,
+                                value=value, logprobs=list(self.logprobs), steps=list(self.steps),
+                                prompt_tokens=len(self.prompt_ids), prefill_ms=self.prefill_ms,
+                                decode_ms=max(decode_ms, 0.0))

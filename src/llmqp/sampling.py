@@ -59,9 +59,9 @@ def _select_row(logits, ids, valid, seed, step, temperature, top_k, top_p, greed
     # logits, ids, valid: (K,) — one row. Returns (index into the row, log-prob over the allowed set).
     logits = jnp.where(valid, logits, -jnp.inf)
     logprobs = jax.nn.log_softmax(logits)
-    if greedy:
-        index = jnp.argmax(logits)
-        return index.astype(jnp.int32), logprobs[index]
+    greedy_index = jnp.argmax(logits).astype(jnp.int32)
+    if greedy:  # static: every row is greedy, skip the noise entirely
+        return greedy_index, logprobs[greedy_index]
     scaled = jnp.where(valid, logits / jnp.maximum(temperature, 1e-6), -jnp.inf)
     ordered = -jnp.sort(-scaled)  # descending; padding (-inf) last
     k = jnp.where(top_k > 0, jnp.minimum(top_k, valid.sum()), valid.sum())
@@ -73,14 +73,16 @@ def _select_row(logits, ids, valid, seed, step, temperature, top_k, top_p, greed
     pth = ordered[n_keep - 1]
     keep = valid & (scaled >= kth) & (scaled >= pth)
     noisy = jnp.where(keep, scaled + _token_noise(seed, step, ids), -jnp.inf)
-    index = jnp.argmax(noisy)
-    return index.astype(jnp.int32), logprobs[index]
+    index = jnp.where(temperature > 0, jnp.argmax(noisy).astype(jnp.int32), greedy_index)
+    return index, logprobs[index]
 
 
 @functools.partial(jax.jit, static_argnames=("greedy",))
 def select(logits, ids, valid, seed, step, temperature, top_k, top_p, *, greedy: bool):
     """Batched token choice. logits: (B, K) f32; ids: (B, K) int32; valid: (B, K) bool; seed: (B,) uint32;
     step: (B,) int32; temperature, top_p: (B,) f32; top_k: (B,) int32.
-    Returns (index: (B,) int32 into K, logprob: (B,) f32 of that token under softmax over the allowed set)."""
+    greedy (static) promises every row has temperature 0; otherwise rows with temperature 0 still take
+    the argmax. Returns (index: (B,) int32 into K, logprob: (B,) f32 of that token under softmax over the
+    allowed set)."""
     return jax.vmap(functools.partial(_select_row, greedy=greedy))(
         logits, ids, valid, seed, step, temperature, top_k, top_p)

@@ -6,6 +6,8 @@ sampler (`llmqp.sampling.select`) picks the same token whatever the plan:
 - dense:  full LM head ``hidden @ unembed`` over the vocabulary, then the allowed ids are read out of it
           (equivalently: everything else masked to -inf).
 - sparse: gather only the K allowed rows of the unembedding matrix and score those: O(K·d) not O(V·d).
+- sparse_union (batches): gather the union U of the rows' allowed ids once, score ``hidden @ rows[U].T``
+          (B, U), then read each row's ids out of it — one gather instead of B.
 - forced: one allowed token — no scoring at all (the engine feeds runs of forced tokens through one
           multi-token forward). It has no `score`: it is decided before any head runs.
 
@@ -31,6 +33,7 @@ from llmqp.model import transformer
 class PlanKind(str, enum.Enum):
     DENSE = "dense"
     SPARSE = "sparse"
+    SPARSE_UNION = "sparse_union"
     FORCED = "forced"
     AUTO = "auto"
 
@@ -46,6 +49,18 @@ def k_buckets(vocab_size: int) -> list[int]:
 
 def bucket_k(k: int, vocab_size: int) -> int:
     return next(b for b in k_buckets(vocab_size) if b >= k)
+
+
+def union_inputs(allowed_rows: list[np.ndarray], ids: np.ndarray, vocab_size: int):
+    """For sparse_union: the sorted union of the rows' allowed ids padded to a bucket (U,), and for every
+    (row, slot) of `ids` its position in the union (B, K) (padding slots point at position 0)."""
+    union = np.unique(np.concatenate(allowed_rows)).astype(np.int32)
+    union_pad = np.zeros(bucket_k(len(union), vocab_size), np.int32)
+    union_pad[: len(union)] = union
+    positions = np.zeros(ids.shape, np.int32)
+    for r, a in enumerate(allowed_rows):
+        positions[r, : len(a)] = np.searchsorted(union, a)
+    return union_pad, positions
 
 
 def pad_allowed(allowed_rows: list[np.ndarray], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,15 +79,16 @@ class Plan(abc.ABC):
     kind: PlanKind
 
     @abc.abstractmethod
-    def score(self, head: dict, hidden, ids):
-        """hidden: (B, d) f32; ids: (B, K) int32 -> logits (B, K) f32. Traced inside `jit`."""
+    def score(self, head: dict, hidden, ids, union=None):
+        """hidden: (B, d) f32; ids: (B, K) int32 -> logits (B, K) f32. Traced inside `jit`.
+        union: (union_ids (U,), positions (B, K)) from `union_inputs`, used by sparse_union only."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DensePlan(Plan):
     kind: PlanKind = PlanKind.DENSE
 
-    def score(self, head, hidden, ids):
+    def score(self, head, hidden, ids, union=None):
         full = transformer.dense_logits(head, hidden)  # (B, V)
         return jnp.take_along_axis(full, ids, axis=1)
 
@@ -81,17 +97,29 @@ class DensePlan(Plan):
 class SparsePlan(Plan):
     kind: PlanKind = PlanKind.SPARSE
 
-    def score(self, head, hidden, ids):
+    def score(self, head, hidden, ids, union=None):
         return transformer.sparse_logits(head, hidden, ids)
 
 
-PLANS: dict[PlanKind, Plan] = {PlanKind.DENSE: DensePlan(), PlanKind.SPARSE: SparsePlan()}
+@dataclasses.dataclass(frozen=True)
+class SparseUnionPlan(Plan):
+    kind: PlanKind = PlanKind.SPARSE_UNION
+
+    def score(self, head, hidden, ids, union=None):
+        union_ids, positions = union
+        rows = head["unembed_rows"][union_ids]  # (U, d)
+        shared = (hidden.astype(rows.dtype) @ rows.T).astype(jnp.float32)  # (B, U)
+        return jnp.take_along_axis(shared, positions, axis=1)
+
+
+PLANS: dict[PlanKind, Plan] = {PlanKind.DENSE: DensePlan(), PlanKind.SPARSE: SparsePlan(),
+                               PlanKind.SPARSE_UNION: SparseUnionPlan()}
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "greedy"))
-def score_and_select(head, hidden, ids, valid, seed, step, temperature, top_k, top_p, *, plan: Plan,
-                     greedy: bool):
+def score_and_select(head, hidden, ids, valid, seed, step, temperature, top_k, top_p, union=None, *,
+                     plan: Plan, greedy: bool):
     """Score the allowed ids with `plan` and choose one per row. head: {"unembed", "unembed_rows"}.
     Returns (index into ids: (B,) int32, logprob over the allowed set: (B,) f32)."""
-    logits = plan.score(head, hidden, ids)
+    logits = plan.score(head, hidden, ids, union)
     return sampling.select(logits, ids, valid, seed, step, temperature, top_k, top_p, greedy=greedy)
