@@ -1,0 +1,197 @@
+"""MaskBench: coverage, correctness and mask cost of the constraint layer on 2,778 real-world JSON schemas.
+
+For every schema in ../shared/data/maskbench (JSONSchemaBench format) and the SmolLM2 tokenizer:
+  * compile it with strict=False (JSON-Schema semantics) and strict=True: compiled, or ConstraintError
+    (anything else is counted as a crash; the target is zero);
+  * check every test instance, serialised compactly with keys in the instance's order, with
+    `accepts()`: a valid instance rejected is a false rejection, an invalid one accepted a false
+    acceptance (strict=True is only checked for false acceptances: it rejects extra properties on purpose);
+  * walk the canonical tokens of every valid instance through a matcher and time `allowed()` at each
+    step (µs per token, including bitmask -> sorted ids).
+Writes benchmarks/results/maskbench.json and prints a summary.
+
+    python benchmarks/maskbench.py [--data DIR] [--limit N] [--no-mask-timing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _reason(message: str) -> str:
+    """A short category for an error message (for the histogram of why schemas do not compile)."""
+    m = re.search(r'unsupported keyword "([^"]+)"', message) or re.search(r'keyword "([^"]+)"', message)
+    if m:
+        return f"keyword {m.group(1)}"
+    m = re.search(r"Unknown format: (\S+)", message)
+    if m:
+        return "format (unknown to the backend)"
+    if "oneOf" in message:
+        return "oneOf (options not provably disjoint)"
+    return re.sub(r"\s+", " ", message.split("(backend:")[0])[:70]
+
+
+def _stats_us(values: list[float]) -> dict:
+    if not values:
+        return {}
+    a = np.asarray(values) * 1e6
+    return {"count": int(a.size), "median_us": round(float(np.median(a)), 1),
+            "p90_us": round(float(np.percentile(a, 90)), 1), "p99_us": round(float(np.percentile(a, 99)), 1),
+            "max_us": round(float(a.max()), 1), "mean_us": round(float(a.mean()), 1)}
+
+
+def _stats_ms(values: list[float]) -> dict:
+    if not values:
+        return {}
+    a = np.asarray(values)
+    return {"count": int(a.size), "median_ms": round(float(np.median(a)), 2),
+            "p90_ms": round(float(np.percentile(a, 90)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
+            "max_ms": round(float(a.max()), 1), "total_s": round(float(a.sum()) / 1e3, 1)}
+
+
+def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
+    from llmqp import ConstraintError
+    from llmqp.constraints import compile_constraint, make_spec
+    from llmqp.model import loader
+    from llmqp.testing import compact_json, maskbench_files
+
+    files = maskbench_files(data_dir)[:limit]
+    if not files:
+        sys.exit(f"no maskbench data in {data_dir or 'the default directory'}")
+    t0 = time.perf_counter()
+    tokenizer = loader.load().tokenizer
+    t_tok = time.perf_counter()
+    compile_constraint(make_spec(regex="x"), tokenizer)  # builds the tokenizer trie, outside the timings
+    trie_s = time.perf_counter() - t_tok
+
+    compiled_n = {"lenient": 0, "strict": 0}
+    reasons: collections.Counter = collections.Counter()
+    crashes: list[dict] = []
+    compile_ms: list[float] = []
+    valid_n = invalid_n = 0
+    false_rej: list[dict] = []
+    false_acc: list[dict] = []
+    strict_false_acc: list[dict] = []
+    strict_valid_acc = strict_valid_n = 0
+    mask_s: list[float] = []
+    mask_k: list[int] = []
+    for path in files:
+        case = json.loads(path.read_text())
+        compiled = {}
+        for mode in ("lenient", "strict"):
+            try:
+                start = time.perf_counter()
+                spec = make_spec(json_schema=case["schema"], strict=mode == "strict")
+                compiled[mode] = compile_constraint(spec, tokenizer)
+                if mode == "lenient":
+                    compile_ms.append((time.perf_counter() - start) * 1e3)
+                compiled_n[mode] += 1
+            except ConstraintError as e:
+                if mode == "lenient":
+                    reasons[_reason(str(e))] += 1
+            except Exception as e:  # a bug: the contract says ConstraintError or success
+                crashes.append({"schema": path.name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
+        for test in case["tests"]:
+            text = compact_json(test["data"])
+            if "lenient" in compiled:
+                ok = compiled["lenient"].accepts(text)
+                if test["valid"]:
+                    valid_n += 1
+                    if not ok:
+                        false_rej.append({"schema": path.name, "text": text[:160]})
+                else:
+                    invalid_n += 1
+                    if ok:
+                        false_acc.append({"schema": path.name, "text": text[:160]})
+            if "strict" in compiled:
+                ok = compiled["strict"].accepts(text)
+                if test["valid"]:
+                    strict_valid_n += 1
+                    strict_valid_acc += ok
+                elif ok:
+                    strict_false_acc.append({"schema": path.name, "text": text[:160]})
+            if mask_timing and test["valid"] and "lenient" in compiled:
+                matcher = compiled["lenient"].matcher()
+                for tok in tokenizer.encode(text) + [tokenizer.eos_id]:
+                    start = time.perf_counter()
+                    allowed = matcher.allowed()
+                    mask_s.append(time.perf_counter() - start)
+                    mask_k.append(int(allowed.size))
+                    if tok not in allowed:  # a false rejection: stop this walk
+                        break
+                    matcher.accept(tok)
+
+    total = len(files)
+    return {
+        "benchmark": "maskbench",
+        "data": str(data_dir or "../shared/data/maskbench"),
+        "backend": "llguidance",
+        "tokenizer": "SmolLM2-135M-Instruct (vocab 49152)",
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},
+        "schemas": total,
+        "coverage": {"compiled": compiled_n["lenient"], "rate": round(compiled_n["lenient"] / total, 4),
+                     "compiled_strict": compiled_n["strict"],
+                     "rate_strict": round(compiled_n["strict"] / total, 4),
+                     "target_rate": 0.80},
+        "not_compiled_reasons": dict(reasons.most_common()),
+        "crashes": crashes,
+        "instances": {"valid": valid_n, "invalid": invalid_n},
+        "false_rejections": {"count": len(false_rej), "rate": round(len(false_rej) / max(valid_n, 1), 5),
+                             "target_rate_max": 0.01, "examples": false_rej[:20]},
+        "false_acceptances": {"count": len(false_acc), "rate": round(len(false_acc) / max(invalid_n, 1), 5),
+                              "target": 0, "examples": false_acc[:20]},
+        "strict_mode": {"false_acceptances": len(strict_false_acc), "examples": strict_false_acc[:10],
+                        "valid_instances_accepted": strict_valid_acc, "valid_instances": strict_valid_n,
+                        "note": "strict=True rejects properties a schema does not declare, so valid instances "
+                                "that carry them are rejected on purpose"},
+        "compile_time": _stats_ms(compile_ms),
+        "mask_cost_per_token": {**_stats_us(mask_s),
+                                "allowed_k_median": int(np.median(mask_k)) if mask_k else None,
+                                "allowed_k_p99": int(np.percentile(mask_k, 99)) if mask_k else None,
+                                "what": "Matcher.allowed(): llguidance bitmask + sorted int32 ids, "
+                                        "one call per token of each valid instance (+ EOS)"},
+        "tokenizer_trie_build_s": round(trie_s, 3),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=None, help="maskbench directory (default ../shared/data/maskbench)")
+    ap.add_argument("--limit", type=int, default=None, help="first N schemas only")
+    ap.add_argument("--no-mask-timing", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "maskbench.json"))
+    args = ap.parse_args()
+    result = run(args.data, args.limit, not args.no_mask_timing)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    cov, fr, fa, mc = (result["coverage"], result["false_rejections"], result["false_acceptances"],
+                       result["mask_cost_per_token"])
+    print(f"schemas {result['schemas']}: compiled {cov['compiled']} ({cov['rate']:.1%}), strict {cov['rate_strict']:.1%}; "
+          f"crashes {len(result['crashes'])}")
+    print(f"valid {result['instances']['valid']}: false rejections {fr['count']} ({fr['rate']:.2%}); "
+          f"invalid {result['instances']['invalid']}: false acceptances {fa['count']}; "
+          f"strict false acceptances {result['strict_mode']['false_acceptances']}")
+    print(f"compile ms: median {result['compile_time'].get('median_ms')} p99 {result['compile_time'].get('p99_ms')} "
+          f"max {result['compile_time'].get('max_ms')}")
+    if mc.get("count"):
+        print(f"mask µs/token: median {mc['median_us']} p99 {mc['p99_us']} (n={mc['count']}, K median "
+              f"{mc['allowed_k_median']})")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
