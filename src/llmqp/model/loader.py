@@ -58,6 +58,7 @@ def load(path: str | Path | None = None, *, use_cache: bool = True) -> LoadedMod
     if path.is_dir():
         cfg, raw = weights.read_hf(path)
         tokenizer = Tokenizer.from_hf_dir(path, vocab_size=cfg.vocab_size)
+        _check_vocab(cfg, tokenizer, path)
         return LoadedModel(cfg, weights.pack_params(cfg, raw), tokenizer, str(path), False)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
@@ -71,10 +72,18 @@ def load(path: str | Path | None = None, *, use_cache: bool = True) -> LoadedMod
             pass
     cfg, raw, reader = weights.read_gguf(path)
     tokenizer = Tokenizer.from_gguf_reader(reader, vocab_size=cfg.vocab_size)
+    _check_vocab(cfg, tokenizer, path)
     params = weights.pack_params(cfg, raw)
     if use_cache:
         _write_cache(entry, cfg, params, tokenizer)
     return LoadedModel(cfg, params, tokenizer, str(path), False)
+
+
+def _check_vocab(cfg: ModelConfig, tokenizer: Tokenizer, path: Path) -> None:
+    n = tokenizer.hf.get_vocab_size(with_added_tokens=True)
+    if n > cfg.vocab_size:
+        raise ModelLoadError(f"{path}: the tokenizer has {n} tokens but the model's vocabulary is only "
+                             f"{cfg.vocab_size}: ids at or above {cfg.vocab_size} could not be embedded")
 
 
 def _cache_entry(path: Path) -> Path:

@@ -39,13 +39,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_raw(cfg: ModelConfig, raw: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
-    """raw maps raw key -> (checkpoint tensor name, shape). Raises ModelLoadError naming every problem."""
+def check_raw(cfg: ModelConfig, raw: dict[str, tuple[str, tuple[int, ...]]], source: str,
+              checkpoint_name=lambda key: key) -> None:
+    """raw maps raw key -> (checkpoint tensor name, shape). Raises ModelLoadError naming every problem;
+    `checkpoint_name(key)` gives the name a missing tensor would have in the checkpoint."""
     want = expected_shapes(cfg)
     problems = []
     for key, shape in want.items():
         if key not in raw:
-            problems.append(f"missing tensor for {key!r}")
+            problems.append(f"missing tensor {checkpoint_name(key)!r}")
         elif tuple(raw[key][1]) != shape:
             problems.append(f"tensor {raw[key][0]!r} has shape {tuple(raw[key][1])}, expected {shape}")
     for key, (name, _) in raw.items():
@@ -94,12 +96,20 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- GGUF
 
+_GGUF_GLOBAL_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "output": "output.weight"}
 _GGUF_LAYER_NAMES = {
     "attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
     "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "w_gate",
     "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
     "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
 }
+
+
+def _checkpoint_name(key: str, global_names: dict, layer_names: dict, layer_prefix: str) -> str:
+    if key in global_names:
+        return global_names[key]
+    _, i, short = key.split(".", 2)
+    return layer_prefix.format(i=i) + {v: k for k, v in layer_names.items()}[short]
 
 
 def _field(reader, key, default=None):
@@ -163,7 +173,8 @@ def read_gguf(path: str | Path):
         else:
             key = name  # reported as unexpected by check_raw
         index[key] = (name, tuple(int(x) for x in reversed(list(t.shape))))
-    check_raw(cfg, index, str(path))
+    check_raw(cfg, index, str(path), lambda key: _checkpoint_name(
+        key, _GGUF_GLOBAL_NAMES, _GGUF_LAYER_NAMES, "blk.{i}."))
     raw = {}
     for key, (name, _) in index.items():
         t = tensors[name]
@@ -177,6 +188,8 @@ def read_gguf(path: str | Path):
 
 # ---------------------------------------------------------------- Hugging Face safetensors
 
+_HF_GLOBAL_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+                    "output": "lm_head.weight"}
 _HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 _HF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
@@ -226,9 +239,11 @@ def read_hf_config(directory: Path) -> ModelConfig:
     if arch is None:
         raise ModelLoadError(f"{cfg_path}: architectures {archs} not supported "
                              f"(supported: {', '.join(_HF_ARCHS)})")
-    scaling = c.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ModelLoadError(f"{cfg_path}: rope_scaling {scaling} is not supported")
+    # transformers >= 5 keeps rope settings in "rope_parameters"; older configs use top-level keys.
+    rope = c.get("rope_parameters") or {}
+    for scaling in (c.get("rope_scaling"), rope):
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            raise ModelLoadError(f"{cfg_path}: RoPE scaling {scaling} is not supported")
     try:
         n_heads = int(c["num_attention_heads"])
         d = int(c["hidden_size"])
@@ -242,10 +257,10 @@ def read_hf_config(directory: Path) -> ModelConfig:
             n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
             head_dim=int(c.get("head_dim") or d // n_heads),
             ffn_size=int(c["intermediate_size"]),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
             rms_eps=float(c.get("rms_norm_eps", 1e-6)),
             rope_style=RopeStyle.ROTATE_HALF,
-            tie_embeddings=bool(c.get("tie_word_embeddings", arch == "llama")),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),  # the HF default for both archs
             qkv_bias=True if arch == "qwen2" else bool(c.get("attention_bias", False)),
             max_position=int(c.get("max_position_embeddings", 8192)),
         )
@@ -263,10 +278,12 @@ def read_hf(directory: str | Path):
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors files")
     index, where = {}, {}
+    tied_head = None
     for f in files:
         for name, (dt, shape, b, e) in _safetensors_index(f).items():
             if name == "lm_head.weight" and cfg.tie_embeddings:
-                continue  # some tied checkpoints still store the (identical) head
+                tied_head = (f, dt, shape, b, e)  # some tied checkpoints still store the head: must be equal
+                continue
             if name == "model.embed_tokens.weight":
                 key = "embed"
             elif name == "model.norm.weight":
@@ -282,6 +299,10 @@ def read_hf(directory: str | Path):
                 key = name
             index[key] = (name, shape)
             where[key] = (f, dt, shape, b, e)
-    check_raw(cfg, index, str(directory))
+    check_raw(cfg, index, str(directory), lambda key: _checkpoint_name(
+        key, _HF_GLOBAL_NAMES, _HF_LAYER_NAMES, "model.layers.{i}."))
     raw = {key: _read_safetensor(*where[key]) for key in index}
+    if tied_head is not None and not np.array_equal(_read_safetensor(*tied_head), raw["embed"]):
+        raise ModelLoadError(f"{directory}: config.json says tie_word_embeddings but lm_head.weight differs "
+                             "from model.embed_tokens.weight")
     return cfg, raw
