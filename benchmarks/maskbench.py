@@ -60,6 +60,18 @@ def _stats_ms(values: list[float]) -> dict:
             "max_ms": round(float(a.max()), 1), "total_s": round(float(a.sum()) / 1e3, 1)}
 
 
+def _by_k(seconds: list[float], ks: list[int]) -> dict:
+    """Median and p99 µs per bucket of K (the number of allowed ids), with the share of steps."""
+    s, k = np.asarray(seconds) * 1e6, np.asarray(ks)
+    out = {}
+    for name, lo, hi in (("K=1", 1, 1), ("K<=128", 2, 128), ("K<=4096", 129, 4096), ("K>4096", 4097, 1 << 30)):
+        sel = s[(k >= lo) & (k <= hi)]
+        if sel.size:
+            out[name] = {"share": round(sel.size / s.size, 3), "median_us": round(float(np.median(sel)), 1),
+                         "p99_us": round(float(np.percentile(sel, 99)), 1)}
+    return out
+
+
 def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
     from llmqp import ConstraintError
     from llmqp.constraints import compile_constraint, make_spec
@@ -159,7 +171,7 @@ def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
         "compile_time": _stats_ms(compile_ms),
         "mask_cost_per_token": {**_stats_us(mask_s),
                                 "allowed_k_median": int(np.median(mask_k)) if mask_k else None,
-                                "allowed_k_p99": int(np.percentile(mask_k, 99)) if mask_k else None,
+                                "by_k": _by_k(mask_s, mask_k),
                                 "what": "Matcher.allowed(): llguidance bitmask + sorted int32 ids, "
                                         "one call per token of each valid instance (+ EOS)"},
         "tokenizer_trie_build_s": round(trie_s, 3),

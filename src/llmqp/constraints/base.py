@@ -1,11 +1,14 @@
 """The constraint extension point: compile once, match many.
 
-    backend.compile(spec, tokenizer) -> CompiledConstraint      (cached per spec + tokenizer)
-    compiled.matcher()               -> Matcher                 (one per generation, mutable)
+    make_spec(json_schema=|regex=|choice=|grammar=) -> ConstraintSpec   (validated, hashable)
+    backend.compile(spec, tokenizer) -> CompiledConstraint              (cached per spec + tokenizer)
+    compiled.matcher()               -> Matcher                         (one per generation, mutable)
 
 Error contract: anything wrong with the *spec* (bad schema / regex / grammar, unsupported keyword) raises
-`llmqp.ConstraintError` from `compile`, never later. Matcher methods do not raise for user input; calling
-`accept` with a token outside `allowed()` is a programming error (`ValueError`).
+`llmqp.ConstraintError` from `make_spec` or `compile`, never later. Matcher methods do not raise for user
+input; calling `accept` with a token outside `allowed()` is a programming error (`ValueError`). A backend
+that hits an internal resource limit in the middle of a generation raises `ConstraintError` from
+`allowed()` rather than return a mask it cannot vouch for.
 """
 
 from __future__ import annotations
@@ -24,33 +27,54 @@ class ConstraintKind(str, enum.Enum):
     GRAMMAR = "grammar"
 
 
+class Whitespace(str, enum.Enum):
+    """Whitespace a JSON output may contain between tokens."""
+
+    COMPACT = "compact"  # none: `{"a":1,"b":[2,3]}`, the same form as json.dumps(separators=(",", ":"))
+    FLEXIBLE = "flexible"  # any JSON whitespace between tokens (unbounded)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConstraintSpec:
     """A constraint as the user gave it, normalised to a hashable value (the compile-cache key).
 
-    `source` is the canonical text: the JSON schema serialised with sorted keys, the regex, the choices
-    as a JSON list, or the grammar text. `strict` and `whitespace_flexible` only apply to JSON schemas."""
+    `source` is the canonical text: the JSON schema serialised compactly *with its key order kept*
+    (property order in `properties` is the order the output uses), the regex, the choices as a JSON
+    list, or the grammar text. `strict` and `whitespace_flexible` only apply to JSON schemas.
+    Build one with `llmqp.constraints.make_spec`, which validates the input."""
 
     kind: ConstraintKind
     source: str
     strict: bool = True
     whitespace_flexible: bool = False
 
+    @property
+    def whitespace(self) -> Whitespace:
+        return Whitespace.FLEXIBLE if self.whitespace_flexible else Whitespace.COMPACT
+
 
 class Matcher(abc.ABC):
-    """The state of one constrained generation."""
+    """The state of one constrained generation. Not thread-safe; one per generation."""
+
+    vocab_size: int  # ids in `allowed()` / `forced()` are < vocab_size (the model's vocabulary)
+    eos_ids: tuple[int, ...]
 
     @abc.abstractmethod
     def allowed(self) -> np.ndarray:
-        """Sorted int32 ids of the tokens allowed next (EOS included when the output may stop here)."""
+        """Sorted int32 ids of the tokens allowed next (EOS included when the output may stop here).
+
+        # allowed: (K,) int32, K >= 1 until the match has ended; empty once an EOS was accepted."""
 
     @abc.abstractmethod
     def forced(self) -> list[int]:
-        """Tokens that are the only continuation from here, in order (canonical tokenization); may be empty."""
+        """Tokens that are the only continuation from here, in order (canonical tokenization); may be empty.
+
+        Does not advance the matcher: `accept` each of them. Never contains EOS."""
 
     @abc.abstractmethod
     def accept(self, token_id: int) -> None:
-        """Advance past `token_id` (an EOS token ends the match)."""
+        """Advance past `token_id` (an EOS token ends the match). Raises ValueError for a token that
+        `allowed()` would not contain; the matcher is unusable afterwards."""
 
     @abc.abstractmethod
     def can_stop(self) -> bool:
@@ -58,7 +82,7 @@ class Matcher(abc.ABC):
 
     @abc.abstractmethod
     def is_done(self) -> bool:
-        """True when no further token may be produced (the match ended or nothing else can follow)."""
+        """True when no further token but EOS may be produced (the match ended or nothing else can follow)."""
 
 
 class CompiledConstraint(abc.ABC):
@@ -66,11 +90,14 @@ class CompiledConstraint(abc.ABC):
 
     @abc.abstractmethod
     def matcher(self) -> Matcher:
-        """A fresh matcher at the start of the output."""
+        """A fresh matcher at the start of the output (cheap: a copy of a compiled template)."""
 
     @abc.abstractmethod
     def accepts(self, text: str) -> bool:
-        """True when `text` is a complete output that satisfies the constraint."""
+        """True when `text` is a complete output that satisfies the constraint.
+
+        Walks the text's canonical tokens (special-token strings are plain text here) through a fresh
+        matcher and asks whether it may stop; a prefix of a valid output is *not* accepted."""
 
 
 class ConstraintBackend(abc.ABC):

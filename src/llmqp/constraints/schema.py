@@ -1,0 +1,220 @@
+"""JSON-Schema preparation that the backend does not do for us.
+
+* `check_keywords` rejects JSON-Schema keywords that llguidance would *silently ignore* (it already
+  rejects the ones it knows it does not implement: `not`, `if`, `uniqueItems`, ...; those errors are
+  located by `locate_keyword` so the message can name the place).
+* `check_min_properties` rejects `minProperties` that llguidance would count wrongly (it does not keep
+  keys of additional/pattern properties unique, so `{"a":1,"a":2}` would count as two properties).
+* `close_objects` implements `strict=True`: object schemas that declare properties and say nothing about
+  other properties get `"additionalProperties": false`, without breaking `allOf` / `$ref` merges.
+
+Schemas are plain JSON values (dicts keep their key order, which is the generation order of
+properties). Paths are JSON pointers (`#/properties/a/items`).
+"""
+
+from __future__ import annotations
+
+import copy
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+from llmqp.errors import ConstraintError
+
+# Validation keywords of some JSON-Schema draft that llguidance 1.9 neither implements nor reports:
+# enforcing the schema without them would accept outputs the schema rejects.
+SILENTLY_IGNORED = {
+    "divisibleBy": "the draft-3 form of multipleOf",
+    "disallow": "draft-3 negated type",
+    "extends": "draft-3 schema inheritance",
+}
+
+# Keywords whose value is one subschema, a list of subschemas, or a name -> subschema map.
+_ONE = ("additionalProperties", "additionalItems", "contains", "propertyNames", "not", "if", "then",
+        "else", "unevaluatedItems", "unevaluatedProperties")
+_LIST_VALUE = ("prefixItems",)
+_MAP_VALUE = ("properties", "patternProperties", "dependentSchemas")
+_DEFS = ("$defs", "definitions")
+
+# Keywords that carry no constraint (a `$ref` with only these beside it is a plain reference).
+_ANNOTATIONS = {"$schema", "$id", "id", "$anchor", "$comment", "$defs", "definitions", "title",
+                "description", "default", "examples", "example", "readOnly", "writeOnly", "deprecated",
+                "$vocabulary", "contentMediaType", "contentEncoding"}
+# Keywords that make a schema intersect its anyOf/oneOf options as one object.
+_OBJECT_MERGING = {"properties", "required", "additionalProperties", "patternProperties", "allOf", "$ref",
+                   "minProperties", "maxProperties", "unevaluatedProperties", "propertyNames"}
+_OPENING = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def _escape(token: str) -> str:
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def subschemas(node: Any, path: str) -> Iterator[tuple[str, Any, str]]:
+    """(relation, child, child_path) for every subschema directly inside `node`.
+
+    relation: "value" (an independent position: a property value, items, ...), "all" (an allOf
+    branch), "any" (an anyOf/oneOf option), "def" (a definition, only reachable through $ref)."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        here = f"{path}/{_escape(key)}"
+        if key in _ONE or (key == "items" and isinstance(value, (dict, bool))):
+            yield "value", value, here
+        elif (key in _LIST_VALUE or key == "items") and isinstance(value, list):
+            for i, child in enumerate(value):
+                yield "value", child, f"{here}/{i}"
+        elif key in _MAP_VALUE and isinstance(value, dict):
+            for name, child in value.items():
+                yield "value", child, f"{here}/{_escape(name)}"
+        elif key == "dependencies" and isinstance(value, dict):
+            for name, child in value.items():
+                if isinstance(child, (dict, bool)):
+                    yield "value", child, f"{here}/{_escape(name)}"
+        elif key in ("allOf", "anyOf", "oneOf") and isinstance(value, list):
+            relation = "all" if key == "allOf" else "any"
+            for i, child in enumerate(value):
+                yield relation, child, f"{here}/{i}"
+        elif key in _DEFS and isinstance(value, dict):
+            for name, child in value.items():
+                yield "def", child, f"{here}/{_escape(name)}"
+
+
+def walk(schema: Any) -> Iterator[tuple[dict, str]]:
+    """Every dict subschema of `schema` (root first, then depth-first) with its path."""
+    stack = [(schema, "#")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            yield node, path
+            stack.extend((child, p) for _, child, p in reversed(list(subschemas(node, path))))
+
+
+def check_keywords(schema: Any) -> None:
+    """Raise ConstraintError naming the first keyword that llguidance would silently ignore."""
+    for node, path in walk(schema):
+        for key in node:
+            if key in SILENTLY_IGNORED:
+                raise ConstraintError(f'json_schema: keyword "{key}" at {path} ({SILENTLY_IGNORED[key]}) '
+                                      "is not supported")
+
+
+def check_min_properties(schema: Any) -> None:
+    """Raise ConstraintError for a `minProperties` that needs two or more distinct keys beyond the
+    required ones while other keys stay open: llguidance would count a repeated key twice."""
+    for node, path in walk(schema):
+        minimum = node.get("minProperties")
+        if not isinstance(minimum, int) or isinstance(minimum, bool):
+            continue
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        closed = node.get("additionalProperties") is False and not node.get("patternProperties")
+        if not closed and minimum - len(set(required)) >= 2:
+            raise ConstraintError(f'json_schema: keyword "minProperties" at {path} ({minimum} with '
+                                  f"{len(set(required))} required) is not supported: keys of additional "
+                                  "properties are not kept unique, so the count cannot be enforced")
+
+
+def locate_keyword(schema: Any, keyword: str) -> str | None:
+    """The path of the first subschema that uses `keyword`, or None."""
+    return next((path for node, path in walk(schema) if keyword in node), None)
+
+
+# ------------------------------------------------------------------------------------------ strict mode
+def close_objects(schema: Any) -> Any:
+    """A copy of `schema` in which every object schema that declares properties (or required names)
+    and says nothing about other properties also forbids them (`"additionalProperties": false`).
+
+    Never closes a schema that is merged with another (an allOf branch, a `$ref` target used beside
+    other keywords, an anyOf option of an object schema): closing it would forbid the properties the
+    other side declares. The merge point itself is closed instead, after declaring (as `{}`, appended
+    in discovery order) every property its parts declare. Free-form objects (`{"type": "object"}`)
+    stay open. Documents with references this function cannot resolve are returned unchanged.
+    The result accepts a subset of what `schema` accepts."""
+    if not isinstance(schema, dict):
+        return schema
+    schema = copy.deepcopy(schema)
+    nodes = {path: node for node, path in walk(schema)}
+    resolver = _Resolver(schema, nodes)
+    merged: set[str] = set()
+    standalone: set[str] = set()
+    todo = [("#", False)]
+    seen: set[tuple[str, bool]] = set()
+    while todo:  # graph search over (path, is_merged) states; refs may point anywhere (cycles too)
+        path, is_merged = todo.pop()
+        if (path, is_merged) in seen:
+            continue
+        seen.add((path, is_merged))
+        node = nodes.get(path)
+        if not isinstance(node, dict):
+            continue
+        (merged if is_merged else standalone).add(path)
+        merges_options = is_merged or bool(_OBJECT_MERGING & node.keys())
+        for relation, child, child_path in subschemas(node, path):
+            if relation == "value":
+                todo.append((child_path, is_merged))  # a merged node's property values merge too
+            elif relation == "all":
+                todo.append((child_path, True))
+            elif relation == "any":
+                todo.append((child_path, merges_options))
+        if "$ref" in node:
+            target = resolver.resolve(node["$ref"])
+            if target is None:
+                return schema  # unmodified so far: the search only reads
+            todo.append((target, is_merged or not _is_plain_ref(node)))
+    for path in standalone - merged:
+        node = nodes[path]
+        if _is_plain_ref(node) or not _OBJECT_MERGING & node.keys():
+            continue  # a plain reference's target, a plain anyOf's options are closed on their own
+        names = _declared_names(node, resolver)
+        if names is None or not names:
+            continue
+        props = node.setdefault("properties", {})
+        if isinstance(props, dict):
+            for name in names:
+                props.setdefault(name, {})
+            node["additionalProperties"] = False
+    return schema
+
+
+def _is_plain_ref(node: dict) -> bool:
+    return "$ref" in node and not (node.keys() - _ANNOTATIONS - {"$ref"})
+
+
+def _declared_names(node: dict, resolver: "_Resolver") -> list[str] | None:
+    """Property names declared by `node` and everything merged into it, in discovery order; None when
+    some part already says what other properties may be (the author decided: leave it alone)."""
+    names: dict[str, None] = {}
+    stack, seen = [node], set()
+    while stack:
+        part = stack.pop(0)
+        if not isinstance(part, dict) or id(part) in seen:
+            continue
+        seen.add(id(part))
+        if any(k in part for k in _OPENING):
+            return None
+        if isinstance(part.get("properties"), dict):
+            names.update(dict.fromkeys(part["properties"]))
+        if isinstance(part.get("required"), list):
+            names.update(dict.fromkeys(n for n in part["required"] if isinstance(n, str)))
+        stack.extend(part.get("allOf") or [])
+        # The options of a merged part merge too; `node` itself has object keywords (it declares
+        # names), so its options merge with it as well (see `merges_options` in close_objects).
+        stack.extend((part.get("anyOf") or []) + (part.get("oneOf") or []))
+        if "$ref" in part:  # `node` is never a plain reference here
+            stack.append(resolver.nodes.get(resolver.resolve(part["$ref"]) or ""))
+    return list(names)
+
+
+class _Resolver:
+    """Local JSON-pointer references (`#`, `#/definitions/x`); anything else is unresolvable."""
+
+    def __init__(self, root: dict, nodes: dict[str, dict]):
+        self.root, self.nodes = root, nodes
+
+    def resolve(self, ref: Any) -> str | None:
+        if not isinstance(ref, str) or not ref.startswith("#") or (len(ref) > 1 and ref[1] != "/"):
+            return None
+        tokens = [urllib.parse.unquote(t).replace("~1", "/").replace("~0", "~") for t in ref[2:].split("/")] \
+            if len(ref) > 1 else []
+        path = "#" + "".join("/" + _escape(t) for t in tokens)
+        return path if path in self.nodes else None

@@ -1,0 +1,94 @@
+"""Constraints on the real SmolLM2 tokenizer: EOS and special tokens, and the whole maskbench corpus
+(every schema compiles or raises ConstraintError; no invalid instance accepted; false rejections
+<= 1%). Marked slow: they load the real model's tokenizer (shared session fixture)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from llmqp import ConstraintError
+from llmqp.constraints import compile_constraint, make_spec
+from llmqp.testing import compact_json, maskbench_files
+
+pytestmark = pytest.mark.slow
+
+COMPILE_LIMIT_S = 5.0  # per schema and mode; the slowest maskbench schema takes ~0.2 s
+
+
+@pytest.fixture(scope="module")
+def tokenizer(loaded_model):
+    return loaded_model.tokenizer
+
+
+def test_real_tokenizer_json_walk(tokenizer):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    c = compile_constraint(make_spec(json_schema=schema), tokenizer)
+    m = c.matcher()
+    assert m.vocab_size == 49152
+    specials = set(tokenizer.special_ids)
+    text = '{"name":"Ada","age":36}'
+    for tok in tokenizer.encode(text):
+        allowed = m.allowed()
+        assert allowed.dtype == np.int32 and np.all(np.diff(allowed) > 0) and allowed[-1] < 49152
+        assert not specials & set(allowed.tolist()), "no special token (not even EOS) before the end"
+        assert tok in allowed
+        m.accept(tok)
+    assert m.can_stop() and m.allowed().tolist() == [tokenizer.eos_id]  # `}` closed it: only EOS
+    assert c.accepts(text) and not c.accepts(text[:-1]) and not c.accepts('{"age":36,"name":"Ada"}')
+
+
+def test_real_tokenizer_forced_tokens_are_canonical(tokenizer):
+    """The only way to start is `{"temperature_celsius":`; the forced run is the tokenizer's own split
+    of it, stopping before `"` (which merges with what follows: `":`)."""
+    c = compile_constraint(make_spec(json_schema={"type": "object", "properties": {
+        "temperature_celsius": {"type": "number"}}, "required": ["temperature_celsius"]}), tokenizer)
+    m = c.matcher()
+    forced = m.forced()
+    assert tokenizer.decode(forced) == '{"temperature_celsius'
+    assert forced == tokenizer.encode('{"temperature_celsius":1}')[:len(forced)]
+    assert m.allowed().tolist() == forced[:1]
+    for tok in forced:
+        m.accept(tok)
+    assert m.forced() == [] and m.allowed().size == 2  # `"` or `":`
+
+
+def test_maskbench(tokenizer):
+    files = maskbench_files()
+    if not files:
+        pytest.skip("maskbench data (../shared/data/maskbench) is not present")
+    compiled_n = valid_n = 0
+    false_rej, false_acc, strict_false_acc, slow = [], [], [], []
+    for path in files:
+        case = json.loads(path.read_text())
+        modes = {}
+        for strict in (False, True):
+            start = time.perf_counter()
+            try:  # anything but ConstraintError escapes and fails the test
+                modes[strict] = compile_constraint(make_spec(json_schema=case["schema"], strict=strict), tokenizer)
+            except ConstraintError:
+                pass
+            if time.perf_counter() - start > COMPILE_LIMIT_S:
+                slow.append(path.name)
+        compiled_n += False in modes
+        for test in case["tests"]:
+            text = compact_json(test["data"])
+            if False in modes:
+                ok = modes[False].accepts(text)
+                valid_n += test["valid"]
+                if test["valid"] and not ok:
+                    false_rej.append(path.name)
+                if not test["valid"] and ok:
+                    false_acc.append((path.name, text[:200]))
+            if True in modes and not test["valid"] and modes[True].accepts(text):
+                strict_false_acc.append((path.name, text[:200]))
+    print(f"\nmaskbench: {compiled_n}/{len(files)} compiled, {valid_n} valid instances, "
+          f"{len(false_rej)} false rejections, {len(false_acc)} false acceptances")
+    assert not slow, f"compile took over {COMPILE_LIMIT_S} s: {slow[:5]}"
+    assert false_acc == [] and strict_false_acc == []
+    assert len(false_rej) <= 0.01 * valid_n, false_rej[:20]
+    assert compiled_n >= 0.80 * len(files)
