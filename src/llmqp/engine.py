@@ -332,6 +332,8 @@ class Engine:
                 row = active[0]
                 hidden, cache = self._feed(cache, row.new_tokens, row.pos)
                 row.pos += len(row.new_tokens)
+                hidden.block_until_ready()
+                row.charge_forced_feed()
             elif active:
                 tokens = np.zeros(batch, np.int32)
                 positions = np.zeros(batch, np.int32)
@@ -528,6 +530,14 @@ class _Row:
                 self.finish = "stop"
             elif len(self.out) >= self.request.max_tokens:
                 self.finish = "length"
+
+    def charge_forced_feed(self) -> None:
+        """Attribute the multi-token forward of this step's forced run to the run's own tokens."""
+        now = time.perf_counter()
+        n = len(self.new_tokens)
+        extra_ms = (now - self.t_last) * 1e3 / n
+        self.steps[-n:] = [StepTrace(s.plan, s.k, s.latency_ms + extra_ms) for s in self.steps[-n:]]
+        self.t_last = now
 
     def out_text_delta(self) -> bool:
         text = self.engine.tokenizer.decode(self.out)
