@@ -125,3 +125,23 @@ def test_cli_user_error_is_one_line_not_a_traceback():
     assert r.stderr.strip() == "llmqp: error: temperature must be >= 0, got -1.0"
     r = _cli("generate", "hi", "--json-schema", "{not json")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid JSON" in r.stderr
+
+
+def test_cli_planner_show_and_reset(tmp_path, monkeypatch):
+    from llmqp.planner import Planner, StepContext
+    from llmqp.plans import PlanKind
+
+    monkeypatch.setenv("LLMQP_CACHE_DIR", str(tmp_path))
+    env = dict(os.environ)
+    planner = Planner.load("demo-model", "cpu", vocab_size=1000, hidden_size=64)
+    ctx = StepContext(k_max=8, k_mean=8, k_union=8, batch_size=1, vocab_size=1000, hidden_size=64)
+    planner.update(ctx, PlanKind.SPARSE, 0.5)
+    path = planner.save()
+    run = lambda *a: subprocess.run([sys.executable, "-m", "llmqp.cli", "planner", *a], capture_output=True,
+                                    text=True, env=env, timeout=120)
+    shown = run("show")
+    assert shown.returncode == 0 and "demo-model" in shown.stdout and "B=1" in shown.stdout
+    assert run("reset", "--model", "other").stdout.startswith("removed 0")
+    assert path.exists()
+    assert run("reset").stdout.startswith("removed 1") and not path.exists()
+    assert "no planner state" in run("show").stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print the model, vocabulary, device and cache location")
     _add_model_arg(i)
+
+    pl = sub.add_parser("planner", help="show or reset what the plan='auto' planner learned")
+    pl_sub = pl.add_subparsers(dest="planner_command", required=True)
+    pl_sub.add_parser("show", help="per (model, device): observations and the learned K crossovers")
+    reset = pl_sub.add_parser("reset", help="forget what was learned (all models and devices by default)")
+    reset.add_argument("--model", default=None, help="only this model name (as `planner show` prints it)")
+    reset.add_argument("--device", default=None, help="only this device kind")
     return parser
 
 
@@ -119,15 +127,33 @@ def _info(args) -> int:
     return 0
 
 
+def _planner(args) -> int:
+    from llmqp import planner
+
+    if args.planner_command == "show":
+        saved = planner.saved()
+        if not saved:
+            print(f"no planner state yet under {planner.planner_dir()} (it is written by the first generation)")
+        for p in saved:
+            print(p.describe())
+        return 0
+    removed = planner.reset(args.model, args.device)
+    print(f"removed {len(removed)} planner state file(s)" + "".join(f"\n  {p}" for p in removed))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "info": _info}[args.command](args)
+        return {"generate": _generate, "info": _info, "planner": _planner}[args.command](args)
     except LLMQPError as e:
         print(f"llmqp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `llmqp planner show | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

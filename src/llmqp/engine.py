@@ -18,15 +18,16 @@ import numpy as np
 from llmqp import plans as plans_mod
 from llmqp.errors import LLMQPError
 from llmqp.model import loader, transformer
+from llmqp.planner import Planner, StepContext
 from llmqp.plans import PlanKind
 from llmqp.results import GenerationResult, StepTrace
 from llmqp.sampling import InvalidArgument, SamplingParams
 
 PREFILL_CHUNK = 512  # longest prompt chunk run in one forward
 MIN_CACHE = 512
-# Below this many allowed tokens `plan="auto"` scores sparsely. Measured on SmolLM2/CPU: sparse still wins
-# at K=8192 (DESIGN.md); above V/4 the gather stops paying for itself on every shape we measured.
-AUTO_SPARSE_MAX_FRACTION = 0.25
+# Steps whose allowed set exceeds this share of the vocabulary only consider the dense plan: a gather that
+# large is never cheaper than the full head and would materialise B x K x d floats.
+SPARSE_MAX_FRACTION = 0.25
 
 _compile_cache_ready = False
 
@@ -85,12 +86,34 @@ class Engine:
         self.dtype = dtype
         self.params = device_params(loaded.params, dtype)
         self.head = {"unembed": self.params["unembed"], "unembed_rows": self.params["unembed_rows"]}
+        self._planner: Planner | None = None
         self.load_seconds = time.perf_counter() - t0
         self.loaded_from_cache = loaded.from_cache
         self._all_ids = np.arange(self.config.vocab_size, dtype=np.int32)
         # Unconstrained steps reuse one device copy of "every id allowed".
         self._all_ids_dev = jnp.asarray(self._all_ids[None, :])
         self._all_valid_dev = jnp.ones((1, self.config.vocab_size), bool)
+
+    @property
+    def device_kind(self) -> str:
+        return jax.devices()[0].device_kind
+
+    @property
+    def planner(self) -> Planner:
+        """The plan="auto" policy for this (model, device): a contextual bandit over measured head
+        latencies, loaded from the cache directory on first use and saved after every generation.
+        Its exploration never changes outputs (every plan is equivalent), only latency."""
+        if self._planner is None:
+            self._planner = Planner.load(self.config.name, self.device_kind, vocab_size=self.vocab_size,
+                                         hidden_size=self.config.hidden_size)
+        return self._planner
+
+    def save_planner(self) -> None:
+        if self._planner is not None:
+            try:
+                self._planner.save()
+            except OSError:
+                pass  # a read-only cache only loses what was learned
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "Engine":
@@ -265,7 +288,7 @@ class Engine:
         """The plans worth considering for a step. Gathering more than a quarter of the vocabulary per row
         is never cheaper than the dense head (and would materialise B×K×d floats), so such steps —
         unconstrained rows among them — run dense."""
-        limit = AUTO_SPARSE_MAX_FRACTION * self.vocab_size
+        limit = SPARSE_MAX_FRACTION * self.vocab_size
         arms = [PlanKind.DENSE]
         if k_max <= limit:
             arms.append(PlanKind.SPARSE)
@@ -274,8 +297,8 @@ class Engine:
         return arms
 
     def choose_plan(self, plan: PlanKind, k_max: int, k_union: int, batch: int) -> PlanKind:
-        """The plan a scoring step runs: the requested one when applicable, else the cheapest applicable
-        by the roofline rule (bytes of unembedding read)."""
+        """The plan a scoring step runs under a fixed `plan`: that one when applicable, else the cheapest
+        applicable by bytes of unembedding read (plan="auto" asks the planner instead)."""
         arms = self.applicable_plans(k_max, k_union, batch)
         if plan in arms:
             return plan
@@ -344,6 +367,7 @@ class Engine:
                                                         jnp.asarray(positions), cfg=self.config)
         if stream and rows[0].out_text_delta():
             yield rows[0].take_text_delta()
+        self.save_planner()
         return [row.result() for row in rows]
 
     def _score(self, scoring: list["_Row"], hidden, batch: int, plan_kind: PlanKind) -> None:
@@ -355,8 +379,13 @@ class Engine:
             k_union = k_max
         else:
             k_union = len(np.unique(np.concatenate(list(allowed.values()))))
-        kind = self.choose_plan(plan_kind if plan_kind is not PlanKind.AUTO else self._auto_plan(k_max, k_union, batch),
-                                k_max, k_union, batch)
+        ctx = StepContext(k_max=k_max, k_mean=sum(ks) / len(ks), k_union=k_union, batch_size=batch,
+                          vocab_size=self.vocab_size, hidden_size=self.config.hidden_size,
+                          device_kind=self.device_kind)
+        if plan_kind is PlanKind.AUTO:
+            kind = self.planner.choose(ctx, self.applicable_plans(k_max, k_union, batch))
+        else:
+            kind = self.choose_plan(plan_kind, k_max, k_union, batch)
         rows_ids = [allowed.get(slot, self._all_ids[:1]) for slot in range(batch)]
         ids_np = None
         if k_max == self.vocab_size and batch == 1:
@@ -389,17 +418,10 @@ class Engine:
             jnp.asarray(top_ks), jnp.asarray(top_ps), union, plan=plans_mod.PLANS[kind], greedy=greedy)
         index, logprob = np.asarray(index), np.asarray(logprob)
         head_ms = (time.perf_counter() - t0) * 1e3
-        self._observe(kind, k_max, k_union, batch, head_ms)
+        self.planner.update(ctx, kind, head_ms)  # fixed plans teach the planner too
         for row in scoring:
             row.scored(int(allowed[row.slot][index[row.slot]]), float(logprob[row.slot]), kind,
                        len(allowed[row.slot]))
-
-    def _auto_plan(self, k_max: int, k_union: int, batch: int) -> PlanKind:
-        """plan="auto": sparse (or union for batches) while K is small, else dense."""
-        return PlanKind.SPARSE if batch == 1 else PlanKind.SPARSE_UNION
-
-    def _observe(self, kind: PlanKind, k_max: int, k_union: int, batch: int, head_ms: float) -> None:
-        """Feedback of a step's measured plan latency (used by the planner)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
