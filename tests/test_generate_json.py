@@ -15,7 +15,7 @@ from llmqp.testing import maskbench_files
 
 pytestmark = pytest.mark.slow
 N_SCHEMAS = 30
-BATCH = 8
+BATCH = 32
 
 
 def _draw_schemas(engine):
@@ -41,7 +41,7 @@ def test_greedy_generation_validates_whenever_it_stops(engine):
     schemas = _draw_schemas(engine)
     assert len(schemas) == N_SCHEMAS
     requests = [dict(prompt="Produce one JSON value that conforms to this JSON schema:\n"
-                     + json.dumps(schema)[:1500], json_schema=schema, max_tokens=256)
+                     + json.dumps(schema)[:600], json_schema=schema, max_tokens=256)
                 for _, schema in schemas]
     results = []
     for i in range(0, len(requests), BATCH):

@@ -52,6 +52,12 @@ def _pow2_at_least(n: int, floor: int = 1) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
+def _chunks_end(n: int) -> int:
+    """The last cache position (exclusive) a prompt of n tokens writes, padding included."""
+    last_start = (n - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+    return last_start + _pow2_at_least(n - last_start, 16)
+
+
 def device_params(packed: dict, dtype: str = "float32") -> dict:
     """Numpy params (`llmqp.model.weights.pack_params` layout) -> device arrays. Norm weights stay f32;
     a tied unembedding keeps one device copy."""
@@ -173,41 +179,40 @@ class Engine:
         return np.asarray(out, dtype=np.float32)
 
     def _prefill(self, prompts: list[np.ndarray], extra: list[int], keep_all: bool = False):
-        """Run the prompts (one per batch row) through the trunk in chunks of at most PREFILL_CHUNK
-        positions, padded to power-of-two buckets. Rows of different lengths share the chunks: padding
-        written past a row's end is overwritten by that row's own later tokens before it can be attended.
-        Returns (hidden, cache): hidden is (n, d) for one row with keep_all, else (Bb, d) — the last prompt
-        position of each row (Bb = rows rounded up to a power of two; extra rows are zero)."""
+        """Run each prompt (one per batch row) through the trunk on its own, in chunks of at most
+        PREFILL_CHUNK positions padded to power-of-two buckets, then stack the rows' caches: prefill cost
+        follows each row's own length, not the longest row's. Returns (hidden, cache): hidden is (n, d) for
+        a single row with keep_all, else (Bb, d) — each row's last prompt position (Bb = rows rounded up to
+        a power of two; the extra rows are zero)."""
         lengths = [len(p) for p in prompts]
-        longest = max(lengths)
         need = max(n + e for n, e in zip(lengths, extra))
         if need > self.config.max_position:
             raise InvalidArgument(f"prompt + max_tokens ({need} tokens) exceeds the model's context of "
                                   f"{self.config.max_position} tokens")
-        starts = list(range(0, longest, PREFILL_CHUNK))
-        last_len = _pow2_at_least(longest - starts[-1], 16)
-        cache_len = _pow2_at_least(max(starts[-1] + last_len, need), MIN_CACHE)
-        batch = _pow2_at_least(len(prompts))
-        cache = transformer.init_cache(self.config, batch, cache_len, self.params["embed"].dtype)
-        last = [None] * len(prompts)
-        hiddens = []
-        for start in starts:
-            width = _pow2_at_least(min(PREFILL_CHUNK, longest - start), 16)
-            tokens = np.zeros((batch, width), np.int32)
-            for r, p in enumerate(prompts):
-                chunk = p[start : start + width]
-                tokens[r, : len(chunk)] = chunk
-            hidden, cache = transformer.forward_jit(self.params, cache, jnp.asarray(tokens),
-                                                    jnp.zeros((batch,), jnp.int32) + start, cfg=self.config)
-            if keep_all:
-                hiddens.append(hidden[0, : min(width, longest - start)])
-            for r, n in enumerate(lengths):
-                if start <= n - 1 < start + width:
-                    last[r] = hidden[r, n - 1 - start]
+        padded_end = max(_chunks_end(n) for n in lengths)
+        cache_len = _pow2_at_least(max(padded_end, need), MIN_CACHE)
+        dtype = self.params["embed"].dtype
+        caches, last, hiddens = [], [], []
+        for prompt in prompts:
+            cache = transformer.init_cache(self.config, 1, cache_len, dtype)
+            for start in range(0, len(prompt), PREFILL_CHUNK):
+                chunk = prompt[start : start + PREFILL_CHUNK]
+                tokens = np.zeros((1, _pow2_at_least(len(chunk), 16)), np.int32)
+                tokens[0, : len(chunk)] = chunk
+                hidden, cache = transformer.forward_jit(self.params, cache, jnp.asarray(tokens),
+                                                        jnp.asarray([start], jnp.int32), cfg=self.config)
+                if keep_all:
+                    hiddens.append(hidden[0, : len(chunk)])
+            last.append(hidden[0, len(chunk) - 1])
+            caches.append(cache)
         if keep_all:
-            return jnp.concatenate(hiddens, axis=0), cache
-        zero = jnp.zeros_like(last[0])
-        return jnp.stack(last + [zero] * (batch - len(prompts))), cache
+            return jnp.concatenate(hiddens, axis=0), caches[0]
+        batch = _pow2_at_least(len(prompts))
+        if batch == 1:
+            return last[0][None], caches[0]
+        pad = [transformer.init_cache(self.config, batch - len(prompts), cache_len, dtype)] if batch > len(prompts) else []
+        cache = jax.tree.map(lambda *rows: jnp.concatenate(rows, axis=0), *caches, *pad)
+        return jnp.stack(last + [jnp.zeros_like(last[0])] * (batch - len(prompts))), cache
 
     def _feed(self, cache, tokens: list[int], pos: int):
         """Feed one row's tokens at positions pos.. through the trunk in power-of-two chunks (no padding,
@@ -375,8 +380,8 @@ class Engine:
         allowed = {row.slot: (self._all_ids if row.allowed is None else row.allowed) for row in scoring}
         ks = [len(a) for a in allowed.values()]
         k_max = max(ks)
-        if batch == 1 or k_max == self.vocab_size:
-            k_union = k_max
+        if batch == 1 or k_max > SPARSE_MAX_FRACTION * self.vocab_size:
+            k_union = k_max  # the union plan is not applicable: skip the O(B*K) union
         else:
             k_union = len(np.unique(np.concatenate(list(allowed.values()))))
         ctx = StepContext(k_max=k_max, k_mean=sum(ks) / len(ks), k_union=k_union, batch_size=batch,
