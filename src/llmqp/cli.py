@@ -56,11 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--whitespace", choices=["compact", "flexible"], default="compact")
     g.add_argument("--plan", choices=["auto", "dense", "sparse"], default="auto")
     g.add_argument("--no-forced", action="store_true", help="score forced tokens one by one")
+    g.add_argument("--compiled", action="store_true",
+                   help="run regular constraints in the fused on-device loop (falls back, with the reason)")
     g.add_argument("--trace", action="store_true", help="print a per-plan step summary to stderr")
     _add_model_arg(g)
 
     i = sub.add_parser("info", help="print the model, vocabulary, device and cache location")
     _add_model_arg(i)
+
+    from llmqp.compiled.cli import add_export_arguments, add_run_exported_arguments
+
+    add_export_arguments(sub.add_parser(
+        "export", help="export a constrained generation (model + automaton + decode loop) as StableHLO"))
+    add_run_exported_arguments(sub.add_parser(
+        "run-exported", help="run an exported artifact with JAX and the tokenizer alone"))
 
     pl = sub.add_parser("planner", help="show or reset what the plan='auto' planner learned")
     pl_sub = pl.add_subparsers(dest="planner_command", required=True)
@@ -92,12 +101,13 @@ def _generate(args) -> int:
     result = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, seed=args.seed, raw=args.raw,
                              strict=not args.no_strict, whitespace=args.whitespace, plan=args.plan,
-                             forced=not args.no_forced, on_text=emit, **kw)
+                             forced=not args.no_forced, compiled=args.compiled, on_text=emit, **kw)
     sys.stdout.write("\n")
     if args.trace:
         print(result.trace_summary(), file=sys.stderr)
         print(f"finish_reason={result.finish_reason} valid={result.valid} tokens={len(result.token_ids)}"
-              f" decode={result.tokens_per_second:.1f} tok/s", file=sys.stderr)
+              f" decode={result.tokens_per_second:.1f} tok/s compiled={result.compiled}"
+              + (f" ({result.compiled_reason})" if result.compiled_reason else ""), file=sys.stderr)
     elif kw and not result.valid:
         print(f"[output incomplete: finish_reason={result.finish_reason}]", file=sys.stderr)
     return 0
@@ -145,7 +155,10 @@ def _planner(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "info": _info, "planner": _planner}[args.command](args)
+        from llmqp.compiled.cli import cli_export, cli_run_exported
+
+        return {"generate": _generate, "info": _info, "planner": _planner, "export": cli_export,
+                "run-exported": cli_run_exported}[args.command](args)
     except LLMQPError as e:
         print(f"llmqp: error: {e}", file=sys.stderr)
         return 2

@@ -235,14 +235,34 @@ class Engine:
     def generate(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, raw: bool = False, json_schema=None, regex=None, choice=None,
                  grammar=None, strict: bool = True, whitespace: str = "compact", plan: str = "auto",
-                 forced: bool = True, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                 forced: bool = True, compiled: bool | str = False,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
         """Generate one completion.
 
         Constraints: at most one of json_schema (dict, JSON string or Pydantic model class), regex, choice
         (list of strings), grammar (Lark; GBNF accepted). plan: "auto" (the default: learned per step) |
         "dense" | "sparse" — every plan gives the same tokens, only speed differs. forced=True emits tokens
         that the constraint forces without scoring them, feeding a run of them through one multi-token
-        forward. on_text receives text deltas as they are produced (streaming)."""
+        forward. compiled=True (or "auto") runs regular constraints (regex, choice, JSON schemas that reduce
+        to a finite automaton) in the fused on-device loop — one `lax.while_loop`, no host round trip per
+        token, identical tokens — and otherwise falls back to this host loop with `compiled=False` and
+        `compiled_reason` set in the result. on_text receives text deltas as they are produced."""
+        if compiled not in (False, True, "auto"):
+            raise InvalidArgument(f"compiled must be False, True or 'auto', got {compiled!r}")
+        reason = None
+        if compiled:
+            from llmqp import compiled as fused
+
+            out = fused.generate_fused(
+                self, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                seed=seed, raw=raw, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
+                strict=strict, whitespace=whitespace, forced=forced,
+                sparse_threshold=self.planner.crossover_k(1, self.vocab_size, self.config.hidden_size))
+            if not isinstance(out, fused.Fallback):
+                if on_text is not None and out.text:
+                    on_text(out.text)
+                return dataclasses.replace(out, compiled=True)
+            reason = out.reason
         request = Request(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, seed=seed, raw=raw, json_schema=json_schema, regex=regex, choice=choice,
                           grammar=grammar, strict=strict, whitespace=whitespace)
@@ -251,7 +271,7 @@ class Engine:
             try:
                 delta = next(events)
             except StopIteration as stop:
-                return stop.value[0]
+                return dataclasses.replace(stop.value[0], compiled_reason=reason)
             on_text(delta)
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:

@@ -24,7 +24,8 @@ class GenerationResult:
     (EOS, or the constraint allows nothing more) or "length" (max_tokens reached). valid: False whenever a
     constrained output was cut before the constraint was satisfied; always True when unconstrained and
     stopped. logprobs: per token, log-probability under the model's softmax renormalised over the allowed
-    set (0.0 for forced tokens)."""
+    set (0.0 for forced tokens). compiled: whether the fused on-device loop produced it; compiled_reason:
+    why a requested fused run fell back to the host-stepped loop."""
 
     text: str
     token_ids: list[int]
@@ -36,6 +37,8 @@ class GenerationResult:
     prompt_tokens: int = 0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    compiled: bool = False  # ran in the fused on-device loop
+    compiled_reason: str | None = None  # why compiled=True/"auto" fell back to the host loop
 
     @property
     def tokens_per_second(self) -> float:
