@@ -64,12 +64,14 @@ def main() -> None:
         summary[name] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                          "tokens": rs[0]["tokens"], "valid": rs[0]["valid"], "stopped": rs[0]["stopped"],
                          "prompts": len(tasks)}
-    same = len({json.dumps(runs[m][0]["outputs"]) for m in ("dense", "sparse", "sparse+forced", "auto+forced")}) == 1
+    # Forced runs follow the constraint's canonical tokenization, so compare plans at equal `forced`.
+    same = (runs["dense"][0]["outputs"] == runs["sparse"][0]["outputs"]
+            and runs["sparse+forced"][0]["outputs"] == runs["auto+forced"][0]["outputs"])
     base = summary["unconstrained"]["tokens_per_s"]
     for s in summary.values():
         s["ratio_vs_unconstrained"] = s["tokens_per_s"] / base
     out = {"model": engine.config.name, "device": engine.device, "max_tokens": args.max_tokens,
-           "constrained_outputs_identical_across_plans": same, "modes": summary}
+           "identical_tokens_across_plans": same, "modes": summary}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "e2e.json").write_text(json.dumps(out, indent=2))
     print("| mode | output tokens/s | vs unconstrained | tokens | valid / stopped |")
@@ -77,7 +79,7 @@ def main() -> None:
     for name, s in summary.items():
         print(f"| {name} | {s['tokens_per_s']:.1f} | {s['ratio_vs_unconstrained']:.2f}x | {s['tokens']} | "
               f"{s['valid']}/{s['stopped']} of {s['prompts']} |")
-    print(f"\nconstrained outputs identical across plans: {same}")
+    print(f"\nidentical tokens across plans (dense = sparse, sparse+forced = auto+forced): {same}")
 
 
 if __name__ == "__main__":
