@@ -121,7 +121,8 @@ def assert_same_as_host(engine, prompt, kw, sampling, max_tokens=24):
         host = engine.generate(prompt, max_tokens=max_tokens, forced=forced, **sampling, **kw)
         assert fused.token_ids == host.token_ids, (forced, kw, sampling, fused.text, host.text)
         assert (fused.finish_reason, fused.valid) == (host.finish_reason, host.valid)
-        np.testing.assert_allclose(fused.logprobs, host.logprobs, atol=1e-5)
+        # the trunk compiled inside the while loop rounds differently from the host-stepped one (~1e-5)
+        np.testing.assert_allclose(fused.logprobs, host.logprobs, atol=1e-4)
     if fused.valid:
         assert satisfies(kw, fused.text), (kw, fused.text)
     else:

@@ -2,6 +2,7 @@
 
 The public surface: everything users import is listed in `__all__`; other modules may change."""
 
+from llmqp.compiled.runtime import load_exported
 from llmqp.engine import Engine, Request
 from llmqp.errors import ConstraintError, LLMQPError, ModelLoadError
 from llmqp.model.loader import cache_dir
@@ -21,4 +22,5 @@ __all__ = [
     "SamplingParams",
     "StepTrace",
     "cache_dir",
+    "load_exported",
 ]
