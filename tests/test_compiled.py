@@ -292,6 +292,16 @@ def test_fused_equals_host_tiny(tiny_engine, kw):
         assert_same_as_host(tiny_engine, "Another prompt, longer than the first one.", kw, sampling)
 
 
+def test_engine_generate_compiled(tiny_engine):
+    """`Engine.generate(compiled=True)` runs the fused loop (same tokens) or says why it did not."""
+    kw = dict(regex="[a-c]{2,6}", temperature=1.0, seed=2, max_tokens=10)
+    fused = tiny_engine.generate(PROMPT, compiled=True, **kw)
+    host = tiny_engine.generate(PROMPT, **kw)
+    assert fused.compiled and not host.compiled and fused.token_ids == host.token_ids
+    r = tiny_engine.generate(PROMPT, compiled="auto", grammar='start: "a" start | "b"', max_tokens=6)
+    assert not r.compiled and "grammar" in r.compiled_reason and r.token_ids
+
+
 def test_sampling_changes_tiny_outputs(tiny_engine):
     """The tiny model's logits are O(1): seeds matter (otherwise the equivalence tests prove little)."""
     texts = {generate_fused(tiny_engine, PROMPT, max_tokens=12, regex="[a-c]{2,10}", temperature=1.0, seed=s).text

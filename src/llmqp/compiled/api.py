@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 from llmqp.compiled.compile import compile_tables
-from llmqp.compiled.loop import default_sparse_threshold, run_fused
+from llmqp.compiled.loop import config_for, run_fused
 from llmqp.compiled.tables import ConstraintTables, Fallback, TableLimits
 from llmqp.results import GenerationResult, StepTrace
 from llmqp.sampling import SamplingParams
@@ -70,7 +70,8 @@ def generate_fused(engine, prompt, *, max_tokens: int = 256, temperature: float 
     out = run_fused(engine, ids, tables, sp, max_tokens, forced=forced, sparse_threshold=sparse_threshold,
                     timings=timings)
     text = engine.tokenizer.decode(out.token_ids)
-    threshold = default_sparse_threshold(engine.config.vocab_size) if sparse_threshold is None else sparse_threshold
+    threshold = config_for(engine.config, tables, sp, max_tokens, forced=forced,
+                           sparse_threshold=sparse_threshold).sparse_threshold  # as compiled (bucket-aligned)
     per_token = timings["decode_ms"] / max(len(out.token_ids), 1)
     steps = []
     state = 0

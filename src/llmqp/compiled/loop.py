@@ -51,8 +51,8 @@ RUNNING, FINISH_EOS, FINISH_DONE, FINISH_LENGTH = 0, 1, 2, 3
 class FusedConfig:
     """Everything static about one compiled loop (hashable: a `jit` static argument).
 
-    sparse_widths / dense_widths: the K buckets compiled for each plan (a bucket may appear in both
-    when the threshold falls inside it). forced_runs: emit the host's forced runs whole (the engine's
+    sparse_threshold: the largest K scored sparsely, a K bucket boundary; sparse_widths / dense_widths:
+    the K buckets compiled for each plan. forced_runs: emit the host's forced runs whole (the engine's
     forced=True); feed_sizes: the trunk chunk sizes that feeding them needs (powers of two)."""
 
     model: ModelConfig
@@ -69,6 +69,10 @@ class FusedConfig:
              forced_runs: bool = False, max_run: int = 1) -> "FusedConfig":
         vocab = model.vocab_size
         buckets = k_buckets(vocab)
+        # The threshold is a compile-time constant: round it down to a bucket boundary so that a planner
+        # whose learned crossover drifts does not trigger a recompile per value (plans give the same
+        # tokens; only which buckets run sparse moves).
+        sparse_threshold = max([b for b in buckets if b <= sparse_threshold], default=0)
         # Two width sets only (small constraints, everything else), so that one compile serves many.
         small = buckets[min(3, len(buckets) - 1)]
         top = small if max_k <= small else vocab
