@@ -278,8 +278,8 @@ class Engine:
         """Like `generate`, but yields text deltas as they are produced; returns the GenerationResult
         as the generator's return value."""
         plan, forced = kwargs.pop("plan", "auto"), kwargs.pop("forced", True)
-        results = yield from self._decode([Request(prompt=prompt, **kwargs)], plan=plan, forced=forced,
-                                          stream=True)
+        results = yield from self._decode([Request.coerce(dict(kwargs, prompt=prompt))], plan=plan,
+                                          forced=forced, stream=True)
         return results[0]
 
     def generate_batch(self, requests, *, plan: str = "auto", forced: bool = True) -> list[GenerationResult]:
