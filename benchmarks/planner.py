@@ -153,7 +153,8 @@ def _plot(results: dict, path: Path) -> None:
         runs = results["batches"][batch]["runs"]
         shown = [n for n in names if n in runs]
         head = [runs[n]["head_ms"] for n in shown]
-        ax.bar(range(len(shown)), head, color=["#999", "#999", "#999", "#4a90d9", "#1f5fa8", "#2a2"][: len(shown)])
+        colors = {"auto (cold)": "#4a90d9", "auto (warm)": "#1f5fa8", "oracle": "#2a2"}
+        ax.bar(range(len(shown)), head, color=[colors.get(n, "#999") for n in shown])
         ax.set_xticks(range(len(shown)), [n.replace(" ", "\n") for n in shown], fontsize=7)
         ax.set_title(f"batch {batch}: plan-dependent time")
         ax.set_ylabel("head + sampling, ms (whole workload)")
