@@ -105,6 +105,18 @@ _GGUF_LAYER_NAMES = {
 }
 
 
+def _raw_key(name: str, global_names: dict, layer_names: dict, layer_prefix: str) -> str:
+    """Checkpoint tensor name -> raw key; an unknown name is returned as is (check_raw reports it)."""
+    for key, global_name in global_names.items():
+        if name == global_name:
+            return key
+    if name.startswith(layer_prefix):
+        index, _, rest = name[len(layer_prefix):].partition(".")
+        if index.isdigit() and rest in layer_names:
+            return f"layers.{index}.{layer_names[rest]}"
+    return name
+
+
 def _checkpoint_name(key: str, global_names: dict, layer_names: dict, layer_prefix: str) -> str:
     if key in global_names:
         return global_names[key]
@@ -161,17 +173,7 @@ def read_gguf(path: str | Path):
     )
     index = {}
     for name, t in tensors.items():
-        if name == "token_embd.weight":
-            key = "embed"
-        elif name == "output_norm.weight":
-            key = "final_norm"
-        elif name == "output.weight":
-            key = "output"
-        elif name.startswith("blk.") and name.split(".", 2)[2] in _GGUF_LAYER_NAMES:
-            _, i, rest = name.split(".", 2)
-            key = f"layers.{i}.{_GGUF_LAYER_NAMES[rest]}"
-        else:
-            key = name  # reported as unexpected by check_raw
+        key = _raw_key(name, _GGUF_GLOBAL_NAMES, _GGUF_LAYER_NAMES, "blk.")
         index[key] = (name, tuple(int(x) for x in reversed(list(t.shape))))
     check_raw(cfg, index, str(path), lambda key: _checkpoint_name(
         key, _GGUF_GLOBAL_NAMES, _GGUF_LAYER_NAMES, "blk.{i}."))
@@ -284,19 +286,9 @@ def read_hf(directory: str | Path):
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 tied_head = (f, dt, shape, b, e)  # some tied checkpoints still store the head: must be equal
                 continue
-            if name == "model.embed_tokens.weight":
-                key = "embed"
-            elif name == "model.norm.weight":
-                key = "final_norm"
-            elif name == "lm_head.weight":
-                key = "output"
-            elif name.startswith("model.layers.") and name.split(".", 3)[3] in _HF_LAYER_NAMES:
-                _, _, i, rest = name.split(".", 3)
-                key = f"layers.{i}.{_HF_LAYER_NAMES[rest]}"
-            elif name.endswith("rotary_emb.inv_freq"):
+            if name.endswith("rotary_emb.inv_freq"):
                 continue  # a derived buffer some exports include
-            else:
-                key = name
+            key = _raw_key(name, _HF_GLOBAL_NAMES, _HF_LAYER_NAMES, "model.layers.")
             index[key] = (name, shape)
             where[key] = (f, dt, shape, b, e)
     check_raw(cfg, index, str(directory), lambda key: _checkpoint_name(
