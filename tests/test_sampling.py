@@ -110,3 +110,41 @@ def test_k_buckets_and_padding():
     union, pos = union_inputs([np.array([3, 5]), np.array([1, 3, 9])], ids, 100)
     assert union[:4].tolist() == [1, 3, 5, 9]
     assert union[pos[0, :2]].tolist() == [3, 5] and union[pos[1, :3]].tolist() == [1, 3, 9]
+
+
+def test_top_p_applies_to_the_renormalised_top_k_distribution():
+    # probs 0.4 / 0.3 / 0.3. top_k=2 renormalises to 0.571 / 0.429, so top_p=0.5 keeps the first token
+    # alone. A joint filter (top-p over the full distribution: 0.4 < 0.5) would keep the second as well.
+    logits = np.log([0.4, 0.3, 0.3])
+    seen = {_select(logits, [10, 20, 30], temperature=1.0, top_k=2, top_p=0.5, seed=s)[0] for s in range(200)}
+    assert seen == {10}
+    # Without top-k the same top_p keeps two tokens: the renormalisation is what changed the outcome.
+    seen = {_select(logits, [10, 20, 30], temperature=1.0, top_p=0.5, seed=s)[0] for s in range(200)}
+    assert seen == {10, 20}
+
+
+def test_top_k_keeps_exactly_k_with_ties_broken_by_lower_id():
+    # Four equal logits: top_k=2 keeps exactly two, the two lowest ids, whatever their position.
+    seen = {_select([1.0, 1.0, 1.0, 1.0], [3, 5, 8, 13], temperature=1.0, top_k=2, seed=s)[0]
+            for s in range(200)}
+    assert seen == {3, 5}
+    seen = {_select([1.0, 1.0, 0.0, 1.0], [3, 5, 8, 13], temperature=1.0, top_k=3, seed=s)[0]
+            for s in range(200)}
+    assert seen == {3, 5, 13}  # the three tied maxima; 8 is below the cutoff
+
+
+def test_top_p_ties_at_the_cutoff_broken_by_lower_id():
+    # Four equal tokens (0.25 each): top_p=0.5 is reached after two of them, the two lowest ids.
+    seen = {_select([2.0, 2.0, 2.0, 2.0], [4, 6, 9, 11], temperature=1.0, top_p=0.5, seed=s)[0]
+            for s in range(200)}
+    assert seen == {4, 6}
+
+
+def test_logprob_is_the_allowed_set_probability_at_temperature_1():
+    # The reported log-prob ignores temperature, top-k and top-p: it is the model's distribution
+    # restricted to the allowed set.
+    logits = np.array([1.0, 3.0, 2.0])
+    expected = logits - np.log(np.exp(logits).sum())
+    for seed in range(20):
+        token, logprob = _select(logits, [10, 20, 30], temperature=0.7, top_k=2, top_p=0.9, seed=seed)
+        assert logprob == pytest.approx(expected[[10, 20, 30].index(token)], abs=1e-6)
