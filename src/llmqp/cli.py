@@ -5,27 +5,67 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from llmqp.errors import LLMQPError
 
 
+def _looks_like_json(arg: str) -> bool:
+    # Decided before any file-system call: a long inline schema is not a valid path (ENAMETOOLONG).
+    text = arg.lstrip()
+    return text.startswith(("{", "[")) or text.rstrip() in ("true", "false")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name longer than the file system allows: not a file we can read
+        return False
+
+
+def _read_user_file(path: Path, option: str) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LLMQPError(f"{option}: cannot read {path}: {e}") from None
+
+
 def _read_json_schema(arg: str):
-    path = Path(arg)
-    text = path.read_text() if path.is_file() else arg
+    """--json-schema: inline JSON (first non-space character `{` or `[`, or `true`/`false`) or a file."""
+    if _looks_like_json(arg):
+        text, where = arg, "--json-schema (inline)"
+    else:
+        path = Path(arg)
+        if not _is_file(path):
+            raise LLMQPError(f"--json-schema: neither inline JSON (starting with '{{' or '[') nor a file: "
+                             f"{_shorten(arg)}")
+        text, where = _read_user_file(path, "--json-schema"), f"--json-schema file {arg}"
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        where = f"file {arg}" if path.is_file() else "--json-schema (neither a file nor valid JSON)"
         raise LLMQPError(f"{where}: invalid JSON: {e}") from None
 
 
+# A grammar given inline starts with a rule definition: `name:` (Lark) or `name ::=` (GBNF), possibly
+# after comments or %directives, or spans several lines. A path never does.
+_INLINE_GRAMMAR = re.compile(r"(\s*(//|#|%)[^\n]*\n)*\s*[?!]?[A-Za-z_][\w.-]*\s*(:|::=)(\s|$)")
+
+
 def _read_grammar(arg: str) -> str:
+    """--grammar: a file (Lark or GBNF), or the grammar text itself."""
     path = Path(arg)
-    if not path.is_file():
-        raise LLMQPError(f"--grammar: no such file: {arg}")
-    return path.read_text()
+    if _is_file(path):
+        return _read_user_file(path, "--grammar")
+    if "\n" in arg or _INLINE_GRAMMAR.match(arg):
+        return arg
+    raise LLMQPError(f"--grammar: no such file: {_shorten(arg)} (an inline grammar starts with a rule, "
+                     "e.g. 'start: ...')")
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _add_model_arg(p):
@@ -50,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json-schema", metavar="FILE|JSON", help="constrain to JSON valid for this schema")
     c.add_argument("--regex", help="constrain to a full match of this regular expression")
     c.add_argument("--choice", action="append", help="constrain to one of these strings (repeatable)")
-    c.add_argument("--grammar", metavar="FILE", help="constrain to a context-free grammar (Lark syntax)")
+    c.add_argument("--grammar", metavar="FILE|GRAMMAR",
+                   help="constrain to a context-free grammar (Lark syntax): a file or the grammar text")
     g.add_argument("--no-strict", action="store_true",
                    help="JSON: allow undeclared properties wherever the schema allows them")
     g.add_argument("--whitespace", choices=["compact", "flexible"], default="compact")
@@ -167,6 +208,9 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `llmqp planner show | head`
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as e:  # a user path that cannot be read or written (permissions, full disk, ...)
+        print(f"llmqp: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
