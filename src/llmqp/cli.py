@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_exported_arguments(sub.add_parser(
         "run-exported", help="run an exported artifact with JAX and the tokenizer alone"))
 
+    from llmqp.batch.cli import add_batch_arguments
+
+    add_batch_arguments(sub.add_parser(
+        "batch", help="run every row of a JSONL file (resumable; --ray for a Ray cluster)"))
+
     pl = sub.add_parser("planner", help="show or reset what the plan='auto' planner learned")
     pl_sub = pl.add_subparsers(dest="planner_command", required=True)
     pl_sub.add_parser("show", help="per (model, device): observations and the learned K crossovers")
@@ -196,10 +201,11 @@ def _planner(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from llmqp.batch.cli import cli_batch
         from llmqp.compiled.cli import cli_export, cli_run_exported
 
         return {"generate": _generate, "info": _info, "planner": _planner, "export": cli_export,
-                "run-exported": cli_run_exported}[args.command](args)
+                "batch": cli_batch, "run-exported": cli_run_exported}[args.command](args)
     except LLMQPError as e:
         print(f"llmqp: error: {e}", file=sys.stderr)
         return 2
