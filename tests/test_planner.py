@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 import re
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -289,7 +291,7 @@ def test_unreadable_or_foreign_state_starts_fresh():
     path = state_path("m", "cpu")
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    with pytest.warns(UserWarning, match="unreadable planner state"):
+    with pytest.warns(UserWarning, match="ignoring planner state .*: it is not JSON"):
         planner = Planner.load("m", "cpu")
     assert planner.policy.counts.sum() == 0
     planner.update(ctx(1, 5), SPARSE, 0.5)
@@ -299,3 +301,121 @@ def test_unreadable_or_foreign_state_starts_fresh():
     with pytest.warns(UserWarning):
         assert Planner.load("m", "cpu").policy.counts.sum() == 0
     assert reset() == [path]
+
+
+def test_state_is_keyed_by_model_device_and_dtype():
+    f32 = Planner.load("m", "cpu")
+    assert f32.dtype == "float32" and f32.path == state_path("m", "cpu", "float32")
+    bf16 = Planner.load("m", "cpu", dtype="bfloat16")
+    assert bf16.path == state_path("m", "cpu", "bfloat16") != f32.path
+    for _ in range(3):
+        bf16.update(ctx(1, 5), SPARSE, 0.5)
+    bf16.save()
+    assert Planner.load("m", "cpu", dtype="bfloat16").policy.counts.tolist() == [0, 2, 0]
+    assert Planner.load("m", "cpu").policy.counts.sum() == 0  # float32 learned nothing
+    assert "m on cpu, bfloat16" in Planner.load("m", "cpu", dtype="bfloat16").describe()
+    assert [(p.model_name, p.dtype) for p in saved()] == [("m", "bfloat16")]
+    assert reset(dtype="float32") == [] and reset(dtype="bfloat16") == [bf16.path]
+
+
+def _updated(planner: Planner, n: int, k: int = 5, arm=SPARSE) -> Planner:
+    for i in range(n + 1):  # the first measurement of a shape is skipped (compile time)
+        planner.update(ctx(1, k), arm, 0.5 + 0.01 * i)
+    return planner
+
+
+def test_interleaved_saves_merge_instead_of_losing_updates():
+    a = Planner.load("m", "cpu")
+    b = Planner.load("m", "cpu")
+    _updated(b, 7, arm=DENSE).save()
+    _updated(a, 5).save()  # a read the file before b saved: a's save must keep b's 7 dense steps
+    assert Planner.load("m", "cpu").policy.counts.tolist() == [7, 5, 0]
+    assert a.policy.counts.tolist() == [7, 5, 0]  # a adopted the merge
+    _updated(b, 3, k=100).save()  # and b merges a's steps in turn
+    merged = Planner.load("m", "cpu")
+    assert merged.policy.counts.tolist() == [7, 8, 0]
+    assert np.all(np.linalg.eigvalsh(merged.policy.a_data) > -1e-9)  # still a valid regression state
+
+
+def test_merge_discounts_the_other_engines_data_as_if_applied_first():
+    # a saves 20 updates; b, which read the file before, saves 20 others: the merged per-arm discounted
+    # observation counts are those of one policy that saw a's updates and then b's.
+    rng = np.random.default_rng(0)
+    steps = [(ctx(1, int(k)), DENSE if k > 1000 else SPARSE, float(ms))
+             for k, ms in zip(rng.integers(1, 30000, 40), rng.uniform(0.4, 6.0, 40))]
+    a, b = Planner("m", "cpu"), Planner("m", "cpu")
+    sequential = LinUCBPolicy(roofline_for("cpu"))
+    for c, arm, ms in steps[:20]:
+        a.policy.update(c, arm, ms)
+    for c, arm, ms in steps[20:]:
+        b.policy.update(c, arm, ms)
+    for c, arm, ms in steps:
+        sequential.update(c, arm, ms)
+    a.save()
+    b.save()
+    np.testing.assert_array_equal(b.policy.counts, sequential.counts)
+    np.testing.assert_allclose(b.policy.recent, sequential.recent, rtol=1e-12)
+    assert b.policy.noise_weight == pytest.approx(sequential.noise_weight, rel=1e-12)
+    np.testing.assert_array_equal(Planner.load("m", "cpu").policy.counts, sequential.counts)
+
+
+def _save_after_updates(cache_dir: str, n_updates: int, arm_index: int, barrier) -> None:
+    import os
+
+    os.environ["LLMQP_CACHE_DIR"] = cache_dir
+    planner = Planner.load("m", "cpu")
+    _updated(planner, n_updates, arm=[DENSE, SPARSE][arm_index])
+    barrier.wait()  # every process saves at the same moment
+    planner.save()
+
+
+def test_processes_saving_at_once_lose_no_update(tmp_path):
+    spawn = multiprocessing.get_context("spawn")
+    n_procs, n_updates = 4, 25
+    barrier = spawn.Barrier(n_procs)
+    procs = [spawn.Process(target=_save_after_updates, args=(str(tmp_path), n_updates, i % 2, barrier))
+             for i in range(n_procs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * n_procs
+    counts = Planner.load("m", "cpu").policy.counts.tolist()
+    assert counts == [2 * n_updates, 2 * n_updates, 0]  # every process's updates are in the file
+
+
+def _edited(**changes):
+    return lambda text: json.dumps({**json.loads(text), **changes})
+
+
+@pytest.mark.parametrize("corrupt, reason", [
+    (lambda text: "{not json", "is not JSON"),
+    (lambda text: text[: len(text) // 2], "is not JSON"),  # truncated
+    (lambda text: "[1, 2]", "is not a JSON object"),
+    (_edited(format=1), "has format 1"),
+    (_edited(model="other"), "belongs to"),  # e.g. two model names that map to the same file name
+    (_edited(dtype="bfloat16"), "belongs to"),
+    (lambda text: json.dumps({**json.loads(text), "state": {**json.loads(text)["state"], "a_data": [[1.0]]}}),
+     "malformed"),
+])
+def test_corrupt_or_foreign_state_is_replaced_with_a_warning(corrupt, reason):
+    path = _updated(Planner.load("m", "cpu"), 4).save()
+    path.write_text(corrupt(path.read_text()))
+    with pytest.warns(UserWarning, match=f"ignoring planner state .*{reason}"):
+        fresh = Planner.load("m", "cpu")
+    assert fresh.policy.counts.sum() == 0
+    _updated(fresh, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already announced at load: the save replaces it quietly
+        fresh.save()
+    assert Planner.load("m", "cpu").policy.counts.tolist() == [0, 2, 0]
+
+
+def test_state_corrupted_after_load_is_replaced_at_save_with_a_warning():
+    planner = _updated(Planner.load("m", "cpu"), 3)
+    path = state_path("m", "cpu")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("garbage")
+    with pytest.warns(UserWarning, match="replacing planner state .*is not JSON"):
+        planner.save()
+    assert Planner.load("m", "cpu").policy.counts.tolist() == [0, 3, 0]

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_exported_arguments(sub.add_parser(
         "run-exported", help="run an exported artifact with JAX and the tokenizer alone"))
 
+    from llmqp.server.cli import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API"))
+
     from llmqp.batch.cli import add_batch_arguments
 
     add_batch_arguments(sub.add_parser(
@@ -123,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     reset = pl_sub.add_parser("reset", help="forget what was learned (all models and devices by default)")
     reset.add_argument("--model", default=None, help="only this model name (as `planner show` prints it)")
     reset.add_argument("--device", default=None, help="only this device kind")
+    reset.add_argument("--dtype", default=None, help="only this dtype (float32 or bfloat16)")
     return parser
 
 
@@ -193,9 +198,15 @@ def _planner(args) -> int:
         for p in saved:
             print(p.describe())
         return 0
-    removed = planner.reset(args.model, args.device)
+    removed = planner.reset(args.model, args.device, args.dtype)
     print(f"removed {len(removed)} planner state file(s)" + "".join(f"\n  {p}" for p in removed))
     return 0
+
+
+def _serve(args) -> int:
+    from llmqp.server.cli import cli_serve
+
+    return cli_serve(args)
 
 
 def main(argv=None) -> int:
@@ -205,7 +216,7 @@ def main(argv=None) -> int:
         from llmqp.compiled.cli import cli_export, cli_run_exported
 
         return {"generate": _generate, "info": _info, "planner": _planner, "export": cli_export,
-                "batch": cli_batch, "run-exported": cli_run_exported}[args.command](args)
+                "batch": cli_batch, "run-exported": cli_run_exported, "serve": _serve}[args.command](args)
     except LLMQPError as e:
         print(f"llmqp: error: {e}", file=sys.stderr)
         return 2

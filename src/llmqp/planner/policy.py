@@ -109,6 +109,32 @@ def _arm_key(arm) -> str | None:
     return value
 
 
+# State fields that are discounted sums over observations: a process that applied n updates since it
+# read a state `base` holds g^n·base + (its own discounted data).
+_DISCOUNTED_SUMS = ("a_data", "b_data", "noise_sum", "noise_weight", "log_scale_sum", "log_scale_weight", "recent")
+
+
+def merge_states(current: dict, base: dict, own: dict, discount: float) -> dict:
+    """Merge two `LinUCBPolicy.state_dict()`s that grew from a common ancestor.
+
+    `base` is the state this process read (or last wrote), `own` the state it holds now (n updates
+    later), `current` what another process wrote meanwhile. The result is ``g^n·current + (own − g^n·base)``
+    for the discounted sums and ``current + (own − base)`` for the counts: exactly what one policy would
+    hold had it applied the other process's updates first and then this one's (the robust clipping of
+    each residual aside, which depends on the state at the time). Positive semi-definite whatever
+    `current` is, since both terms are. RNG state: `own`'s."""
+    n = int(np.sum(own["counts"]) - np.sum(base["counts"]))
+    decay = discount ** max(n, 0)
+    merged = dict(own)
+    for key in _DISCOUNTED_SUMS:
+        cur, old, mine = (np.asarray(d[key], float) for d in (current, base, own))
+        value = decay * cur + (mine - decay * old)
+        merged[key] = value.tolist() if value.ndim else float(value)
+    merged["counts"] = (np.asarray(current["counts"], np.int64) + np.asarray(own["counts"], np.int64)
+                        - np.asarray(base["counts"], np.int64)).clip(min=0).tolist()
+    return merged
+
+
 class Policy(abc.ABC):
     """Chooses a plan per step and learns from measured latencies. `arms` are the plans applicable to the
     step (the caller decides applicability); `choose` returns one of those very objects."""
