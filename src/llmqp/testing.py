@@ -75,14 +75,23 @@ def token_texts(tokenizer: Tokenizer, ids) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------- maskbench data
-MASKBENCH_DIR = "/work/shared/data/maskbench"  # 2,778 JSONSchemaBench schemas with test instances
+def maskbench_dir():
+    """Where the maskbench data lives: `$LLMQP_MASKBENCH_DIR`, else `<repository root>/../shared/data/maskbench`
+    (2,778 JSONSchemaBench schemas with test instances), the repository root found from this file's own
+    location (`src/llmqp/testing.py` in a checkout), never from an absolute path."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get("LLMQP_MASKBENCH_DIR"):
+        return Path(os.environ["LLMQP_MASKBENCH_DIR"])
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "maskbench"
 
 
 def maskbench_files(directory=None) -> list:
     """Sorted paths of the maskbench schema files (empty when the directory is absent)."""
     from pathlib import Path
 
-    root = Path(directory or MASKBENCH_DIR)
+    root = Path(directory) if directory else maskbench_dir()
     return sorted(root.glob("*.json")) if root.is_dir() else []
 
 

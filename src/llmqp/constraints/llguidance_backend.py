@@ -20,7 +20,7 @@ from typing import ClassVar
 import llguidance
 import numpy as np
 
-from llmqp.constraints import schema as schema_tools
+from llmqp.constraints import keywords, schema as schema_tools
 from llmqp.constraints.base import CompiledConstraint, ConstraintBackend, ConstraintKind, ConstraintSpec, Matcher
 from llmqp.errors import ConstraintError
 
@@ -181,6 +181,27 @@ class LLGuidanceConstraint(CompiledConstraint):
         return LLGuidanceMatcher(self._template.deep_copy(), self._state)
 
     def accepts(self, text: str) -> bool:
+        if self._accepts(text):
+            return True
+        if self.spec.kind is not ConstraintKind.JSON_SCHEMA or self.spec.strict:
+            return False
+        # JSON-Schema semantics: a valid object's keys may come in any order; the grammar generates the
+        # schema's order, so check the same value with its keys in that order (never widens: validity
+        # does not depend on key order).
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        schema = json.loads(self.spec.source)
+        ordered = keywords.reorder(value, schema)
+        ordered_text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False)
+        if ordered_text == json.dumps(value, separators=(",", ":"), ensure_ascii=False):
+            return False
+        if self.spec.whitespace_flexible or text == json.dumps(value, separators=(",", ":"), ensure_ascii=False):
+            return self._accepts(ordered_text)
+        return False
+
+    def _accepts(self, text: str) -> bool:
         m = self._template.deep_copy()
         if any(name in text for name in self._state.special_names):
             # The tokenizer would read these names as special tokens, which a matcher never allows.
@@ -214,6 +235,9 @@ class LLGuidanceConstraint(CompiledConstraint):
 
 
 # ---------------------------------------------------------------------------------------------- backend
+_ONE_OF_UNPROVEN = "oneOf constraints are not supported"
+WHITESPACE_MAX_RUN = 20  # whitespace="flexible": at most this many whitespace characters between two tokens
+WHITESPACE_PATTERN = f"[\\x20\\x0A\\x0D\\x09]{{0,{WHITESPACE_MAX_RUN}}}"
 _UNIMPLEMENTED = re.compile(r'Unimplemented keys: \[(.*?)\]')
 
 
@@ -231,6 +255,12 @@ class LLGuidanceBackend(ConstraintBackend):
         start = time.perf_counter()
         grammar, source_schema = self._grammar(spec)
         template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
+        if template.is_error() and _ONE_OF_UNPROVEN in template.get_error() and \
+                keywords.needs_rewrite(source_schema, one_of=True):
+            # llguidance could not prove some oneOf's options disjoint: enforce "exactly one" exactly,
+            # as anyOf over (one option and the negation of every other).
+            grammar, source_schema = self._grammar(spec, one_of=True)
+            template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
         if template.is_error():
             raise ConstraintError(self._explain(spec, template.get_error(), source_schema))
         if spec.kind is ConstraintKind.JSON_SCHEMA and template.get_grammar_warnings():
@@ -240,7 +270,7 @@ class LLGuidanceBackend(ConstraintBackend):
         return LLGuidanceConstraint(spec=spec, grammar=grammar, compile_ms=compile_ms,
                                     _template=template, _state=state)
 
-    def _grammar(self, spec: ConstraintSpec) -> tuple[str, object]:
+    def _grammar(self, spec: ConstraintSpec, one_of: bool = False) -> tuple[str, object]:
         if spec.kind is ConstraintKind.REGEX:
             return llguidance.LLMatcher.grammar_from_regex(spec.source), None
         if spec.kind is ConstraintKind.CHOICE:
@@ -262,10 +292,14 @@ class LLGuidanceBackend(ConstraintBackend):
             raise ConstraintError('json_schema: "x-guidance" options are not accepted; use '
                                   "strict= and whitespace= instead")
         schema_tools.check_keywords(schema)
+        if keywords.needs_rewrite(schema, one_of=one_of):
+            schema = keywords.rewrite(schema, one_of=one_of)  # before closing: `not` must see the open schema
         if spec.strict:
             schema = schema_tools.close_objects(schema)
         schema_tools.check_min_properties(schema)
         options = {"whitespace_flexible": spec.whitespace_flexible, "lenient": False, "coerce_one_of": False}
+        if spec.whitespace_flexible:
+            options["whitespace_pattern"] = WHITESPACE_PATTERN
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options), schema
         except ValueError as e:

@@ -1,0 +1,500 @@
+"""Exact rewrites of the JSON-Schema keywords llguidance lacks into keywords it has.
+
+llguidance compiles a JSON schema to a grammar but has no `not`, `if`/`then`/`else`, `dependencies` /
+`dependentRequired` / `dependentSchemas`, and no `oneOf` whose options it cannot prove disjoint. Each of
+these is a boolean combination of schemas, and the negation of most single keywords is again a schema
+llguidance knows (`not {"minLength": 3}` is `{"type": "string", "maxLength": 2}`; `not {"required":
+["a"]}` is `{"type": "object", "properties": {"a": false}}`; a string outside a finite set is a regex
+built from the set's trie). So `rewrite()` turns every such keyword into `allOf` / `anyOf` of plain
+schemas with *the same set of valid instances*:
+
+    not S                    -> allOf: [negate(S)]
+    if I then T else E       -> allOf: [anyOf: [negate(I), T], anyOf: [I, E]]
+    dependentRequired a: [b] -> allOf: [anyOf: [{properties: {a: false}}, {required: [a, b]}]]
+    dependentSchemas a: S    -> allOf: [anyOf: [{properties: {a: false}}, allOf: [{required: [a]}, S]]]
+    oneOf [A, B, C]          -> anyOf: [allOf: [A, negate(B), negate(C)], allOf: [negate(A), B, negate(C)], ...]
+
+The grammar then enforces them exactly, token by token (valid by construction). A negation this module
+cannot express exactly (`not` of a `pattern`, a `format`, `multipleOf`, `items`, `contains`, an enum of
+objects, a recursive `$ref`, ...) raises `ConstraintError` naming the keyword and its place; nothing is
+approximated. `oneOf` options are only rewritten when `rewrite(..., one_of=True)` is asked for (the
+backend asks after llguidance failed to prove them disjoint), so schemas that compiled before keep
+their grammar. `uniqueItems: false` (no constraint) is dropped; `uniqueItems: true` is left for the
+token-level layer (`llmqp.constraints.layer`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import urllib.parse
+from typing import Any
+
+from llmqp.errors import ConstraintError
+
+TYPES = ("null", "boolean", "object", "array", "number", "string")  # "integer" is a part of "number"
+MAX_REWRITTEN_CHARS = 400_000  # a rewrite that grows the schema past this is refused (llguidance would choke)
+
+_ANNOTATIONS = {"$schema", "$id", "id", "$anchor", "$comment", "$defs", "definitions", "title",
+                "description", "default", "examples", "example", "readOnly", "writeOnly", "deprecated",
+                "$vocabulary", "contentMediaType", "contentEncoding", "discriminator", "nullable_", "x-order"}
+# Keywords that constrain instances (any other keyword is an annotation: its negation is `false`).
+_VALIDATION = {"type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum",
+               "maxLength", "minLength", "pattern", "items", "additionalItems", "prefixItems", "maxItems", "minItems",
+               "uniqueItems", "contains", "maxContains", "minContains", "maxProperties", "minProperties", "required",
+               "properties", "patternProperties", "additionalProperties", "dependencies", "dependentRequired",
+               "dependentSchemas", "propertyNames", "if", "then", "else", "allOf", "anyOf", "oneOf", "not", "$ref",
+               "$dynamicRef", "$recursiveRef", "format", "unevaluatedItems", "unevaluatedProperties",
+               "contentSchema", "divisibleBy", "disallow", "extends"}
+_ONE = ("additionalProperties", "additionalItems", "contains", "propertyNames", "not", "if", "then",
+        "else", "unevaluatedItems", "unevaluatedProperties")
+_MAP = ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions")
+_LIST = ("allOf", "anyOf", "oneOf", "prefixItems")
+
+
+class _Unsupported(Exception):
+    """A negation (or rewrite) that has no exact equivalent here: `keyword` is what cannot be negated."""
+
+    def __init__(self, keyword: str, why: str):
+        super().__init__(why)
+        self.keyword, self.why = keyword, why
+
+
+def rewrite(schema: Any, *, one_of: bool = False) -> Any:
+    """A copy of `schema` without `not`, `if`/`then`/`else`, `dependencies`, `dependentRequired`,
+    `dependentSchemas`, `uniqueItems: false` (and, with `one_of=True`, without `oneOf`), accepting
+    exactly the same instances. Raises ConstraintError when a keyword has no exact rewrite."""
+    if not isinstance(schema, dict):
+        return schema
+    root = copy.deepcopy(schema)
+    rewriter = _Rewriter(root, one_of)
+    try:
+        out = rewriter.node(root, "#")
+    except _Unsupported as e:
+        raise ConstraintError(f'json_schema: keyword "{e.keyword}" at {rewriter.where} is not supported: '
+                              f"{e.why}") from None
+    if rewriter.changed and len(json.dumps(out)) > MAX_REWRITTEN_CHARS:
+        raise ConstraintError(f'json_schema: keyword "{rewriter.first_keyword}" at {rewriter.first_where} is '
+                              "not supported here: its exact rewrite is too large")
+    return out
+
+
+def needs_rewrite(schema: Any, *, one_of: bool = False) -> bool:
+    keys = {"not", "if", "then", "else", "dependencies", "dependentRequired", "dependentSchemas"}
+    if one_of:
+        keys.add("oneOf")
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if keys & node.keys() or node.get("uniqueItems") is False:
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+class _Rewriter:
+    def __init__(self, root: dict, one_of: bool):
+        self.root, self.one_of = root, one_of
+        self.where = "#"
+        self.changed = False
+        self.first_keyword = self.first_where = None
+
+    # ------------------------------------------------------------------------------ the tree walk
+    def node(self, node: Any, path: str) -> Any:
+        if not isinstance(node, dict):
+            return node
+        for key in list(node):
+            value = node[key]
+            here = f"{path}/{_escape(key)}"
+            if key in _ONE or (key == "items" and isinstance(value, (dict, bool))):
+                node[key] = self.node(value, here)
+            elif key in _MAP and isinstance(value, dict):
+                node[key] = {k: self.node(v, f"{here}/{_escape(k)}") for k, v in value.items()}
+            elif (key in _LIST or key == "items") and isinstance(value, list):
+                node[key] = [self.node(v, f"{here}/{i}") for i, v in enumerate(value)]
+            elif key == "dependencies" and isinstance(value, dict):
+                node[key] = {k: self.node(v, f"{here}/{_escape(k)}") for k, v in value.items()}
+        return self.own(node, path)
+
+    def own(self, node: dict, path: str) -> dict:
+        """Rewrite the keywords of `node` itself (its subschemas are already rewritten)."""
+        if node.get("uniqueItems") is False:
+            del node["uniqueItems"]
+        extra: list = []
+        types = _types_of(node)
+        if "not" in node:
+            self._at("not", f"{path}/not")
+            extra.append(self.negate(node.pop("not"), types))
+        if "if" in node:
+            self._at("if", f"{path}/if")
+            cond, then, other = node.pop("if"), node.pop("then", True), node.pop("else", True)
+            if then is not True:
+                extra.append({"anyOf": [self.negate(cond, types), then]})
+            if other is not True:
+                extra.append({"anyOf": [cond, other]})
+        else:
+            node.pop("then", None)  # without `if`, `then` and `else` have no effect
+            node.pop("else", None)
+        for key in ("dependencies", "dependentRequired", "dependentSchemas"):
+            if isinstance(node.get(key), dict):
+                self._at(key, f"{path}/{key}")
+                for name, dep in node.pop(key).items():
+                    absent = {"properties": {name: False}}
+                    if isinstance(dep, list):
+                        extra.append({"anyOf": [absent, {"required": [name, *dep]}]})
+                    else:
+                        extra.append({"anyOf": [absent, {"allOf": [{"required": [name]}, dep]}]})
+        if self.one_of and isinstance(node.get("oneOf"), list) and not _provably_disjoint(node["oneOf"]):
+            self._at("oneOf", f"{path}/oneOf")
+            options = node.pop("oneOf")
+            negated = [self.negate(o, types) for o in options]
+            extra.append(_any([_all([o if i == j else negated[j] for j in range(len(options))])
+                               for i, o in enumerate(options)], None))
+        elif self.one_of and isinstance(node.get("oneOf"), list):  # disjoint options: oneOf is anyOf
+            extra.append({"anyOf": node.pop("oneOf")})
+        if extra:
+            node["allOf"] = [*node.get("allOf", []), *extra]
+        return node
+
+    def _at(self, keyword: str, where: str) -> None:
+        self.where = where
+        self.changed = True
+        if self.first_keyword is None:
+            self.first_keyword, self.first_where = keyword, where
+
+    # --------------------------------------------------------------------------------- negation
+    def negate(self, schema: Any, types: frozenset | None, refs: tuple = ()) -> Any:
+        """A schema whose valid instances are exactly those `schema` rejects (among `types`, the
+        JSON types the surrounding schema allows; None: all). Raises _Unsupported."""
+        if schema is True or schema == {}:
+            return False
+        if schema is False:
+            return True
+        if not isinstance(schema, dict):
+            raise _Unsupported("not", f"{schema!r} is not a schema")
+        branches: list = []
+        keys = set(schema) - _ANNOTATIONS
+        if "$ref" in keys:
+            ref = schema["$ref"]
+            if ref in refs:
+                raise _Unsupported("$ref", f"negating the recursive reference {ref!r}")
+            branches.append(self.negate(self.resolve(ref), types, refs + (ref,)))
+            keys.discard("$ref")
+        if "type" in keys:
+            branches.append(_negate_type(schema["type"], types))
+            keys.discard("type")
+        if "enum" in keys or "const" in keys:
+            values = list(schema["enum"]) if "enum" in schema else []
+            if "const" in schema:
+                values = [schema["const"]] if "enum" not in schema else [v for v in values if _eq(v, schema["const"])]
+            branches.append(_negate_values(values, types))
+            keys -= {"enum", "const"}
+        if "required" in keys:
+            names = schema["required"]
+            branches.append({"anyOf": [{"type": "object", "properties": {n: False}} for n in dict.fromkeys(names)]}
+                            if names else False)
+            keys.discard("required")
+        if keys & {"properties", "additionalProperties", "patternProperties"}:
+            if keys & {"additionalProperties", "patternProperties"}:
+                raise _Unsupported("additionalProperties" if "additionalProperties" in keys else "patternProperties",
+                                   "negating additional or pattern properties")
+            props = schema["properties"]
+            branches.append({"anyOf": [{"type": "object", "required": [name],
+                                        "properties": {name: self.negate(sub, None, refs)}}
+                                       for name, sub in props.items() if sub is not True and sub != {}]})
+            keys.discard("properties")
+        for key, neg in (("minLength", ("string", "maxLength", -1)), ("maxLength", ("string", "minLength", 1)),
+                         ("minItems", ("array", "maxItems", -1)), ("maxItems", ("array", "minItems", 1)),
+                         ("minProperties", ("object", "maxProperties", -1)),
+                         ("maxProperties", ("object", "minProperties", 1))):
+            if key in keys:
+                kind, other, step = neg
+                bound = schema[key] + step
+                branches.append({"type": kind, other: bound} if bound >= 0 else False)
+                keys.discard(key)
+        branches.extend(_negate_bounds(schema, keys))
+        if "anyOf" in keys:
+            branches.append(_all([self.negate(s, types, refs) for s in schema["anyOf"]]))
+            keys.discard("anyOf")
+        if "allOf" in keys:
+            branches.append({"anyOf": [self.negate(s, types, refs) for s in schema["allOf"]]})
+            keys.discard("allOf")
+        if "oneOf" in keys:  # none of them, or two at once
+            opts = schema["oneOf"]
+            pairs = [{"allOf": [opts[i], opts[j]]} for i in range(len(opts)) for j in range(i + 1, len(opts))]
+            branches.append({"anyOf": [_all([self.negate(s, types, refs) for s in opts]), *pairs]})
+            keys.discard("oneOf")
+        if "not" in keys:
+            branches.append(schema["not"])
+            keys.discard("not")
+        if "if" in keys:
+            cond = schema["if"]
+            then, other = schema.get("then", True), schema.get("else", True)
+            branches.append({"anyOf": [_all([cond, self.negate(then, types, refs)]),
+                                       _all([self.negate(cond, types, refs), self.negate(other, types, refs)])]})
+            keys -= {"if", "then", "else"}
+        keys -= {"then", "else"}
+        for key in ("dependentRequired", "dependencies"):
+            if key in keys:
+                for name, dep in schema[key].items():
+                    if not isinstance(dep, list):
+                        raise _Unsupported(key, "negating a schema dependency")
+                    branches.extend({"type": "object", "required": [name], "properties": {d: False}} for d in dep)
+                keys.discard(key)
+        if schema.get("uniqueItems") is False or schema.get("uniqueItems") is None:
+            keys.discard("uniqueItems")
+        left = sorted(keys & _VALIDATION)
+        if left:
+            raise _Unsupported(left[0], f'negating "{left[0]}" has no exact schema form here')
+        return _any(branches, types)
+
+    def resolve(self, ref: Any) -> Any:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise _Unsupported("$ref", f"only local references can be negated, not {ref!r}")
+        node: Any = self.root
+        for part in filter(None, ref[1:].split("/")):
+            part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise _Unsupported("$ref", f"unresolvable reference {ref!r}")
+        return node
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _escape(token: str) -> str:
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def _types_of(node: dict) -> frozenset | None:
+    t = node.get("type")
+    if isinstance(t, str):
+        t = [t]
+    if not isinstance(t, list):
+        return None
+    return frozenset("number" if x == "integer" else x for x in t if isinstance(x, str))
+
+
+def _eq(a: Any, b: Any) -> bool:
+    """JSON equality (1 == 1.0, True != 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_eq(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_eq(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _any(branches: list, types: frozenset | None) -> Any:
+    """anyOf of `branches` without the impossible ones (False, or a type outside `types`)."""
+    kept = []
+    for b in branches:
+        if b is False or (isinstance(b, dict) and ("anyOf" in b and b["anyOf"] == [])):
+            continue
+        if b is True:
+            return True
+        if isinstance(b, dict) and types is not None and isinstance(b.get("type"), str) and len(b) >= 1:
+            if ("number" if b["type"] == "integer" else b["type"]) not in types:
+                continue
+        if isinstance(b, dict) and set(b) == {"anyOf"}:
+            kept.extend(x for x in b["anyOf"] if x is not False)
+        else:
+            kept.append(b)
+    if not kept:
+        return False
+    return kept[0] if len(kept) == 1 else {"anyOf": kept}
+
+
+def _all(parts: list) -> Any:
+    """allOf of `parts`: False when one is False, without the True ones."""
+    if any(p is False for p in parts):
+        return False
+    kept = [p for p in parts if p is not True and p != {}]
+    if not kept:
+        return True
+    return kept[0] if len(kept) == 1 else {"allOf": kept}
+
+
+def _negate_type(value: Any, types: frozenset | None) -> Any:
+    given = {value} if isinstance(value, str) else set(value)
+    if "number" in given:
+        given.add("integer")
+    others = [t for t in TYPES if t not in given and (types is None or t in types)]
+    branches: list = [{"type": others}] if others else []
+    if "integer" in given and "number" not in given and (types is None or "number" in types):
+        raise _Unsupported("type", 'negating "integer" needs "a number with a fraction", which has no schema form')
+    return _any(branches, None) if branches else False
+
+
+def _negate_values(values: list, types: frozenset | None) -> Any:
+    """Every JSON value (of `types`) that is not JSON-equal to one of `values`."""
+    branches: list = []
+    for t in TYPES:
+        if types is not None and t not in types:
+            continue
+        mine = [v for v in values if _type_name(v) == t]
+        if not mine:
+            branches.append({"type": t})
+        elif t == "null":
+            continue
+        elif t == "boolean":
+            rest = [b for b in (False, True) if b not in mine]
+            if rest:
+                branches.append({"enum": rest})
+        elif t == "string":
+            branches.append({"type": "string", "pattern": "^" + _complement_regex(mine) + "$"})
+        elif t == "number":
+            points = sorted({float(v) if not float(v).is_integer() else int(v) for v in mine})
+            branches.append({"type": "number", "exclusiveMaximum": points[0]})
+            branches.extend({"type": "number", "exclusiveMinimum": lo, "exclusiveMaximum": hi}
+                            for lo, hi in zip(points, points[1:]))
+            branches.append({"type": "number", "exclusiveMinimum": points[-1]})
+        else:
+            raise _Unsupported("enum", f"negating an enum that holds {t}s")
+    return _any(branches, None)
+
+
+def _negate_bounds(schema: dict, keys: set) -> list:
+    """Negations of the numeric bounds and consumes their keys from `keys`. Draft 4's boolean
+    exclusiveMinimum/Maximum make minimum/maximum strict."""
+    out = []
+    low_strict = schema.get("exclusiveMinimum") is True
+    high_strict = schema.get("exclusiveMaximum") is True
+    if "minimum" in keys:
+        out.append({"type": "number", ("maximum" if low_strict else "exclusiveMaximum"): schema["minimum"]})
+    if "maximum" in keys:
+        out.append({"type": "number", ("minimum" if high_strict else "exclusiveMinimum"): schema["maximum"]})
+    for key, other in (("exclusiveMinimum", "maximum"), ("exclusiveMaximum", "minimum")):
+        if key in keys and not isinstance(schema[key], bool):
+            out.append({"type": "number", other: schema[key]})
+    keys -= {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+    return out
+
+
+def _regex_char(c: str) -> str:
+    return c if c.isascii() and c.isalnum() else "\\x{%x}" % ord(c)
+
+
+def _complement_regex(words: list[str]) -> str:
+    """A regex (Rust syntax, to be anchored) matching exactly the strings that are not in `words`."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for c in w:
+            node = node.setdefault(c, {})
+        node[""] = {}  # end marker
+
+    def other(node: dict) -> str:
+        alts = [] if "" in node else [""]
+        chars = sorted(c for c in node if c)
+        for c in chars:
+            alts.append(_regex_char(c) + other(node[c]))
+        if chars:
+            alts.append("[^" + "".join(_regex_char(c) for c in chars) + "][\\s\\S]*")
+        else:
+            alts.append("[\\s\\S]+")
+        return "(?:" + "|".join(alts) + ")"
+
+    return other(trie)
+
+
+def _provably_disjoint(options: list) -> bool:
+    """True when no instance can match two of `options`: their JSON types are pairwise disjoint, or
+    each is a `const`/`enum` and no value is in two of them. Conservative (False when unsure)."""
+    sets = []
+    for o in options:
+        if not isinstance(o, dict):
+            return False
+        if "const" in o or "enum" in o:
+            sets.append(("values", [o["const"]] if "const" in o else list(o["enum"])))
+        elif isinstance(o.get("type"), (str, list)) and not (set(o) & {"$ref", "allOf", "anyOf", "oneOf", "not"}):
+            t = {o["type"]} if isinstance(o["type"], str) else set(o["type"])
+            sets.append(("types", {"number" if x == "integer" else x for x in t}))
+        else:
+            return False
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            (ki, a), (kj, b) = sets[i], sets[j]
+            if ki == kj == "types":
+                if a & b:
+                    return False
+            elif ki == kj == "values":
+                if any(_eq(x, y) for x in a for y in b):
+                    return False
+            else:
+                vals, ts = (a, b) if ki == "values" else (b, a)
+                if any(_type_name(v) in ts for v in vals):
+                    return False
+    return True
+
+
+# ------------------------------------------------------------------------------------ property order
+def reorder(value: Any, schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """`value` with the keys of every object put in the order `schema` declares them (declared names
+    first, in the order of the schema's `properties` and then of its `allOf`/`anyOf`/`oneOf` parts and
+    `$ref` targets; other keys after, in their own order). The grammar generates that order, so
+    `accepts()` tries this form when the text as written is rejected: JSON-Schema validity does not
+    depend on key order, so this never accepts an invalid value."""
+    root = schema if root is None else root
+    if depth > 64:
+        return value
+    if isinstance(value, list):
+        items = _parts(schema, root)
+        sub = next((p["items"] for p in items if isinstance(p.get("items"), dict)), None)
+        return [reorder(v, sub, root, depth + 1) for v in value]
+    if not isinstance(value, dict):
+        return value
+    declared: dict[str, Any] = {}
+    extra = None
+    for part in _parts(schema, root):
+        if isinstance(part.get("properties"), dict):
+            for name, sub in part["properties"].items():
+                declared.setdefault(name, sub)
+        if extra is None and isinstance(part.get("additionalProperties"), dict):
+            extra = part["additionalProperties"]
+    keys = [k for k in declared if k in value] + [k for k in value if k not in declared]
+    return {k: reorder(value[k], declared.get(k, extra), root, depth + 1) for k in keys}
+
+
+def _parts(schema: Any, root: Any) -> list[dict]:
+    """`schema` and every schema merged into it or offered beside it (allOf, anyOf, oneOf, local $ref
+    targets), depth first, `schema` first."""
+    out, stack, seen = [], [schema], set()
+    while stack:
+        node = stack.pop(0)
+        if not isinstance(node, dict) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        out.append(node)
+        children = []
+        if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+            try:
+                children.append(_Rewriter(root, False).resolve(node["$ref"]))
+            except _Unsupported:
+                pass
+        for key in ("allOf", "anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                children.extend(node[key])
+        for key in ("then", "else"):
+            if isinstance(node.get(key), dict):
+                children.append(node[key])
+        stack[:0] = children
+    return out
