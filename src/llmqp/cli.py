@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_exported_arguments(sub.add_parser(
         "run-exported", help="run an exported artifact with JAX and the tokenizer alone"))
 
+    from llmqp.server.cli import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API"))
+
     from llmqp.batch.cli import add_batch_arguments
 
     add_batch_arguments(sub.add_parser(
@@ -199,6 +203,12 @@ def _planner(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from llmqp.server.cli import cli_serve
+
+    return cli_serve(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -206,7 +216,7 @@ def main(argv=None) -> int:
         from llmqp.compiled.cli import cli_export, cli_run_exported
 
         return {"generate": _generate, "info": _info, "planner": _planner, "export": cli_export,
-                "batch": cli_batch, "run-exported": cli_run_exported}[args.command](args)
+                "batch": cli_batch, "run-exported": cli_run_exported, "serve": _serve}[args.command](args)
     except LLMQPError as e:
         print(f"llmqp: error: {e}", file=sys.stderr)
         return 2
