@@ -18,7 +18,7 @@ class RopeStyle(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    arch: str  # "llama" or "qwen2"
+    arch: str  # "llama", "qwen2" or "gemma3"
     name: str
     vocab_size: int
     hidden_size: int
@@ -33,10 +33,24 @@ class ModelConfig:
     tie_embeddings: bool
     qkv_bias: bool = False
     max_position: int = 8192
+    # Gemma 3 (all neutral for Llama / Qwen2): layers in `local_layers` attend only to the last
+    # `sliding_window` positions (the query's own included) and rotate with `rope_local_theta`; the others
+    # are global and use `rope_theta`. Attention scores are scaled by query_pre_attn_scalar ** -0.5
+    # (0: head_dim) and soft-capped to (-attn_softcap, attn_softcap) when attn_softcap > 0.
+    sliding_window: int = 0
+    local_layers: tuple[int, ...] = ()
+    rope_local_theta: float = 0.0
+    query_pre_attn_scalar: float = 0.0
+    attn_softcap: float = 0.0
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on q.k attention scores."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def q_size(self) -> int:
@@ -55,4 +69,5 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d["rope_style"] = RopeStyle(d["rope_style"])
+        d["local_layers"] = tuple(d.get("local_layers", ()))  # JSON gives a list: keep the config hashable
         return cls(**d)

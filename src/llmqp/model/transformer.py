@@ -1,4 +1,5 @@
 """The decoder-only transformer (Llama / Qwen2 family) as pure functions over a params pytree.
+Gemma 3 has its own trunk in `llmqp.model.gemma`; `forward` dispatches on ``cfg.arch``.
 
 Layout decisions (measured on XLA:CPU, see DESIGN.md):
 - f32 matmul weights are stored ``[in, out]`` and used as ``x @ W``; q/k/v and gate/up are fused so
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmqp.model import gemma
 from llmqp.model.config import ModelConfig, RopeStyle
 
 
@@ -97,6 +99,8 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
     hold padding: their cache entries are overwritten before any later query can see them, because a
     query at position p only attends to keys at positions <= p and position p is written first.
     The caller guarantees start + T <= S (dynamic_update_slice would otherwise clamp the offset)."""
+    if cfg.arch == "gemma3":
+        return gemma.forward(params, cache, tokens, start, cfg=cfg)
     dtype = params["embed"].dtype
     x = params["embed"][tokens].astype(jnp.float32)  # (B, T, d)
     b, t = tokens.shape

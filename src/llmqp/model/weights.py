@@ -1,7 +1,7 @@
 """Loading checkpoints into the params pytree of `llmqp.model.transformer`.
 
-Two sources: a llama-architecture GGUF file (any quantization the `gguf` package dequantizes) and a local
-Hugging Face directory (config.json + *.safetensors) for Llama and Qwen2. Both go through the same
+Two sources: a llama- or gemma3-architecture GGUF file (any quantization the `gguf` package dequantizes)
+and a local Hugging Face directory (config.json + *.safetensors) for Llama, Qwen2 and Gemma 3 (text). Both go through the same
 "raw" form — numpy arrays in the checkpoint's own ``[out, in]`` orientation — whose every key and shape
 is checked against the config *before* anything is copied (`check_raw`), then `pack_params` transposes
 explicitly to ``[in, out]`` and fuses q/k/v and gate/up.
@@ -20,6 +20,7 @@ from llmqp.model.config import ModelConfig, RopeStyle
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 BIAS_KEYS = ("bq", "bk", "bv")
+GEMMA_NORM_KEYS = ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")  # Gemma 3's extra per-layer norms
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -35,6 +36,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         }
         if cfg.qkv_bias:
             layer.update(bq=(cfg.q_size,), bk=(cfg.kv_size,), bv=(cfg.kv_size,))
+        if cfg.arch == "gemma3":
+            layer.update(q_norm=(cfg.head_dim,), k_norm=(cfg.head_dim,), post_attn_norm=(d,), post_ffn_norm=(d,))
         shapes.update({f"layers.{i}.{k}": s for k, s in layer.items()})
     return shapes
 
@@ -75,6 +78,8 @@ def pack_params(cfg: ModelConfig, raw: dict[str, np.ndarray], dtype=np.float32) 
         }
         if cfg.qkv_bias:
             layer["b_qkv"] = np.concatenate([g("bq"), g("bk"), g("bv")]).astype(dtype)
+        if cfg.arch == "gemma3":
+            layer.update({k: np.asarray(g(k), np.float32) for k in GEMMA_NORM_KEYS})
         layers.append(layer)
     embed = np.asarray(raw["embed"], np.float32).astype(dtype)
     rows = embed if cfg.tie_embeddings else np.asarray(raw["output"], np.float32).astype(dtype)
@@ -102,7 +107,12 @@ _GGUF_LAYER_NAMES = {
     "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "w_gate",
     "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
     "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+    "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
+    "post_attention_norm.weight": "post_attn_norm", "post_ffw_norm.weight": "post_ffn_norm",
 }
+# Gemma 3 GGUFs name no pattern of local/global layers: llama.cpp hard-codes that every 6th is global.
+GEMMA3_GLOBAL_EVERY = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0  # the local layers' RoPE base, likewise not in the GGUF
 
 
 def _raw_key(name: str, global_names: dict, layer_names: dict, layer_prefix: str) -> str:
@@ -131,6 +141,55 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
+def _gguf_config(reader, arch: str, path: Path, tensors: dict) -> ModelConfig:
+    def field(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
+
+    scaling = field("rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ModelLoadError(f"{path}: RoPE scaling {scaling!r} is not supported")
+    if field("final_logit_softcapping") is not None:
+        raise ModelLoadError(f"{path}: final logit soft-capping is not supported")
+    n_heads = int(field("attention.head_count"))
+    d = int(field("embedding_length"))
+    n_layers = int(field("block_count"))
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    head_dim = int(field("attention.key_length", d // n_heads))
+    common = dict(
+        arch=arch,
+        name=str(_field(reader, "general.name", path.stem)),
+        vocab_size=int(field("vocab_size", len(tokens))),
+        hidden_size=d,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(field("attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        ffn_size=int(field("feed_forward_length")),
+        rope_theta=float(field("rope.freq_base", 10000.0)),
+        rms_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        max_position=int(field("context_length", 8192)),
+    )
+    if arch == "llama":
+        # The HF->GGUF converter permuted llama q/k rows into the adjacent-pair RoPE layout.
+        return ModelConfig(rope_style=RopeStyle.ADJACENT_PAIR, **common)
+    # gemma3: q/k rows are not permuted (llama.cpp runs it with NEOX, i.e. rotate-half, RoPE). As in
+    # llama.cpp, scores are scaled by 1/sqrt(head_dim) except for the 27B model (62 layers), whose
+    # query_pre_attn_scalar is d / n_heads.
+    window = int(field("attention.sliding_window", 0))
+    every = int(field("attention.sliding_window_pattern", GEMMA3_GLOBAL_EVERY))
+    return ModelConfig(
+        rope_style=RopeStyle.ROTATE_HALF,
+        sliding_window=window,
+        local_layers=tuple(i for i in range(n_layers) if window and (i + 1) % every) if every else (),
+        rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
+        query_pre_attn_scalar=float(d // n_heads if n_layers == 62 else head_dim),
+        attn_softcap=float(field("attn_logit_softcapping", 0.0) or 0.0),
+        **common,
+    )
+
+
 def read_gguf(path: str | Path):
     """Open a GGUF file. Returns (cfg, raw arrays, reader). The reader is returned so the tokenizer can be
     built from the same parse (opening a GGUF costs seconds)."""
@@ -144,33 +203,11 @@ def read_gguf(path: str | Path):
     except Exception as e:  # the gguf package raises ValueError/struct errors on non-GGUF input
         raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from None
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported in GGUF form (only 'llama')")
-    scaling = _field(reader, "llama.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise ModelLoadError(f"{path}: RoPE scaling {scaling!r} is not supported")
-    n_heads = int(_field(reader, "llama.attention.head_count"))
-    d = int(_field(reader, "llama.embedding_length"))
+    if arch not in ("llama", "gemma3"):
+        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported in GGUF form "
+                             "(supported: 'llama', 'gemma3')")
     tensors = {t.name: t for t in reader.tensors}
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    vocab = int(_field(reader, "llama.vocab_size", len(tokens)))
-    cfg = ModelConfig(
-        arch="llama",
-        name=str(_field(reader, "general.name", path.stem)),
-        vocab_size=vocab,
-        hidden_size=d,
-        n_layers=int(_field(reader, "llama.block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-        head_dim=int(_field(reader, "llama.attention.key_length", d // n_heads)),
-        ffn_size=int(_field(reader, "llama.feed_forward_length")),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_style=RopeStyle.ADJACENT_PAIR,
-        tie_embeddings="output.weight" not in tensors,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        max_position=int(_field(reader, "llama.context_length", 8192)),
-    )
+    cfg = _gguf_config(reader, arch, path, tensors)
     index = {}
     for name, t in tensors.items():
         key = _raw_key(name, _GGUF_GLOBAL_NAMES, _GGUF_LAYER_NAMES, "blk.")
