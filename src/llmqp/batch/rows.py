@@ -133,13 +133,19 @@ class RowError(LLMQPError):
 
 @dataclasses.dataclass(frozen=True)
 class InputRow:
-    """One input line. id: the row's id (its `id` field, else `line`). request: `llmqp.Request` keywords,
-    None when `error` says why the row has none."""
+    """One input row. line: its 1-based line number (None for rows that did not come from a file). id: the
+    row's id (its `id` field, else `line`). request: `llmqp.Request` keywords, None when `error` says why
+    the row has none."""
 
-    line: int
+    line: int | None
     id: Any
     request: dict | None = None
     error: str | None = None
+
+    @property
+    def where(self) -> str:
+        """How messages name the row: "input line N", or "row <id>"."""
+        return f"input line {self.line}" if self.line is not None else f"row {self.id!r}"
 
 
 def id_key(row_id) -> str:

@@ -20,8 +20,8 @@ from llmqp.errors import LLMQPError
 
 
 def run_rows(engine, rows: Iterable[InputRow], *, max_batch: int,
-             on_tokens: Callable[[int], None] | None = None) -> Iterator[tuple[InputRow, dict]]:
-    """Yield (row, output row) for every row, as each finishes. Rows that carry an error, whose options the
+             on_tokens: Callable[[int], None] | None = None) -> Iterator[tuple[InputRow, dict, object]]:
+    """Yield (row, output row, GenerationResult or None) for every row, as each finishes. Rows that carry an error, whose options the
     scheduler rejects, or whose generation fails (a bad schema, a prompt past the context) yield an error
     output; the others go on. on_tokens(n) is called with the number of tokens each tick produced."""
     from llmqp.core.events import FinishedEvent, TokenEvent
@@ -39,13 +39,13 @@ def run_rows(engine, rows: Iterable[InputRow], *, max_batch: int,
                 exhausted = True
                 break
             if row.error is not None:
-                yield row, output_row(row.id, error=row.error)
+                yield row, output_row(row.id, error=row.error), None
                 continue
             serial += 1
             try:
                 request_id = scheduler.add_request(row.request, request_id=f"row-{serial}")
             except LLMQPError as e:
-                yield row, output_row(row.id, error=f"input line {row.line}: {e}")
+                yield row, output_row(row.id, error=f"{row.where}: {e}"), None
                 continue
             in_flight[request_id] = row
         if not in_flight:
@@ -56,7 +56,7 @@ def run_rows(engine, rows: Iterable[InputRow], *, max_batch: int,
                     on_tokens(len(event.token_ids))
             elif isinstance(event, FinishedEvent):
                 row = in_flight.pop(event.request_id)
-                yield row, output_row(row.id, event.result)
+                yield row, output_row(row.id, event.result), event.result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +130,13 @@ def run_batch(engine, input_path: str | Path, output_path: str | Path, config: B
         done = errors = 0
         try:
             rows = read_input(input_path, config, skip=set(out.done))
-            for row, result in run_rows(engine, rows, max_batch=config.max_batch, on_tokens=bar.add_tokens):
+            for row, result, _ in run_rows(engine, rows, max_batch=config.max_batch, on_tokens=bar.add_tokens):
                 out.write(result)
                 done += 1
                 if result["finish_reason"] == "error":
                     errors += 1
-                    bar.note(f"llmqp batch: row {row.id!r}: {result['error']}")
+                    error = result["error"]
+                    bar.note(f"llmqp batch: {error if error.startswith(row.where) else f'{row.where}: {error}'}")
                 bar.row_done()
         finally:
             bar.close()
