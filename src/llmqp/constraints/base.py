@@ -77,6 +77,23 @@ class Matcher(abc.ABC):
         `allowed()` would not contain; the matcher is unusable afterwards."""
 
     @abc.abstractmethod
+    def try_accept(self, token_ids) -> int:
+        """Accept the longest prefix of `token_ids` that the constraint allows, one token at a time as
+        `accept` would (an EOS ends the match and nothing after it is taken); returns its length.
+        Never raises for a disallowed token: it stops there. Undo with `rollback(n)` (draft-and-verify)."""
+
+    @abc.abstractmethod
+    def rollback(self, n: int) -> None:
+        """Undo the last `n` accepted tokens (an EOS included). Raises ValueError when fewer than `n`
+        were accepted. Does not undo an error state: a matcher that raised from `accept` stays unusable."""
+
+    def count_allowed(self, token_ids) -> int:
+        """How many leading tokens of `token_ids` the constraint allows from here, without advancing."""
+        n = self.try_accept(token_ids)
+        self.rollback(n)
+        return n
+
+    @abc.abstractmethod
     def can_stop(self) -> bool:
         """True when the text so far is a complete, valid output."""
 

@@ -46,6 +46,13 @@ _VALIDATION = {"type", "enum", "const", "multipleOf", "maximum", "exclusiveMaxim
                "dependentSchemas", "propertyNames", "if", "then", "else", "allOf", "anyOf", "oneOf", "not", "$ref",
                "$dynamicRef", "$recursiveRef", "format", "unevaluatedItems", "unevaluatedProperties",
                "contentSchema", "divisibleBy", "disallow", "extends"}
+_KEY_TYPE = {**dict.fromkeys(("items", "additionalItems", "prefixItems", "minItems", "maxItems", "uniqueItems",
+                              "contains", "minContains", "maxContains", "unevaluatedItems"), "array"),
+             **dict.fromkeys(("pattern", "minLength", "maxLength"), "string"),
+             **dict.fromkeys(("multipleOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"), "number"),
+             **dict.fromkeys(("properties", "required", "additionalProperties", "patternProperties", "propertyNames",
+                              "minProperties", "maxProperties", "dependencies", "dependentRequired",
+                              "dependentSchemas", "unevaluatedProperties"), "object")}
 _ONE = ("additionalProperties", "additionalItems", "contains", "propertyNames", "not", "if", "then",
         "else", "unevaluatedItems", "unevaluatedProperties")
 _MAP = ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions")
@@ -125,9 +132,10 @@ class _Rewriter:
             del node["uniqueItems"]
         extra: list = []
         types = _types_of(node)
+        closed = _closed_keys(node)
         if "not" in node:
             self._at("not", f"{path}/not")
-            extra.append(self.negate(node.pop("not"), types))
+            extra.append(self.negate(node.pop("not"), types, keys=closed))
         if "if" in node:
             self._at("if", f"{path}/if")
             cond, then, other = node.pop("if"), node.pop("then", True), node.pop("else", True)
@@ -150,9 +158,18 @@ class _Rewriter:
         if self.one_of and isinstance(node.get("oneOf"), list) and not _provably_disjoint(node["oneOf"]):
             self._at("oneOf", f"{path}/oneOf")
             options = node.pop("oneOf")
-            negated = [self.negate(o, types) for o in options]
-            extra.append(_any([_all([o if i == j else negated[j] for j in range(len(options))])
-                               for i, o in enumerate(options)], None))
+            branches = []
+            for i, option in enumerate(options):
+                # Among the instances of `option` (and of `node`), only their keys can be "other keys".
+                keys = _closed_keys(self.plain(option)) or closed
+                option_types = _types_of(self.plain(option)) if isinstance(self.plain(option), dict) else None
+                if option_types is not None and types is not None:
+                    option_types &= types
+                props = self.plain(option).get("properties") if isinstance(self.plain(option), dict) else None
+                branches.append(_all([option if i == j else self.negate(other, option_types or types, keys=keys,
+                                                                         props=props)
+                                      for j, other in enumerate(options)]))
+            extra.append(_any(branches, None))
         elif self.one_of and isinstance(node.get("oneOf"), list):  # disjoint options: oneOf is anyOf
             extra.append({"anyOf": node.pop("oneOf")})
         if extra:
@@ -166,9 +183,12 @@ class _Rewriter:
             self.first_keyword, self.first_where = keyword, where
 
     # --------------------------------------------------------------------------------- negation
-    def negate(self, schema: Any, types: frozenset | None, refs: tuple = ()) -> Any:
-        """A schema whose valid instances are exactly those `schema` rejects (among `types`, the
-        JSON types the surrounding schema allows; None: all). Raises _Unsupported."""
+    def negate(self, schema: Any, types: frozenset | None, refs: tuple = (), keys: list | None = None,
+               props: dict | None = None) -> Any:
+        """A schema whose valid instances are exactly those `schema` rejects, among the instances of
+        the surrounding schema: `types` are the JSON types it allows (None: all), `keys` the only
+        property names its objects may have (None: any), `props` its property schemas (their types narrow
+        the negation of a property's schema). Raises _Unsupported."""
         if schema is True or schema == {}:
             return False
         if schema is False:
@@ -176,12 +196,18 @@ class _Rewriter:
         if not isinstance(schema, dict):
             raise _Unsupported("not", f"{schema!r} is not a schema")
         branches: list = []
-        keys = set(schema) - _ANNOTATIONS
+        names, context_props = keys, props if isinstance(props, dict) else {}
+        own_types = _types_of(schema)
+        if types is not None and own_types is not None and not _overlap(types, own_types):
+            return True  # every instance of the surrounding schema has another type than `schema` allows
+        # A keyword about one type holds for every other type: among `types`, only theirs can fail.
+        keys = {k for k in set(schema) - _ANNOTATIONS
+                if types is None or k not in _KEY_TYPE or _overlap(types, {_KEY_TYPE[k]})}
         if "$ref" in keys:
             ref = schema["$ref"]
             if ref in refs:
                 raise _Unsupported("$ref", f"negating the recursive reference {ref!r}")
-            branches.append(self.negate(self.resolve(ref), types, refs + (ref,)))
+            branches.append(self.negate(self.resolve(ref), types, refs + (ref,), keys, props))
             keys.discard("$ref")
         if "type" in keys:
             branches.append(_negate_type(schema["type"], types))
@@ -198,14 +224,26 @@ class _Rewriter:
                             if names else False)
             keys.discard("required")
         if keys & {"properties", "additionalProperties", "patternProperties"}:
-            if keys & {"additionalProperties", "patternProperties"}:
+            props = schema.get("properties", {})
+            if not isinstance(props, dict):
+                raise _Unsupported("properties", "not an object")
+            if "patternProperties" in keys or ("additionalProperties" in keys and names is None):
                 raise _Unsupported("additionalProperties" if "additionalProperties" in keys else "patternProperties",
-                                   "negating additional or pattern properties")
-            props = schema["properties"]
+                                   "negating additional or pattern properties of an object whose other keys "
+                                   "are not known")
+            extra = schema.get("additionalProperties", True)
+            if extra is not True and extra != {}:  # a key outside `props`, with a value `extra` rejects
+                negated = self.negate(extra, None, refs)
+                branches.extend({"type": "object", "required": [k]} if negated is True else
+                                {"type": "object", "required": [k], "properties": {k: negated}}
+                                for k in names if k not in props)
             branches.append({"anyOf": [{"type": "object", "required": [name],
-                                        "properties": {name: self.negate(sub, None, refs)}}
-                                       for name, sub in props.items() if sub is not True and sub != {}]})
-            keys.discard("properties")
+                                        "properties": {name: self.negate(sub, _types_of(self.plain(
+                                            context_props.get(name))) if isinstance(self.plain(
+                                                context_props.get(name)), dict) else None, refs)}}
+                                       for name, sub in props.items() if sub is not True and sub != {}
+                                       and (names is None or name in names)]})  # others cannot be present
+            keys -= {"properties", "additionalProperties"}
         for key, neg in (("minLength", ("string", "maxLength", -1)), ("maxLength", ("string", "minLength", 1)),
                          ("minItems", ("array", "maxItems", -1)), ("maxItems", ("array", "minItems", 1)),
                          ("minProperties", ("object", "maxProperties", -1)),
@@ -251,6 +289,17 @@ class _Rewriter:
             raise _Unsupported(left[0], f'negating "{left[0]}" has no exact schema form here')
         return _any(branches, types)
 
+    def plain(self, node: Any) -> Any:
+        """`node`, or the target of a plain `$ref` (one with nothing beside it)."""
+        seen = 0
+        while isinstance(node, dict) and "$ref" in node and not (set(node) - _ANNOTATIONS - {"$ref"}) and seen < 32:
+            try:
+                node = self.resolve(node["$ref"])
+            except _Unsupported:
+                return node
+            seen += 1
+        return node
+
     def resolve(self, ref: Any) -> Any:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise _Unsupported("$ref", f"only local references can be negated, not {ref!r}")
@@ -277,7 +326,12 @@ def _types_of(node: dict) -> frozenset | None:
         t = [t]
     if not isinstance(t, list):
         return None
-    return frozenset("number" if x == "integer" else x for x in t if isinstance(x, str))
+    return frozenset(x for x in t if isinstance(x, str))
+
+
+def _overlap(a: frozenset | set, b: frozenset | set) -> bool:
+    """Do the JSON types `a` and `b` share an instance ("integer" is a part of "number")?"""
+    return bool(a & b) or ("integer" in a and "number" in b) or ("number" in a and "integer" in b)
 
 
 def _eq(a: Any, b: Any) -> bool:
@@ -311,8 +365,8 @@ def _any(branches: list, types: frozenset | None) -> Any:
             continue
         if b is True:
             return True
-        if isinstance(b, dict) and types is not None and isinstance(b.get("type"), str) and len(b) >= 1:
-            if ("number" if b["type"] == "integer" else b["type"]) not in types:
+        if isinstance(b, dict) and types is not None and isinstance(b.get("type"), str):
+            if not _overlap(types, {b["type"]}):
                 continue
         if isinstance(b, dict) and set(b) == {"anyOf"}:
             kept.extend(x for x in b["anyOf"] if x is not False)
@@ -321,6 +375,14 @@ def _any(branches: list, types: frozenset | None) -> Any:
     if not kept:
         return False
     return kept[0] if len(kept) == 1 else {"anyOf": kept}
+
+
+def _closed_keys(node: Any) -> list | None:
+    """The only property names an object valid against `node` may have, or None when others may come."""
+    if isinstance(node, dict) and node.get("additionalProperties") is False and not node.get("patternProperties"):
+        props = node.get("properties")
+        return list(props) if isinstance(props, dict) else []
+    return None
 
 
 def _all(parts: list) -> Any:
@@ -335,20 +397,24 @@ def _all(parts: list) -> Any:
 
 def _negate_type(value: Any, types: frozenset | None) -> Any:
     given = {value} if isinstance(value, str) else set(value)
-    if "number" in given:
-        given.add("integer")
-    others = [t for t in TYPES if t not in given and (types is None or t in types)]
-    branches: list = [{"type": others}] if others else []
-    if "integer" in given and "number" not in given and (types is None or "number" in types):
-        raise _Unsupported("type", 'negating "integer" needs "a number with a fraction", which has no schema form')
-    return _any(branches, None) if branches else False
+    others = [t for t in TYPES if t != "number" and t not in given and (types is None or t in types)]
+    if "number" not in given:
+        if "integer" in given:
+            if types is None or "number" in types:
+                raise _Unsupported("type", 'negating "integer" needs "a number with a fraction", which has no '
+                                           "schema form")
+        elif types is None or "number" in types:
+            others.append("number")
+        elif "integer" in types:
+            others.append("integer")
+    return {"type": others} if others else False
 
 
 def _negate_values(values: list, types: frozenset | None) -> Any:
     """Every JSON value (of `types`) that is not JSON-equal to one of `values`."""
     branches: list = []
     for t in TYPES:
-        if types is not None and t not in types:
+        if types is not None and not _overlap(types, {t}):
             continue
         mine = [v for v in values if _type_name(v) == t]
         if not mine:

@@ -97,6 +97,8 @@ class LLGuidanceMatcher(Matcher):
         self._mask_ptr = self._mask.ctypes.data  # looked up once: the attribute costs ~1.5 µs
         self._dense: dict[bytes, np.ndarray] = {}
         self._ended = False
+        self._accepted = 0  # tokens accepted (EOS included): how far `rollback` may go
+        self._eos_recorded = False
 
     def allowed(self) -> np.ndarray:
         """Sorted int32 ids (read-only: the array may be shared with earlier calls)."""
@@ -155,11 +157,42 @@ class LLGuidanceMatcher(Matcher):
         if token_id in self.eos_ids:
             if not self._m.is_accepting():
                 raise ValueError(f"EOS token {token_id} before the output is complete")
-            self._m.consume_token(token_id)
-            self._ended = True
+            self._end(token_id)
             return
         if token_id in self._state.special_ids or not self._m.consume_token(token_id):
             raise ValueError(f"token {token_id} is not allowed here ({self._m.get_error()})")
+        self._accepted += 1
+
+    def try_accept(self, token_ids) -> int:
+        if self._ended:
+            return 0
+        tokens = [int(t) for t in token_ids]
+        plain = next((i for i, t in enumerate(tokens)
+                      if not 0 <= t < self.vocab_size or t in self._state.special_ids), len(tokens))
+        n = self._m.try_consume_tokens(tokens[:plain]) if plain else 0
+        self._accepted += n
+        if n == plain < len(tokens) and tokens[plain] in self.eos_ids and self._m.is_accepting():
+            self._end(tokens[plain])
+            n += 1
+        return n
+
+    def _end(self, eos: int) -> None:
+        # llguidance records an EOS only when the grammar could still go on (not when it has stopped).
+        self._eos_recorded = not self._m.is_stopped()
+        self._m.consume_token(eos)
+        self._ended = True
+        self._accepted += 1
+
+    def rollback(self, n: int) -> None:
+        n = int(n)
+        if not 0 <= n <= self._accepted:
+            raise ValueError(f"cannot roll back {n} tokens: {self._accepted} were accepted")
+        if n:
+            backend_n = n - (self._ended and not self._eos_recorded)
+            if backend_n and (not self._m.rollback(backend_n) or self._m.is_error()):
+                raise ValueError(f"constraint backend could not roll back {n} tokens ({self._m.get_error()})")
+            self._accepted -= n
+            self._ended = False
 
     def can_stop(self) -> bool:
         return self._ended or (self._m.is_accepting() and not self._m.is_error())

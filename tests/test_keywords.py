@@ -1,0 +1,203 @@
+"""Keywords llguidance lacks, enforced by exact rewrites (llmqp.constraints.keywords): `not`, `if`/`then`/
+`else`, `dependentRequired` / `dependencies` / `dependentSchemas`, overlapping `oneOf`; bounded flexible
+whitespace; key order under strict=False; formats; the matcher's try_accept / rollback.
+
+The reference is always `jsonschema` (an independent validator), never the package itself: accepts()
+must agree with it on every instance, and random walks through the matcher that stop must produce
+outputs it validates (valid by construction)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+
+from llmqp import ConstraintError
+from llmqp.constraints import compile_constraint, make_spec
+from llmqp.constraints.llguidance_backend import WHITESPACE_MAX_RUN
+from llmqp.testing import compact_json, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tk():
+    return tiny_tokenizer()
+
+
+def valid(schema, value) -> bool:
+    return jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema).is_valid(value)
+
+
+# (schema, instances): each instance is checked against jsonschema; every table has valid and invalid ones.
+CASES = {
+    "not type": ({"type": ["string", "integer"], "not": {"type": "integer"}}, ["ab", 12, None, "12"]),
+    "not const": ({"type": "string", "not": {"const": "ab"}}, ["ab", "abc", "a", "", "b"]),
+    "not enum": ({"not": {"enum": ["ab", "yes", 1, True]}},
+                 ["ab", "yes", "ye", "yesno", 1, 1.0, 2, 0.5, True, False, None, [1], {"a": 1}]),
+    "not required": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                      "not": {"required": ["a", "b"]}}, [{"a": 1}, {"b": 2}, {"a": 1, "b": 2}, {}]),
+    "not minLength": ({"type": "string", "not": {"minLength": 3}}, ["", "ab", "abc", "abcd"]),
+    "not maximum": ({"type": "integer", "not": {"maximum": 5}}, [4, 5, 6, 12, -3]),
+    "not properties": ({"type": "object", "properties": {"a": {"type": "integer"}},
+                        "not": {"properties": {"a": {"const": 1}}}}, [{"a": 1}, {"a": 2}, {}]),
+    "not anyOf": ({"type": "integer", "not": {"anyOf": [{"const": 1}, {"minimum": 10}]}}, [1, 2, 9, 10, 12]),
+    "not not": ({"type": "integer", "not": {"not": {"minimum": 3}}}, [2, 3, 4]),
+    "if then else": ({"type": "object", "properties": {"kind": {"enum": ["a", "b"]}, "n": {"type": "integer"}},
+                      "required": ["kind"],
+                      "if": {"properties": {"kind": {"const": "a"}}},
+                      "then": {"required": ["n"]}, "else": {"not": {"required": ["n"]}}},
+                     [{"kind": "a", "n": 1}, {"kind": "a"}, {"kind": "b"}, {"kind": "b", "n": 2}]),
+    "dependentRequired": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                           "dependentRequired": {"a": ["b"]}}, [{"a": 1}, {"a": 1, "b": 2}, {"b": 2}, {}]),
+    "dependencies list": ({"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                           "dependencies": {"a": ["b"]}}, [{"a": 1}, {"a": 1, "b": 2}, {"b": 2}, {}]),
+    "dependentSchemas": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                          "dependentSchemas": {"a": {"properties": {"b": {"minimum": 5}}, "required": ["b"]}}},
+                         [{"a": 1}, {"a": 1, "b": 2}, {"a": 1, "b": 7}, {"b": 2}]),
+    "oneOf numbers": ({"oneOf": [{"type": "integer", "minimum": 0}, {"type": "integer", "maximum": 10}]},
+                      [-3, 0, 5, 10, 11, 12, 1.5, "x"]),
+    "oneOf objects": ({"type": "object", "properties": {"r": {"type": "integer"}, "w": {"type": "integer"},
+                                                        "h": {"type": "integer"}},
+                       "oneOf": [{"required": ["r"]}, {"required": ["w", "h"]}]},
+                      [{"r": 1}, {"w": 1, "h": 2}, {"r": 1, "w": 1, "h": 2}, {"w": 1}, {}]),
+    "oneOf closed objects": ({"oneOf": [
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": False},
+        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+         "additionalProperties": False}]}, [{"a": 1}, {"a": 1, "b": 2}, {"b": 2}, {}]),
+    "uniqueItems false": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [[1, 1], [1, 2], ["a"]]),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_accepts_follows_jsonschema(tk, name):
+    schema, instances = CASES[name]
+    c = compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+    verdicts = {compact_json(v): valid(schema, v) for v in instances}
+    assert True in verdicts.values() and False in verdicts.values(), "each table needs both kinds"
+    assert {text: c.accepts(text) for text in verdicts} == verdicts
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_random_walks_that_stop_are_valid(tk, name):
+    """Valid by construction: random token walks through the matcher (stopping as soon as EOS is
+    allowed, half of the time) produce only outputs that jsonschema validates."""
+    schema = CASES[name][0]
+    for strict in (False, True):
+        c = compile_constraint(make_spec(json_schema=schema, strict=strict), tk)
+        rng = random.Random(7)
+        stopped = 0
+        for _ in range(60):
+            m, out = c.matcher(), []
+            for _ in range(24):
+                allowed = m.allowed().tolist()
+                if 0 in allowed and (len(allowed) == 1 or rng.random() < 0.5):
+                    m.accept(0)
+                    break
+                tok = rng.choice([t for t in allowed if t != 0])
+                m.accept(tok)
+                out.append(tok)
+            if m.is_done() and m.can_stop():
+                stopped += 1
+                text = tk.decode(out)
+                assert valid(schema, json.loads(text)), (name, strict, text)
+        assert stopped >= 5, (name, strict, stopped)
+
+
+@pytest.mark.parametrize("schema, keyword", [
+    ({"type": "string", "not": {"pattern": "^a"}}, "pattern"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "array", "not": {"items": {"type": "integer"}}}, "items"),
+    ({"not": {"type": "integer"}}, "type"),  # "a number with a fraction" has no schema form
+    ({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 10}]}, "type"),
+    ({"type": "object", "not": {"additionalProperties": False}}, "additionalProperties"),
+    ({"type": "integer", "not": {"multipleOf": 3}}, "multipleOf"),
+])
+def test_inexpressible_keywords_are_refused(tk, schema, keyword):
+    with pytest.raises(ConstraintError, match=f'"{keyword}"'):
+        compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+
+
+def test_flexible_whitespace_is_bounded(tk):
+    c = compile_constraint(make_spec(json_schema={"type": "object", "properties": {"a": {"type": "integer"}}},
+                                     whitespace="flexible"), tk)
+    limit = " " * WHITESPACE_MAX_RUN
+    assert c.accepts('{\n  "a": 1\n}') and c.accepts("{" + limit + '"a":1}')
+    assert not c.accepts("{" + limit + ' "a":1}')
+    m = c.matcher()  # the model cannot loop on whitespace: after the maximum run, only `"` or `}`
+    m.accept(tk.encode("{")[0])
+    for _ in range(WHITESPACE_MAX_RUN):
+        m.accept(tk.encode(" ")[0])
+    assert tk.encode(" ")[0] not in m.allowed().tolist()
+
+
+def test_key_order_is_free_when_not_strict(tk):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"},
+                                               "c": {"type": "object", "properties": {"x": {"type": "integer"},
+                                                                                      "y": {"type": "integer"}}}}}
+    lenient = compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+    strict = compile_constraint(make_spec(json_schema=schema), tk)
+    swapped = '{"c":{"y":1,"x":2},"b":"no","a":1}'
+    assert valid(schema, json.loads(swapped))
+    assert lenient.accepts(swapped) and lenient.accepts('{"b":"no","a":1}')
+    assert not lenient.accepts('{"b":1,"a":1}')  # reordering never widens: b must still be a string
+    assert not strict.accepts(swapped) and strict.accepts('{"a":1,"b":"no","c":{"x":2,"y":1}}')
+
+
+@pytest.mark.parametrize("fmt, good, bad", [
+    ("date-time", "2024-01-02T03:04:05Z", "2024-13-02T03:04:05Z"),
+    ("date", "2024-01-02", "2024-1-2"),
+    ("time", "03:04:05Z", "25:04:05Z"),
+    ("email", "ada@example.com", "ada.example.com"),
+    ("uuid", "123e4567-e89b-12d3-a456-426655440000", "123e4567-e89b-12d3-a456"),
+    ("uri", "https://example.com/a?b=1", "not a uri"),
+    ("ipv4", "192.168.0.1", "192.168.0.256"),
+    ("ipv6", "2001:db8::1", "2001:db8:::1"),
+    ("hostname", "example.com", "-bad-.com"),
+])
+def test_common_formats_are_enforced(tk, fmt, good, bad):
+    c = compile_constraint(make_spec(json_schema={"type": "string", "format": fmt}), tk)
+    assert c.accepts(json.dumps(good)) and not c.accepts(json.dumps(bad))
+
+
+def test_unknown_format_is_refused(tk):
+    with pytest.raises(ConstraintError, match="format"):
+        compile_constraint(make_spec(json_schema={"type": "string", "format": "int32"}), tk)
+
+
+def test_try_accept_and_rollback(tk):
+    c = compile_constraint(make_spec(json_schema={"type": "object", "properties": {"a": {"type": "integer"}},
+                                                  "required": ["a"]}), tk)
+    m = c.matcher()
+    tokens = tk.encode('{"a":12}') + [0]
+    start = m.allowed().tolist()
+    assert m.count_allowed(tokens) == len(tokens) and m.allowed().tolist() == start  # did not advance
+    assert m.try_accept(tokens) == len(tokens) and m.is_done() and m.allowed().size == 0
+    m.rollback(2)  # EOS and `}`
+    assert not m.can_stop() and tk.encode("}")[0] in m.allowed().tolist()
+    m.rollback(len(tokens) - 2)
+    assert m.allowed().tolist() == start
+    draft = tk.encode('{"a":1x}')
+    n = m.try_accept(draft)
+    assert tk.decode(draft[:n]) == '{"a":1'  # stops at the first token the constraint refuses
+    with pytest.raises(ValueError):
+        m.rollback(n + 1)
+    m.rollback(n)
+    for tok in tokens:  # still a working matcher
+        m.accept(tok)
+    assert m.can_stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"answer": {"type": "string", "not": {"enum": ["yes", "no"]}}},
+     "required": ["answer"]},
+    {"type": "object", "properties": {"n": {"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 0}]}},
+     "required": ["n"]},
+    {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string", "maxLength": 8}},
+     "dependentRequired": {"city": ["zip"]}, "required": ["city"]},
+])
+def test_generation_validates(engine, schema):
+    r = engine.generate("Answer in JSON.", json_schema=schema, max_tokens=40)
+    if r.finish_reason == "stop":
+        assert r.valid and valid(schema, json.loads(r.text)), r.text
