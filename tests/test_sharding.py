@@ -155,3 +155,37 @@ def test_place_params_rejects_impossible_layouts():
             print(json.dumps({"error": str(e)}))
     """)
     assert out["error"] == "the vocabulary (10 tokens) must split evenly over 4 devices"
+
+
+ENGINE_LEVEL = """
+    import json
+    import numpy as np
+    import llmqp
+    one = llmqp.Engine()
+    four = llmqp.Engine(devices=4)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    prompt = "Extract the person as JSON: Ada Lovelace, 36."
+    out = {}
+    for plan in ("dense", "sparse"):
+        a = one.generate(prompt, json_schema=schema, max_tokens=12, plan=plan, forced=False)
+        b = four.generate(prompt, json_schema=schema, max_tokens=12, plan=plan, forced=False)
+        out[plan] = {"same_tokens": a.token_ids == b.token_ids, "n": len(a.token_ids),
+                     "logprob_diff": float(np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max())}
+    ids = one.prompt_ids(prompt)
+    out["logits_diff"] = float(np.abs(one.logits(ids) - four.logits(ids)).max())
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_engine_on_four_devices_equals_one():
+    import inspect
+
+    if "devices" not in inspect.signature(llmqp.Engine.__init__).parameters:
+        pytest.skip("Engine(devices=N) is not wired yet (the engine calls llmqp.sharding.place_params)")
+    out = run_with_devices(ENGINE_LEVEL, timeout=900)
+    for plan in ("dense", "sparse"):
+        assert out[plan]["same_tokens"] and out[plan]["n"] > 0, plan
+        assert out[plan]["logprob_diff"] <= 1e-4, plan
+    assert out["logits_diff"] <= 1e-4

@@ -166,7 +166,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, config: Batch
                     ray.data.DataContext.get_current().enable_progress_bars = False
                     results = ray.data.from_items(items).map_batches(
                         Extractor, fn_constructor_kwargs=dict(model=model, dtype=dtype, **_config_kwargs(config)),
-                        concurrency=actors, batch_size=2 * config.max_batch)
+                        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=2 * config.max_batch)
                     for result in results.iter_rows():
                         row = {k: result[k] for k in ("text", "valid", "finish_reason", "error")}
                         out.write({"id": json.loads(result["id"]), "text": row["text"],
