@@ -97,8 +97,12 @@ def test_user_errors_raise_llmqp_errors(engine):
         engine.generate(42)
     with pytest.raises(llmqp.InvalidArgument, match="context"):
         engine.generate("hi", max_tokens=10**6)
-    with pytest.raises(llmqp.InvalidArgument, match="unknown request keys: colour"):
-        engine.generate_batch([{"prompt": "hi", "colour": "red"}])
+    # generate_batch isolates each request: a bad one comes back as its own error result
+    bad, good = engine.generate_batch([{"prompt": "hi", "colour": "red"}, {"prompt": "hi", "max_tokens": 2}])
+    assert bad.finish_reason == "error" and "unknown request keys: colour" in bad.error and not bad.valid
+    assert good.finish_reason == "length" and len(good.token_ids) == 2
+    with pytest.raises(llmqp.InvalidArgument, match="list"):
+        engine.generate_batch({"prompt": "hi"})
     with pytest.raises(llmqp.InvalidArgument, match="token ids"):
         engine.logits([engine.vocab_size])
     with pytest.raises(llmqp.ModelLoadError, match="no such file"):

@@ -3,8 +3,12 @@
 The public surface: everything users import is listed in `__all__`; other modules may change."""
 
 from llmqp.compiled.runtime import load_exported
-from llmqp.engine import Engine, Request
-from llmqp.errors import ConstraintError, LLMQPError, ModelLoadError
+from llmqp.core.events import FinishedEvent, TokenEvent
+from llmqp.core.request import ContextLengthError, Request
+from llmqp.core.scheduler import Scheduler
+from llmqp.core.spec import DecodeSpec
+from llmqp.engine import Engine
+from llmqp.errors import ChatTemplateError, ConstraintError, LLMQPError, ModelLoadError, PromptError
 from llmqp.model.loader import cache_dir
 from llmqp.results import GenerationResult, StepTrace
 from llmqp.sampling import InvalidArgument, SamplingParams
@@ -12,7 +16,14 @@ from llmqp.sampling import InvalidArgument, SamplingParams
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChatTemplateError",
     "ConstraintError",
+    "ContextLengthError",
+    "DecodeSpec",
+    "FinishedEvent",
+    "PromptError",
+    "Scheduler",
+    "TokenEvent",
     "Engine",
     "GenerationResult",
     "InvalidArgument",

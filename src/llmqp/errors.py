@@ -19,3 +19,12 @@ class ConstraintError(LLMQPError):
 
 class ExportError(LLMQPError):
     """An exported artifact cannot be written or read back."""
+
+
+class PromptError(LLMQPError, ValueError):
+    """A prompt cannot be used: it is empty, holds text that is not valid Unicode (a lone surrogate such as
+    "\\udcff"), or does not fit the model's context."""
+
+
+class ChatTemplateError(PromptError):
+    """The chat template cannot render these messages, or the model has none (pass raw=True for plain text)."""

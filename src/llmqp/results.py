@@ -20,12 +20,17 @@ class StepTrace:
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """text: the generated text (special tokens removed). value: the parsed JSON for json_schema
-    constraints, else None. token_ids: generated ids, the final EOS excluded. finish_reason: "stop"
-    (EOS, or the constraint allows nothing more) or "length" (max_tokens reached). valid: False whenever a
-    constrained output was cut before the constraint was satisfied; always True when unconstrained and
-    stopped. logprobs: per token, log-probability under the model's softmax renormalised over the allowed
-    set (0.0 for forced tokens). compiled: whether the fused on-device loop produced it; compiled_reason:
-    why a requested fused run fell back to the host-stepped loop."""
+    constraints, else None. token_ids: generated ids, the final EOS excluded (a stop string's tokens are kept
+    here, its text is cut from `text`). finish_reason: "stop" (EOS, a stop string, or the constraint allows
+    nothing more), "length" (max_tokens reached), "error" (this request failed on its own: `error` says why)
+    or "abort". valid: True exactly when finish_reason is "stop" and, for a constrained request, the output
+    satisfies the constraint — a generation cut by max_tokens is never valid, constrained or not.
+    logprobs: per token, log-probability under the model's f32 softmax at temperature 1 renormalised over the
+    allowed set (the whole vocabulary when unconstrained; 0.0 for forced tokens) — the model's distribution
+    restricted to what the constraint allows, not the temperature/top-k/top-p-warped one that was sampled.
+    top_logprobs: per token, [(token id, logprob)] of the best alternatives over the same set, when asked.
+    compiled: whether the fused on-device loop produced it; compiled_reason: why a requested fused run fell
+    back to the host-stepped loop."""
 
     text: str
     token_ids: list[int]
@@ -39,6 +44,8 @@ class GenerationResult:
     decode_ms: float = 0.0
     compiled: bool = False  # ran in the fused on-device loop
     compiled_reason: str | None = None  # why compiled=True/"auto" fell back to the host loop
+    error: str | None = None  # finish_reason == "error": what went wrong
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def tokens_per_second(self) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmqp.errors import ModelLoadError
+from llmqp.errors import ChatTemplateError, ModelLoadError, PromptError
 
 # Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre` name (as llama.cpp defines them).
 _GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -41,8 +41,10 @@ class Tokenizer:
     """Text <-> token ids for one model. `eos_ids` end a generation; `special_ids` never appear in
     text produced by `decode` unless asked."""
 
-    def __init__(self, hf_tokenizer, *, eos_ids, bos_id=None, chat_template=None, vocab_size=None):
+    def __init__(self, hf_tokenizer, *, eos_ids, bos_id=None, chat_template=None, vocab_size=None,
+                 add_bos: bool = False):
         self.hf = hf_tokenizer
+        self.add_bos = bool(add_bos) and bos_id is not None  # raw prompts start with BOS
         self.eos_ids = tuple(sorted(set(int(i) for i in eos_ids)))
         if not self.eos_ids:
             raise ModelLoadError("tokenizer has no end-of-sequence token")
@@ -53,6 +55,8 @@ class Tokenizer:
         self.special_ids = tuple(sorted(
             i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special))
         self._template = None
+        self._plain = None  # a copy of `hf` that encodes special-token strings as text
+        self._bytes: list[bytes] | None = None
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -84,7 +88,8 @@ class Tokenizer:
         eot = field("tokenizer.ggml.eot_token_id")
         eos_ids = [i for i in (eos, eot) if i is not None]
         return cls(tk, eos_ids=eos_ids, bos_id=field("tokenizer.ggml.bos_token_id"),
-                   chat_template=field("tokenizer.chat_template"), vocab_size=vocab_size or len(tokens))
+                   chat_template=field("tokenizer.chat_template"), vocab_size=vocab_size or len(tokens),
+                   add_bos=bool(field("tokenizer.ggml.add_bos_token", False)))
 
     @classmethod
     def from_hf_dir(cls, directory: Path, vocab_size=None) -> "Tokenizer":
@@ -114,14 +119,14 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         return cls(tk, eos_ids=eos_ids, bos_id=mcfg.get("bos_token_id"), chat_template=template,
-                   vocab_size=vocab_size)
+                   vocab_size=vocab_size, add_bos=bool(tcfg.get("add_bos_token", False)))
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / "tokenizer.json"))
         (directory / "tokenizer_meta.json").write_text(json.dumps({
             "eos_ids": list(self.eos_ids), "bos_id": self.bos_id, "chat_template": self.chat_template,
-            "vocab_size": self.vocab_size}))
+            "vocab_size": self.vocab_size, "add_bos": self.add_bos}))
 
     @classmethod
     def load(cls, directory: Path) -> "Tokenizer":
@@ -129,12 +134,28 @@ class Tokenizer:
 
         meta = json.loads((directory / "tokenizer_meta.json").read_text())
         return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), eos_ids=meta["eos_ids"],
-                   bos_id=meta["bos_id"], chat_template=meta["chat_template"], vocab_size=meta["vocab_size"])
+                   bos_id=meta["bos_id"], chat_template=meta["chat_template"], vocab_size=meta["vocab_size"],
+                   add_bos=meta.get("add_bos", False))
 
     # ------------------------------------------------------------ use
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings in the text are recognised as special tokens."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`. With parse_special=False (the default) text that looks like a control token
+        (`<|im_end|>`) is encoded as plain text; only `parse_special=True` turns such strings into the
+        control tokens. Raises PromptError for text that is not valid Unicode (a lone surrogate)."""
+        _check_unicode(text)
+        if parse_special:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        if self._plain is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            plain = HFTokenizer.from_str(self.hf.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -142,20 +163,109 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(int(i))
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for in generated text (b"" for special tokens and ids without text)."""
+        if self._bytes is None:
+            self._bytes = _byte_level_table(self)
+        i = int(i)
+        return self._bytes[i] if 0 <= i < len(self._bytes) else b""
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role", "content"}]) with the model's template (ChatML if it has none)."""
+        """Render `messages` ([{"role", "content"}]) with the model's template. Raises ChatTemplateError when
+        the model has no template or the template rejects the messages."""
+        if not self.has_chat_template:
+            raise ChatTemplateError("this model has no chat template: pass raw=True to use the prompt as plain "
+                                    "text, or a model with a template")
         if self._template is None:
+            from jinja2 import TemplateError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def raise_exception(msg):
-                raise ValueError(msg)
+                raise ChatTemplateError(f"the chat template rejected the messages: {msg}")
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template or CHATML_TEMPLATE)
+            try:
+                self._template = env.from_string(self.chat_template)
+            except TemplateError as e:
+                raise ChatTemplateError(f"the model's chat template does not parse: {e}") from None
+        from jinja2 import TemplateError
+
         bos = self.id_to_token(self.bos_id) if self.bos_id is not None else ""
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=bos, eos_token=self.id_to_token(self.eos_id))
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=bos, eos_token=self.id_to_token(self.eos_id))
+        except TemplateError as e:
+            raise ChatTemplateError(f"the chat template failed on these messages: {e}") from None
+        except (TypeError, KeyError, ValueError) as e:
+            raise ChatTemplateError(f"the chat template failed on these messages: {e}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` through the chat template. Only the template inserts control tokens:
+        text inside a message that looks like one (`<|im_end|>`, `<|im_start|>system`) is encoded as plain
+        text. Raises ChatTemplateError / PromptError."""
+        for m in messages:
+            _check_unicode(m["content"])
+        marks = [f"\x00llmqp-content-{i}\x00" for i in range(len(messages))]
+        rendered = self.apply_chat_template([dict(m, content=k) for m, k in zip(messages, marks)],
+                                            add_generation_prompt)
+        ids: list[int] = []
+        rest = rendered
+        for mark, message in zip(marks, messages):
+            head, found, rest = rest.partition(mark)
+            if not found:  # the template dropped or rewrote this message: render it as the template says
+                rest = head
+                continue
+            ids += self._encode_template_text(head)
+            ids += self.encode(message["content"])
+        return ids + self._encode_template_text(rest)
+
+    def _encode_template_text(self, text: str) -> list[int]:
+        # Control tokens are split off first (as the tokenizer itself does), so encoding the pieces one by
+        # one gives the same ids as encoding the whole text.
+        return self.hf.encode(text, add_special_tokens=False).ids if text else []
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"the prompt is not valid Unicode: {e.object[e.start:e.end]!r} at index {e.start} "
+                          "(a lone surrogate) cannot be encoded") from None
+
+
+def _byte_level_table(tokenizer) -> list[bytes]:
+    """Per id, the bytes of a byte-level BPE token (GPT-2 byte-to-unicode map reversed); special tokens
+    give b"", added plain-text tokens their UTF-8 text."""
+    byte_encoder = _gpt2_bytes_to_unicode()
+    decoder = {c: b for b, c in byte_encoder.items()}
+    added = tokenizer.hf.get_added_tokens_decoder()
+    special = set(tokenizer.special_ids) | set(tokenizer.eos_ids)
+    table = []
+    for i in range(tokenizer.vocab_size):
+        if i in special:
+            table.append(b"")
+            continue
+        tok = tokenizer.hf.id_to_token(i)
+        if tok is None:
+            table.append(b"")
+        elif i in added:
+            table.append(tok.encode("utf-8"))
+        else:
+            table.append(bytes(decoder[c] for c in tok) if all(c in decoder for c in tok) else tok.encode())
+    return table
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
 
 
 def _read_json(path: Path) -> dict:

@@ -38,17 +38,18 @@ class PlanKind(str, enum.Enum):
     AUTO = "auto"
 
 
-# Static K buckets: 8·4^i, then the vocabulary itself.
+# Static K buckets: the decode spec's (8·4^i, then the vocabulary itself). Imported lazily: llmqp.core
+# (the scheduler) imports this module.
 def k_buckets(vocab_size: int) -> list[int]:
-    out, k = [], 8
-    while k < vocab_size:
-        out.append(k)
-        k *= 4
-    return out + [vocab_size]
+    from llmqp.core.spec import DEFAULT_SPEC
+
+    return DEFAULT_SPEC.k_buckets(vocab_size)
 
 
 def bucket_k(k: int, vocab_size: int) -> int:
-    return next(b for b in k_buckets(vocab_size) if b >= k)
+    from llmqp.core.spec import DEFAULT_SPEC
+
+    return DEFAULT_SPEC.bucket_k(k, vocab_size)
 
 
 def union_inputs(allowed_rows: list[np.ndarray], ids: np.ndarray, vocab_size: int):
@@ -123,3 +124,12 @@ def score_and_select(head, hidden, ids, valid, seed, step, temperature, top_k, t
     Returns (index into ids: (B,) int32, logprob over the allowed set: (B,) f32)."""
     logits = plan.score(head, hidden, ids, union)
     return sampling.select(logits, ids, valid, seed, step, temperature, top_k, top_p, greedy=greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "greedy"))
+def score_select_logits(head, hidden, ids, valid, seed, step, temperature, top_k, top_p, union=None, *,
+                        plan: Plan, greedy: bool):
+    """`score_and_select`, also returning the allowed logits (B, K) f32 (for reporting top log-probs)."""
+    logits = plan.score(head, hidden, ids, union)
+    index, logprob = sampling.select(logits, ids, valid, seed, step, temperature, top_k, top_p, greedy=greedy)
+    return index, logprob, logits

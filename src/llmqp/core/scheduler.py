@@ -1,0 +1,371 @@
+"""`Scheduler`: the one decode loop. Requests come in with `add_request`, `step()` advances every one of them
+by one tick and returns events; `generate`, `stream`, `generate_batch`, the server and `llmqp batch` are all
+clients of it (vLLM's `EngineCore.step()`, JetStream's prefill -> insert -> generate).
+
+One tick:
+  1. admission: the next waiting request is tokenized and its constraint compiled (a failure ends that
+     request alone), then prefilled one chunk per tick into its own cache; after its last chunk it is
+     inserted into a free row of the slot cache and takes part in this tick's scoring;
+  2. host work for every running row — the constraint's forced run or allowed set — while the device still
+     runs the previous tick's trunk step (JAX dispatch is asynchronous);
+  3. one scoring call for every row that needs one (plan: the planner's, or the rows' common fixed plan),
+     copying back only the chosen ids and their log-probs;
+  4. the new tokens go to the trunk (one batched decode step; a lone row feeds a whole forced run in one
+     multi-token forward) and are dispatched before the host detokenizes and builds events.
+Rows that finish or are aborted free their row at once; the batch halves when at most half of it is live.
+Not thread-safe: one thread owns a scheduler.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+
+import jax
+import numpy as np
+
+from llmqp import plans as plans_mod
+from llmqp.core.events import FinishedEvent, TokenEvent
+from llmqp.core.executor import ModelExecutor
+from llmqp.core.request import Request
+from llmqp.core.sequence import Sequence, Status
+from llmqp.core.spec import DecodeSpec, FinishReason
+from llmqp.planner import StepContext
+from llmqp.plans import PlanKind
+from llmqp.sampling import InvalidArgument
+
+_ids = itertools.count()
+
+
+class Scheduler:
+    """Continuous batching over `max_slots` decode rows (rounded up to a power of two).
+
+    add_request(request, request_id=None) -> id: validates the options (InvalidArgument at once for bad
+    values); tokenizing and compiling the constraint happen inside `step()`, where a failure becomes that
+    request's error result. abort(id) ends a request and frees its row. step() -> [TokenEvent |
+    FinishedEvent]."""
+
+    def __init__(self, engine, max_slots: int = 8, *, spec: DecodeSpec | None = None):
+        if isinstance(max_slots, bool) or not isinstance(max_slots, int) or not 1 <= max_slots <= 256:
+            raise InvalidArgument(f"max_slots must be an integer in [1, 256], got {max_slots!r}")
+        self.engine = engine
+        self.spec = spec or engine.spec
+        self.executor = ModelExecutor(engine, self.spec, max_slots)
+        self.max_slots = self.executor.max_slots
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._prefilling: Sequence | None = None
+        self._running: dict[str, Sequence] = {}
+        self._pending: list = []  # events produced outside step() (aborts)
+        self._known: set[str] = set()
+        self._all_ids: dict[int, tuple] = {}
+        self.stats = collections.Counter()  # ticks, prefill_chunks, decode_steps, feeds
+
+    # ------------------------------------------------------------ the client API
+    def add_request(self, request, request_id: str | None = None) -> str:
+        request = Request.coerce(request)
+        request.validate()
+        rid = str(request_id) if request_id is not None else f"req-{next(_ids)}"
+        if rid in self._known:
+            raise InvalidArgument(f"request id {rid!r} is already in use")
+        self._known.add(rid)
+        self._waiting.append(Sequence(rid, request, self.spec))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now (its FinishedEvent, finish_reason "abort", comes with the next step) and free its
+        row. False when the id is unknown or already finished."""
+        seq = self._find(request_id)
+        if seq is None:
+            return False
+        if seq.status is Status.WAITING:
+            self._waiting.remove(seq)
+        elif seq.status is Status.PREFILLING:
+            self._prefilling = None
+        else:
+            del self._running[seq.rid]
+            self.executor.free_slot(seq.rid)
+        seq.finish = FinishReason.ABORT
+        self._pending.extend(self._finish_events(seq))
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running or self._pending)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) + (self._prefilling is not None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def step(self) -> list:
+        events, self._pending = self._pending, []
+        self.stats["ticks"] += 1
+        if self._fused_candidate():
+            self._run_fused(self._waiting.popleft(), events)
+            return events
+        self._admit(events)
+        if self._running:
+            self._decode_tick(events)
+        return events
+
+    # ------------------------------------------------------------ admission and prefill
+    def _admit(self, events: list) -> None:
+        while self._prefilling is None and self._waiting and len(self._running) < self.max_slots:
+            seq = self._waiting.popleft()
+            try:
+                seq.admit(self.engine)
+            except Exception as e:  # this request's own failure: it alone ends
+                seq.fail(e)
+                events.extend(self._finish_events(seq))
+                continue
+            if seq.request.compiled and seq.compiled_reason is None:
+                seq.compiled_reason = ("the fused loop runs a request that has the scheduler to itself; "
+                                       "this one shared it with other requests")
+            seq.status = Status.PREFILLING
+            seq.row_cache = self.executor.new_row_cache(max(seq.row_seq_len, self.executor.seq_len))
+            seq.t_prefill = time.perf_counter()
+            self._prefilling = seq
+        seq = self._prefilling
+        if seq is None:
+            return
+        start, width = seq.chunks[seq.next_chunk]
+        hidden, seq.row_cache = self.executor.prefill_chunk(seq.row_cache, seq.prompt_ids, start, width)
+        self.stats["prefill_chunks"] += 1
+        seq.next_chunk += 1
+        if seq.next_chunk < len(seq.chunks):
+            return
+        last = len(seq.prompt_ids) - 1 - start
+        row_hidden = hidden[:, last]
+        self.executor.insert(seq.rid, seq.row_cache, row_hidden, seq.row_cache["k"][0].shape[1])
+        seq.row_cache = None
+        row_hidden.block_until_ready()
+        now = time.perf_counter()
+        seq.prefill_ms = (now - seq.t_prefill) * 1e3
+        seq.t_start = seq.t_last = now
+        seq.status = Status.RUNNING
+        self._running[seq.rid] = seq
+        self._prefilling = None
+
+    # ------------------------------------------------------------ one decode tick
+    def _decode_tick(self, events: list) -> None:
+        seqs = list(self._running.values())
+        single = len(seqs) == 1 and self.executor.batch == 1
+        scoring = []
+        for seq in seqs:
+            try:
+                seq.plan_step()
+            except Exception as e:
+                seq.fail(e)
+            if seq.finish is not None:
+                continue
+            if seq.run is not None:
+                seq.take_run(single)
+            else:
+                scoring.append(seq)
+        chosen = self._score(scoring) if scoring else {}
+        now = time.perf_counter()
+        for seq in seqs:
+            if seq.finish is not None:
+                continue
+            try:
+                if seq.run is not None:
+                    seq.apply(seq.run, [0.0] * len(seq.run), PlanKind.FORCED.value, 1, now)
+                else:
+                    token, logprob, plan, k, top = chosen[seq.rid]
+                    seq.apply([token], [logprob], plan, k, now, top)
+            except Exception as e:
+                seq.fail(e)
+        self._feed(seqs)
+        for seq in seqs:
+            if seq.new_tokens:
+                delta = seq.text_delta(seq.new_tokens)
+                start = len(seq.out) - len(seq.new_tokens)
+                events.append(TokenEvent(
+                    seq.rid, list(seq.new_tokens), delta, seq.logprobs[start:], seq.steps[start:],
+                    seq.top_logprobs[start:] if seq.request.top_logprobs else None))
+            if seq.finish is not None:
+                if seq.rid in self._running:
+                    del self._running[seq.rid]
+                    self.executor.free_slot(seq.rid)
+                events.extend(self._finish_events(seq))
+
+    def _feed(self, seqs: list[Sequence]) -> None:
+        """Send the new tokens of the rows still live to the trunk (asynchronously)."""
+        for seq in seqs:
+            if seq.finish is not None and seq.rid in self._running:
+                del self._running[seq.rid]
+                self.executor.free_slot(seq.rid)
+        live = [s for s in seqs if s.finish is None]
+        self.executor.compact()
+        if not live:
+            return
+        ex = self.executor
+        if len(live) == 1 and ex.batch == 1 and len(live[0].new_tokens) > 1:
+            seq = live[0]
+            ex.feed_run(seq.new_tokens, seq.pos)
+            seq.pos += len(seq.new_tokens)
+            self.stats["feeds"] += 1
+            ex.hidden.block_until_ready()
+            seq.charge_feed(time.perf_counter())
+            return
+        tokens = np.zeros(ex.batch, np.int32)
+        positions = np.zeros(ex.batch, np.int32)
+        for seq in live:
+            slot = ex.slots.index(seq.rid)
+            tokens[slot], positions[slot] = seq.new_tokens[0], seq.pos
+            seq.pos += 1
+        ex.decode(tokens, positions)
+        self.stats["decode_steps"] += 1
+
+    def _score(self, scoring: list[Sequence]) -> dict:
+        """One head call for every scoring row. Returns {rid: (token, logprob, plan, K, top alternatives)}."""
+        engine, ex = self.engine, self.executor
+        vocab = engine.vocab_size
+        batch = ex.batch
+        slot_of = {seq.rid: ex.slots.index(seq.rid) for seq in scoring}
+        allowed = {slot_of[s.rid]: s.allowed for s in scoring}
+        unconstrained = all(a is None for a in allowed.values())
+        ks = [vocab if a is None else len(a) for a in allowed.values()]
+        k_max = max(ks)
+        limit = self.spec.sparse_limit(vocab)
+        if batch == 1 or k_max > limit:
+            k_union = k_max  # the union plan is not applicable: skip the O(B*K) union
+        else:
+            k_union = len(np.unique(np.concatenate([engine.all_ids if a is None else a for a in allowed.values()])))
+        arms = [PlanKind(a) for a in self.spec.applicable_plans(k_max, k_union, batch, vocab)]
+        requested = {s.request.plan for s in scoring}
+        ctx = None
+        if len(arms) == 1:
+            kind = arms[0]
+        elif requested != {"auto"} and len(requested) == 1:
+            kind = engine.choose_plan(PlanKind(requested.pop()), k_max, k_union, batch)
+        else:
+            ctx = StepContext(k_max=k_max, k_mean=sum(ks) / len(ks), k_union=k_union, batch_size=batch,
+                              vocab_size=vocab, hidden_size=engine.config.hidden_size,
+                              device_kind=engine.device_kind)
+            kind = engine.planner.choose(ctx, arms)
+        rows_ids = None
+        if unconstrained:
+            ids, valid = self._all_ids_for(batch)
+        else:
+            # Rows that do not score this tick get a one-id placeholder; their choice is ignored.
+            rows_ids = [engine.all_ids[:1] if slot not in allowed else
+                        engine.all_ids if allowed[slot] is None else allowed[slot] for slot in range(batch)]
+            ids, valid = plans_mod.pad_allowed(rows_ids, vocab)
+        union = None
+        if kind is PlanKind.SPARSE_UNION:
+            union = plans_mod.union_inputs(rows_ids, ids, vocab)
+        seeds = np.zeros(batch, np.uint32)
+        steps = np.zeros(batch, np.int32)
+        temps = np.zeros(batch, np.float32)
+        top_ks = np.zeros(batch, np.int32)
+        top_ps = np.ones(batch, np.float32)
+        for seq in scoring:
+            slot, sp = slot_of[seq.rid], seq.sampling
+            seeds[slot], steps[slot], temps[slot] = sp.seed, len(seq.out), sp.temperature
+            top_ks[slot], top_ps[slot] = sp.top_k, sp.top_p
+        greedy = all(seq.sampling.greedy for seq in scoring)
+        want_logits = any(seq.request.top_logprobs for seq in scoring)
+        ex.hidden.block_until_ready()  # the trunk is shared by every plan: time only what the plan changes
+        t0 = time.perf_counter()
+        index, logprob, logits = ex.score(kind, ids, valid, seeds, steps, temps, top_ks, top_ps, union,
+                                          greedy, want_logits)
+        head_ms = (time.perf_counter() - t0) * 1e3
+        if ctx is not None:
+            engine.planner.update(ctx, kind, head_ms)
+        out = {}
+        for seq in scoring:
+            slot = slot_of[seq.rid]
+            row_ids = engine.all_ids if seq.allowed is None else seq.allowed
+            k = len(row_ids)
+            top = None
+            if seq.request.top_logprobs:
+                row = np.asarray(logits[slot][:k], np.float64)
+                lp = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+                best = np.argsort(-lp, kind="stable")[: seq.request.top_logprobs]
+                top = [(int(row_ids[j]), float(lp[j])) for j in best]
+            out[seq.rid] = (int(row_ids[index[slot]]), float(logprob[slot]), kind.value, k, top)
+        return out
+
+    def _all_ids_for(self, batch: int):
+        if batch not in self._all_ids:
+            vocab = self.engine.vocab_size
+            ids = np.broadcast_to(self.engine.all_ids, (batch, vocab))
+            self._all_ids[batch] = (jax.device_put(ids), jax.device_put(np.ones((batch, vocab), bool)))
+        return self._all_ids[batch]
+
+    # ------------------------------------------------------------ the fused on-device loop
+    def _fused_candidate(self) -> bool:
+        if self._running or self._prefilling or len(self._waiting) != 1:
+            return False
+        r = self._waiting[0].request
+        return bool(r.compiled) and self._waiting[0].compiled_reason is None
+
+    def _run_fused(self, seq: Sequence, events: list) -> None:
+        """Run a request that has the scheduler to itself in the fused loop, or put it back on the host loop
+        with the reason (`compiled_reason`)."""
+        from llmqp import compiled as fused
+
+        r = seq.request
+        reason = None
+        if r.stop:
+            reason = "stop strings are matched on the host loop"
+        elif r.top_logprobs:
+            reason = "top_logprobs are reported by the host loop"
+        elif r.constraint is not None:
+            reason = "a precompiled constraint object runs on the host loop"
+        elif not isinstance(r.prompt, str) and not (isinstance(r.prompt, list) and r.prompt
+                                                      and isinstance(r.prompt[0], dict)):
+            reason = "token-id prompts run on the host loop"
+        if reason is None:
+            try:
+                out = fused.generate_fused(
+                    self.engine, r.prompt, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
+                    top_k=r.top_k, seed=r.seed, raw=r.raw, json_schema=r.json_schema, regex=r.regex,
+                    choice=r.choice, grammar=r.grammar, strict=r.strict, whitespace=r.whitespace, forced=r.forced,
+                    sparse_threshold=self.engine.planner.crossover_k(1, self.engine.vocab_size,
+                                                                     self.engine.config.hidden_size))
+            except Exception as e:
+                seq.fail(e)
+                events.extend(self._finish_events(seq))
+                return
+            if isinstance(out, fused.Fallback):
+                reason = out.reason
+            else:
+                import dataclasses
+
+                out = dataclasses.replace(out, compiled=True)
+                if out.token_ids:
+                    events.append(TokenEvent(seq.rid, list(out.token_ids), out.text, list(out.logprobs),
+                                             list(out.steps)))
+                seq.status = Status.FINISHED
+                events.append(FinishedEvent(seq.rid, out))
+                return
+        seq.compiled_reason = reason
+        self._waiting.appendleft(seq)
+        self._admit(events)
+        if self._running:
+            self._decode_tick(events)
+
+    # ------------------------------------------------------------ helpers
+    def _finish_events(self, seq: Sequence) -> list:
+        """The request's last events: the text still held back (an incomplete character, a possible
+        stop-string prefix), then its FinishedEvent."""
+        seq.status = Status.FINISHED
+        self._known.discard(seq.rid)
+        out = []
+        if seq.detok is not None:
+            rest = seq.detok.finish()
+            if rest:
+                out.append(TokenEvent(seq.rid, [], rest, [], [], [] if seq.request.top_logprobs else None))
+        return out + [FinishedEvent(seq.rid, seq.result(), seq.error)]
+
+    def _find(self, rid: str) -> Sequence | None:
+        if self._prefilling is not None and self._prefilling.rid == rid:
+            return self._prefilling
+        if rid in self._running:
+            return self._running[rid]
+        return next((s for s in self._waiting if s.rid == rid), None)
