@@ -4,8 +4,10 @@ Fast tests use the tiny hand-made vocabulary (`llmqp.testing.tiny_tokenizer`) an
 written as a Hugging Face directory, loaded by the real `Engine`: the host loop, the fused loop and the
 exported artifact run in seconds. Slow tests repeat the equivalence on SmolLM2.
 
-Golden artifacts live in tests/data/golden_export/; regenerate them (after a deliberate format change)
-with `python tests/test_compiled.py --regen-golden`.
+Golden artifacts live in tests/data/golden_export/; they are backward-compatibility checks (today's
+runtime reproduces what an earlier export produced), joined by an independent check of their outputs
+with jsonschema / the regex package. Regenerate them only after a deliberate format change, with
+`python tests/test_compiled.py --regen-golden`.
 """
 
 from __future__ import annotations
@@ -22,11 +24,17 @@ import regex as re_ref
 
 from llmqp.compiled import (ConstraintTables, Fallback, TableLimits, compile_tables, export, generate_fused,
                             load_exported, synthetic_tables, tables_from_rows)
+from llmqp.compiled import api as fused_api
+from llmqp.compiled import loop
 from llmqp.compiled.compile import forced_bytes
+from llmqp.compiled.compile_log import CompileLog
 from llmqp.compiled.regular import escape_literal, spec_regex
-from llmqp.compiled.runtime import compare
+from llmqp.compiled.runtime import ArtifactError, ArtifactInputError, compare
 from llmqp.compiled.tables import byte_vocabulary, tables_from_regex
 from llmqp.constraints import compile_constraint, make_spec
+from llmqp.core.spec import DecodeSpec
+from llmqp.errors import LLMQPError
+from llmqp.model.tokenizer import CHATML_TEMPLATE
 from llmqp.testing import BYTE_BASE, tiny_tokenizer, token_id, token_texts
 
 GOLDEN = Path(__file__).parent / "data" / "golden_export"
@@ -85,6 +93,8 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
         "intermediate_size": 64, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
         "eos_token_id": 0, "max_position_embeddings": 2048}))
     tok.hf.save(str(directory / "tokenizer.json"))
+    # ChatML, so that string prompts are templated as on SmolLM2 (a model without a template needs raw=True)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
     return directory
 
 
@@ -323,6 +333,123 @@ def test_sparse_threshold_does_not_change_tokens(tiny_engine):
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------ size classes
+SAME_CLASS_SCHEMAS = [
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                      "s": {"type": "string", "maxLength": 4}}, "required": ["n", "s"]},
+    {"type": "object", "properties": {"k": {"type": "integer", "minimum": 0, "maximum": 999},
+                                      "t": {"type": "string", "maxLength": 3}}, "required": ["k", "t"]},
+]
+
+
+def size_class(engine, tables, max_tokens, **sampling):
+    """Everything a compiled loop is keyed on, besides the model: its static config and the table shape."""
+    from llmqp.sampling import SamplingParams
+
+    fc = loop.config_for(engine.config, tables, SamplingParams(**sampling), max_tokens, forced=True)
+    return fc, loop.table_shape(tables, wide=fc.widths[-1] == engine.config.vocab_size)
+
+
+def test_second_schema_of_the_same_size_class_does_not_compile(tiny_engine):
+    """Acceptance (issue 10): the tables are arguments of the compiled loop, so a different regular
+    schema of the same size class runs fused without a new XLA compile — nor do a new max_tokens within
+    the token buffer, a new seed or a new sparse threshold. Tokens still equal the host loop's."""
+    first, second = (dict(json_schema=s) for s in SAME_CLASS_SCHEMAS)
+    tables = [fused_api.constraint_tables(tiny_engine, kw) for kw in (first, second)]
+    assert size_class(tiny_engine, tables[0], 200) == size_class(tiny_engine, tables[1], 200)
+    assert tables[0].allowed.tolist() != tables[1].allowed.tolist()
+    sampling = dict(temperature=1.0, seed=1)
+    with CompileLog() as log:  # a buffer of 256 tokens: no other test compiles this loop
+        generate_fused(tiny_engine, PROMPT, max_tokens=200, **sampling, **first)
+    assert log.count("fused_decode") == 1, log.events  # the counter sees the loop's compile
+    with CompileLog() as log:
+        fused = generate_fused(tiny_engine, PROMPT, max_tokens=200, **sampling, **second)
+        generate_fused(tiny_engine, PROMPT, max_tokens=150, temperature=1.0, seed=9, sparse_threshold=8, **second)
+    assert log.count("fused_decode") == 0, log.events
+    host = tiny_engine.generate(PROMPT, max_tokens=200, **sampling, **second)
+    assert fused.token_ids == host.token_ids and fused.valid == host.valid
+
+
+def test_size_classes_are_few():
+    """States always pad to one size; entries to a power of four, wide tables straight to 4M entries."""
+    def rows(n_states, k):
+        return [{i: (s + 1) % n_states for i in range(1, k + 1)} for s in range(n_states)]
+
+    small = tables_from_rows(rows(10, 3), {0}, eos_ids=(0,), vocab_size=1000)
+    bigger = tables_from_rows(rows(900, 20), {0}, eos_ids=(0,), vocab_size=1000)
+    assert loop.table_shape(small, wide=False) == (loop.STATE_PAD, loop.MIN_ENTRIES)
+    assert loop.table_shape(bigger, wide=False) == (loop.STATE_PAD, 4 * loop.MIN_ENTRIES * 4)  # 18000 -> 64K
+    assert loop.table_shape(small, wide=True) == loop.table_shape(bigger, wide=True) == \
+        (loop.STATE_PAD, loop.WIDE_ENTRIES)
+
+
+def test_fused_config_takes_its_rules_from_the_spec(tiny_engine):
+    """K buckets, the sparse limit and feed chunk sizes come from the DecodeSpec given."""
+    from llmqp.sampling import SamplingParams
+
+    cfg = tiny_engine.config
+    tables = fused_api.constraint_tables(tiny_engine, dict(json_schema=SAME_CLASS_SCHEMAS[0]))
+    spec = DecodeSpec(k_base=4, k_growth=2, sparse_max_fraction=0.1, feed_max=4)
+    fc = loop.config_for(cfg, tables, SamplingParams(), 24, forced=True, spec=spec)
+    assert tables.max_k > 32 and fc.widths == tuple(spec.k_buckets(cfg.vocab_size))  # past the 4th bucket: all
+    assert max(lo for lo in (0,) + fc.sparse_widths[:-1]) < spec.sparse_limit(cfg.vocab_size) <= fc.sparse_widths[-1]
+    assert fc.feed_sizes == (1, 2, 4)  # runs of 6 tokens, chunks of at most feed_max = 4
+    assert loop.clip_threshold(10**6, cfg.vocab_size, spec) == spec.sparse_limit(cfg.vocab_size)
+    out = loop.run_fused(tiny_engine, tiny_engine.prompt_ids(PROMPT), tables, SamplingParams(), 24, spec=spec)
+    default = loop.run_fused(tiny_engine, tiny_engine.prompt_ids(PROMPT), tables, SamplingParams(), 24)
+    assert out.token_ids == default.token_ids  # other buckets and feed chunks, the same tokens
+
+
+def test_prefill_uses_the_spec_chunks(tiny_engine):
+    """A prompt longer than one prefill chunk: the fused prefill (chunks of spec.prefill_chunk) gives the
+    last hidden state of one long forward."""
+    ids = np.asarray((tiny_engine.prompt_ids(PROMPT) * 12)[:150], np.int32)
+    spec = DecodeSpec(prefill_chunk=32)
+    assert len(spec.prefill_chunks(len(ids))) == 5
+    chunked, cache = loop.prefill(tiny_engine.params, tiny_engine.config, ids, extra=8, spec=spec)
+    whole, _ = loop.prefill(tiny_engine.params, tiny_engine.config, ids, extra=8)
+    assert cache["k"][0].shape[1] == spec.cache_len(len(ids), 8)  # (B, positions, kv heads, head dim)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ host replay
+def test_replay_on_host_checks_every_token(tk):
+    kw = dict(regex="[a-c]{2,6}")
+    reference = compile_constraint(make_spec(**kw), tk)
+    ab = [token_id(tk, "ab")]
+    assert fused_api.replay_on_host(reference, ab, "stop") == (True, None)
+    assert fused_api.replay_on_host(reference, ab, "length") == (False, None)  # cut: never valid
+    valid, problem = fused_api.replay_on_host(reference, [token_id(tk, "a")], "stop")
+    assert not valid and "incomplete" in problem
+    valid, problem = fused_api.replay_on_host(reference, [token_id(tk, "yes")], "stop")
+    assert not valid and "rejects token 0" in problem
+
+
+def test_wrong_tables_are_caught_by_the_host_replay(tiny_engine, monkeypatch):
+    """Tables that stop after "a" for [a-c]{2,6} (a table bug): generate_fused reports a Fallback naming
+    the host replay instead of a wrong valid=True, and the engine reruns the request on the host loop."""
+    a = token_id(tiny_engine.tokenizer, "a")
+    wrong = tables_from_rows([{a: 1}, {}], {1}, eos_ids=tiny_engine.tokenizer.eos_ids,
+                             vocab_size=tiny_engine.config.vocab_size)
+    monkeypatch.setattr(fused_api, "compile_tables", lambda *args, **kwargs: wrong)
+    kw = dict(regex="[a-c]{2,6}", max_tokens=8)
+    result = generate_fused(tiny_engine, PROMPT, **kw)
+    assert isinstance(result, Fallback) and "host replay" in result.reason and "incomplete" in result.reason
+    rerun = tiny_engine.generate(PROMPT, compiled=True, **kw)
+    assert not rerun.compiled and "host replay" in rerun.compiled_reason
+    assert rerun.token_ids == tiny_engine.generate(PROMPT, **kw).token_ids
+
+
+def test_mirror_checks_every_state_with_a_second_path(tk):
+    """Every state reached by two paths is re-walked along the second one (the description counts them)."""
+    spec = make_spec(regex="[a-c]{2,6}")
+    tables = compile_tables(spec, tk, reference=compile_constraint(spec, tk))
+    d = tables.description
+    assert d["states_checked"] == tables.num_states
+    # each of the states after 1..5 characters is reached by "a" + ... and by a longer token ("ab", "abc")
+    assert d["second_path_checks"] >= tables.num_states - 2
+
+
 # ------------------------------------------------------------------------------------------ export
 @pytest.fixture(scope="module")
 def tiny_artifact(tiny_engine, tmp_path_factory):
@@ -361,16 +488,78 @@ def test_artifact_is_self_describing(tiny_artifact):
 
 
 def test_artifact_runs_without_llmqp(tiny_artifact, tmp_path):
-    """run.py (a copy of llmqp.compiled.runtime) needs JAX and tokenizers only."""
+    """run.py (a copy of llmqp.compiled.runtime) needs JAX and tokenizers only: with llmqp made unimportable
+    it runs, and its errors derive from Exception."""
     directory, info, _ = tiny_artifact
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import run; r = run.load_exported(sys.argv[1])"
-            ".generate(); print(json.dumps([r.token_ids, sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'llmqp', 'llguidance', 'outlines_core'})]))")
+    code = ("import json, sys; sys.modules['llmqp'] = None; sys.path.insert(0, sys.argv[1]); import run; "
+            "r = run.load_exported(sys.argv[1]).generate(); print(json.dumps([r.token_ids, sorted({m.split('.')[0] "
+            "for m, v in sys.modules.items() if v is not None} & {'llmqp', 'llguidance', 'outlines_core'}), "
+            "run.ArtifactError.__mro__[1].__name__]))")
     out = subprocess.run([sys.executable, "-c", code, str(directory)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    tokens, forbidden = json.loads(out.stdout.strip().splitlines()[-1])
-    assert tokens == info.manifest["expected"]["token_ids"] and forbidden == []
+    tokens, forbidden, base = json.loads(out.stdout.strip().splitlines()[-1])
+    assert tokens == info.manifest["expected"]["token_ids"] and forbidden == [] and base == "Exception"
+
+
+def broken_copy(tmp_path, how: str) -> Path:
+    """A copy of a golden artifact, broken in one way."""
+    import shutil
+
+    directory = tmp_path / how
+    shutil.copytree(GOLDEN / "json_greedy", directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if how == "missing module":
+        (directory / "model.jaxexport").unlink()
+    elif how == "corrupt module":
+        (directory / "model.jaxexport").write_bytes(b"not a flatbuffer")
+    elif how == "corrupt manifest":
+        (directory / "manifest.json").write_text('{"format": "llmqp-export", "format_ver')
+    elif how == "manifest missing a field":
+        del manifest["function"]
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+    elif how == "version mismatch":
+        manifest["format_version"] = 99
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+    elif how == "corrupt weights":
+        (directory / "weights.safetensors").write_bytes(b"\x00" * 16)
+    return directory
+
+
+@pytest.mark.parametrize("how,message", [
+    ("no such directory", "no such artifact directory"), ("missing module", "model.jaxexport is missing"),
+    ("corrupt module", "not a readable serialized module"), ("corrupt manifest", "no readable manifest.json"),
+    ("manifest missing a field", "corrupt manifest.json"), ("version mismatch", "format version 99"),
+    ("corrupt weights", "cannot load the artifact"),
+])
+def test_artifact_loading_errors_are_llmqp_errors(tmp_path, capsys, how, message):
+    """Each way an artifact can be unreadable raises ArtifactError (an LLMQPError), and `llmqp
+    run-exported` prints exactly one line for it."""
+    from llmqp.cli import main
+
+    directory = tmp_path / "absent" if how == "no such directory" else broken_copy(tmp_path, how)
+    with pytest.raises(ArtifactError, match=message) as info:
+        load_exported(directory)
+    assert isinstance(info.value, LLMQPError)
+    capsys.readouterr()
+    assert main(["run-exported", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llmqp: error: ") and message in err
+
+
+def test_artifact_input_errors(capsys):
+    from llmqp.cli import main
+
+    gen = load_exported(GOLDEN / "json_greedy")
+    with pytest.raises(ArtifactInputError, match="at most 64") as info:
+        gen.generate("x" * 500)
+    assert isinstance(info.value, LLMQPError) and isinstance(info.value, ValueError)
+    with pytest.raises(ArtifactInputError, match="seed"):
+        gen.generate(seed=-1)
+    capsys.readouterr()
+    assert main(["run-exported", str(GOLDEN / "json_greedy"), "--prompt", "x" * 500]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at most 64" in err
 
 
 # ------------------------------------------------------------------------------------------ golden
@@ -400,8 +589,11 @@ def check_golden(gen, expected: list[dict]) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_SPECS))
-def test_golden_artifact_reproduces(name):
-    """Stored artifacts (serialized module + weights) still load and produce the stored outputs."""
+def test_backward_compat_golden_artifact_reproduces(name):
+    """Backward compatibility, not correctness: artifacts stored by an earlier version (serialized module +
+    weights) still load with today's runtime and produce the outputs they produced then. The package is
+    compared with its own past here; `test_golden_outputs_satisfy_their_constraint` checks those outputs
+    independently."""
     directory = GOLDEN / name
     gen = load_exported(directory)
     expected = json.loads((directory / "expected.json").read_text())
@@ -409,7 +601,43 @@ def test_golden_artifact_reproduces(name):
     assert gen.check() == []
 
 
-def test_golden_checker_detects_different_output():
+def independent_verdict(constraint: dict, text: str) -> bool:
+    """Whether `text` satisfies an artifact's constraint, decided by `jsonschema` / the `regex` package alone
+    (no llmqp, no llguidance)."""
+    if "json_schema" in constraint:
+        schema = constraint["json_schema"]
+        schema = json.loads(schema) if isinstance(schema, str) else schema
+        try:
+            jsonschema.validate(json.loads(text), schema)
+        except (ValueError, jsonschema.ValidationError):
+            return False
+        return True
+    if "regex" in constraint:
+        return re_ref.fullmatch(constraint["regex"], text) is not None
+    return text in constraint["choice"]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SPECS))
+def test_golden_outputs_satisfy_their_constraint(name):
+    """Independent check of the golden artifacts: every output the artifact calls valid satisfies its
+    constraint according to jsonschema / the regex package, and every output it calls invalid was cut
+    by max_tokens. The constraint is read from the manifest and compared with the test's own spec."""
+    directory = GOLDEN / name
+    gen = load_exported(directory)
+    kind = gen.manifest["constraint"]["kind"]
+    constraint = {kind: gen.manifest["constraint"][kind]}
+    assert constraint == GOLDEN_SPECS[name]["kw"]
+    runs = json.loads((directory / "expected.json").read_text())["runs"]
+    outputs = [gen.generate(run["prompt"], seed=run["seed"]) for run in runs] + [gen.generate(seed=s) for s in range(4)]
+    assert any(r.valid for r in outputs)
+    for r in outputs:
+        if r.valid:
+            assert independent_verdict(constraint, r.text), r
+        else:
+            assert r.finish_reason == "length", r
+
+
+def test_backward_compat_checker_detects_different_output():
     """Like jax's test_detect_different_output: a changed token, text or flag must be reported."""
     directory = GOLDEN / "json_greedy"
     gen = load_exported(directory)

@@ -57,7 +57,7 @@ def cli_export(args) -> int:
                       raw=args.raw, prompt_bucket=args.prompt_bucket,
                       platforms=tuple(p.strip() for p in args.platforms.split(",") if p.strip()))
     except LLMQPError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"llmqp: error: {e}", file=sys.stderr)
         return 2
     m = info.manifest
     print(f"wrote {info.directory} in {info.export_seconds:.1f} s: platforms {m['function']['platforms']}, "
@@ -74,10 +74,12 @@ def add_run_exported_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
 
 
 def cli_run_exported(args) -> int:
-    from llmqp.compiled.runtime import ArtifactError, run
+    """Run an artifact; an unreadable artifact or a prompt it cannot take prints one error line (exit 2)."""
+    from llmqp.compiled.runtime import run
+    from llmqp.errors import LLMQPError
 
     try:
         return run(args)
-    except (ArtifactError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except LLMQPError as e:  # ArtifactError, ArtifactInputError
+        print(f"llmqp: error: {e}", file=sys.stderr)
         return 2

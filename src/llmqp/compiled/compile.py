@@ -118,9 +118,12 @@ def mirror_host(byte_tables: ConstraintTables, reference, tokenizer, *,
     """Tables whose rows are the host matcher's masks (see the module docstring).
 
     States are (byte state, context) where context is None without forced bytes, else how the last
-    token tokenizes with them (`_context_keyer`). Each state's row is the host mask after its first
-    path; for states reached by a second, different last token that second path is checked too.
-    Cost: one host `allowed()` per state (plus the checks), replaying one path each."""
+    token tokenizes with them (`_context_keyer`). The check is exhaustive over the states built: each
+    state's row *is* the host matcher's `allowed()` (and its forced run the host's `forced()`) walked
+    along a first path to it, and every state that a second path (another parent state or another last
+    token) also reaches is walked along that one too and must give the same row; a state the tables
+    cannot mirror is a Fallback saying why. Cost: one or two host `allowed()` per state, replaying one
+    path each (description: states_checked, second_path_checks, mirror_ms)."""
     t0 = time.perf_counter()
     vocab = byte_vocabulary(tokenizer)
     forced = forced_bytes(byte_tables, vocab)
@@ -129,7 +132,7 @@ def mirror_host(byte_tables: ConstraintTables, reference, tokenizer, *,
     index = {(0, None): 0}
     paths: list[list[int]] = [[]]
     byte_of = [0]
-    second: dict[int, list[int]] = {}  # state -> another path into it, with a different last token
+    second: dict[int, list[int]] = {}  # state -> a second path into it (another parent or last token)
     rows_ids, rows_next, finals = [], [], []
     runs: list[list[int]] = []  # the host's forced() tokens per state
     entries = 0
@@ -169,7 +172,7 @@ def mirror_host(byte_tables: ConstraintTables, reference, tokenizer, *,
                 if len(paths) > limits.max_states:
                     return Fallback(f"mirroring the host needs more than {limits.max_states} states: too large "
                                     "for the fused loop")
-            elif key[1] is not None and child not in second and paths[child][-1] != t:
+            elif child not in second:  # (i, t) is seen once: this path differs from the first one
                 second[child] = paths[i] + [t]
             children[j] = child
         rows_ids.append(host.astype(np.int32))
@@ -178,11 +181,13 @@ def mirror_host(byte_tables: ConstraintTables, reference, tokenizer, *,
         entries += len(host)
         if entries > limits.max_entries:
             return Fallback(f"tables need more than {limits.max_entries} entries: too large for the fused loop")
+    # Every state with a second way in is checked along it: the host's mask and forced run there must
+    # equal the row built from the first path (the mask depends on the table state alone).
     for state, path in second.items():
         allowed, ff = host_row(path)
         if not np.array_equal(allowed, rows_ids[state]) or ff != runs[state]:
-            return Fallback(f"the host's mask after {len(path)} tokens depends on the tokenization context "
-                            "in a way the tables do not capture")
+            return Fallback(f"the host's mask after {len(path)} tokens depends on more than the automaton state "
+                            f"(state {state} reached by two paths, masks differ): the tables cannot mirror it")
     # A forced run must be the chain of one-token rows the fused loop walks.
     for state, ff in enumerate(runs):
         s = state
@@ -196,7 +201,8 @@ def mirror_host(byte_tables: ConstraintTables, reference, tokenizer, *,
         allowed=np.concatenate(rows_ids).astype(np.int32), next_state=np.concatenate(rows_next).astype(np.int32),
         is_final=np.asarray(finals, bool), eos_ids=byte_tables.eos_ids, vocab_size=byte_tables.vocab_size,
         description=dict(byte_tables.description, host_exact=True, byte_states=byte_tables.num_states,
-                         context_checks=len(second), mirror_ms=round((time.perf_counter() - t0) * 1e3, 1)),
+                         states_checked=len(paths), second_path_checks=len(second),
+                         mirror_ms=round((time.perf_counter() - t0) * 1e3, 1)),
         build_ms=byte_tables.build_ms + (time.perf_counter() - t0) * 1e3,
         run_len=np.asarray([len(ff) for ff in runs], np.int32))
 

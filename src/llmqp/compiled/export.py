@@ -4,7 +4,8 @@
       manifest.json        shapes, dtypes, model config, tokenizer reference + chat template, constraint,
                            sampling settings, versions, the export-time result (a self-check)
       model.jaxexport      `jax.export.Exported.serialize()`: prefill + the fused loop + the automaton
-                           tables (baked in as constants), lowered for every platform asked for
+                           tables (baked in as constants, unpadded: unlike `run_fused`, an artifact
+                           serves one constraint), lowered for every platform asked for
       model.mlir           the same module as StableHLO text (for reading; not loaded)
       weights.safetensors  the trunk and head weights (the dense head's transposed copy is rebuilt at load)
       tokenizer.json       the `tokenizers` tokenizer
@@ -32,6 +33,7 @@ import numpy as np
 from llmqp import sampling
 from llmqp.compiled import loop
 from llmqp.compiled.tables import ConstraintTables, Fallback, unconstrained_tables
+from llmqp.core.spec import DEFAULT_SPEC, DecodeSpec
 from llmqp.errors import ExportError
 from llmqp.model import transformer
 
@@ -65,11 +67,11 @@ def params_from_flat(flat: dict, n_layers: int) -> dict:
 
 
 def make_generate_fn(cfg, tables: ConstraintTables, fc: loop.FusedConfig, *, prompt_bucket: int, max_tokens: int,
-                     sampling_params: sampling.SamplingParams):
+                     sampling_params: sampling.SamplingParams, sparse_threshold: int):
     """The function that is exported: prefill of a padded prompt, then the fused loop. The tables are
-    closed over (constants of the module)."""
-    dev = loop.device_tables(tables, max(fc.sparse_widths + fc.dense_widths))
-    _, cache_len = loop.prefill_shapes(prompt_bucket, max_tokens)
+    closed over, unpadded (constants of the module: an artifact serves one constraint)."""
+    dev = loop.device_tables(tables)
+    cache_len = fc.spec.cache_len(prompt_bucket, max_tokens)
 
     def generate(weights, prompt_ids, prompt_len, seed):
         params = params_from_flat(weights, cfg.n_layers)
@@ -79,7 +81,7 @@ def make_generate_fn(cfg, tables: ConstraintTables, fc: loop.FusedConfig, *, pro
         last = jax.lax.dynamic_index_in_dim(hidden[0], prompt_len - 1, axis=0, keepdims=True)  # (1, d)
         return loop.fused_decode(params, tables_c, last, cache, prompt_len, jnp.int32(max_tokens), seed,
                                  jnp.float32(sampling_params.temperature), jnp.int32(sampling_params.top_k),
-                                 jnp.float32(sampling_params.top_p), fc=fc)
+                                 jnp.float32(sampling_params.top_p), jnp.int32(sparse_threshold), fc=fc)
 
     return generate
 
@@ -95,14 +97,15 @@ def export(engine, prompt, out_dir, *, regex=None, choice=None, json_schema=None
            whitespace: str = "compact", max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
            top_k: int = 0, seed: int = 0, raw: bool = False, forced: bool = True,
            sparse_threshold: int | None = None, prompt_bucket: int | None = None, platforms=DEFAULT_PLATFORMS,
-           tables: ConstraintTables | None = None) -> ExportInfo:
+           tables: ConstraintTables | None = None, spec: DecodeSpec = DEFAULT_SPEC) -> ExportInfo:
     """Write the artifact for generating from `prompt` under the constraint (none: unconstrained).
 
     forced: the artifact feeds forced runs whole, like `Engine.generate(forced=True)` (default), or
     scores every step like forced=False; its tokens equal the engine's with the same setting.
     prompt_bucket: the padded prompt length P: later prompts must fit in P tokens (default: the
     engine's prefill bucket for `prompt`, at least 128). The artifact prefills P positions in one
-    forward; the engine prefills in chunks of 512, so beyond 512 the two may differ in the last bits. tables: given
+    forward; the engine prefills in chunks of `DecodeSpec.prefill_chunk` (256), so beyond that the two may
+    differ in the last bits. tables: given
     tables instead of compiling the constraint (synthetic automata). Raises ExportError when the
     constraint is not regular (the reason says why) or the directory cannot be written. Takes tens of
     seconds for the default model (lowering + serialization + 0.5 GB of weights), plus one run of the
@@ -122,13 +125,14 @@ def export(engine, prompt, out_dir, *, regex=None, choice=None, json_schema=None
         else:
             tables = unconstrained_tables(engine.config.vocab_size, engine.tokenizer.eos_ids)
     ids = np.asarray(engine.prompt_ids(prompt, raw), np.int32)
-    chunks, _ = loop.prefill_shapes(len(ids), max_tokens)
-    bucket = int(prompt_bucket or max(chunks[-1][0] + chunks[-1][1], MIN_PROMPT_BUCKET))
+    cfg = engine.config
+    fc = loop.config_for(cfg, tables, sp, max_tokens, forced=forced, spec=spec)
+    bucket = int(prompt_bucket or max(fc.spec.prefill_end(len(ids)), MIN_PROMPT_BUCKET))
     if len(ids) > bucket:
         raise ExportError(f"the prompt has {len(ids)} tokens, more than prompt_bucket={bucket}")
-    cfg = engine.config
-    fc = loop.config_for(cfg, tables, sp, max_tokens, forced=forced, sparse_threshold=sparse_threshold)
-    fn = make_generate_fn(cfg, tables, fc, prompt_bucket=bucket, max_tokens=max_tokens, sampling_params=sp)
+    threshold = loop.clip_threshold(sparse_threshold, cfg.vocab_size, fc.spec)
+    fn = make_generate_fn(cfg, tables, fc, prompt_bucket=bucket, max_tokens=max_tokens, sampling_params=sp,
+                          sparse_threshold=threshold)
 
     weights = flat_weights(engine.params)
     weights_in = dict(weights, unembed=np.asarray(engine.params["unembed"]))
@@ -159,7 +163,7 @@ def export(engine, prompt, out_dir, *, regex=None, choice=None, json_schema=None
         engine.tokenizer.hf.save(str(out_dir / "tokenizer.json"))
         (out_dir / "run.py").write_text((Path(__file__).parent / "runtime.py").read_text())
         manifest = _manifest(engine, prompt, raw, ids, bucket, tables, fc, sp, max_tokens, exported, weights,
-                             result, constraint_kw)
+                             result, constraint_kw, threshold)
         (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
     except OSError as e:
         raise ExportError(f"cannot write the artifact to {out_dir}: {e}") from None
@@ -179,7 +183,7 @@ def _versions() -> dict:
 
 
 def _manifest(engine, prompt, raw, ids, bucket, tables, fc, sp, max_tokens, exported, weights, result,
-              constraint_kw) -> dict:
+              constraint_kw, threshold) -> dict:
     tok = engine.tokenizer
     text = tok.decode(result.token_ids)
     given = {k: v for k, v in constraint_kw.items() if v is not None and k in ("regex", "choice", "json_schema")}
@@ -229,8 +233,8 @@ def _manifest(engine, prompt, raw, ids, bucket, tables, fc, sp, max_tokens, expo
         "sampling": {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k, "seed": sp.seed,
                      "greedy": sp.greedy},
         "max_tokens": int(max_tokens),
-        "plans": {"sparse_threshold": fc.sparse_threshold, "sparse_widths": list(fc.sparse_widths),
-                  "dense_widths": list(fc.dense_widths), "forced_runs": fc.forced_runs,
+        "plans": {"sparse_threshold": threshold, "sparse_widths": list(fc.sparse_widths),
+                  "dense_widths": list(fc.widths), "forced_runs": fc.forced_runs,
                   "feed_sizes": list(fc.feed_sizes)},
         "expected": {"token_ids": result.token_ids, "text": text, "finish_reason": result.finish_reason,
                      "valid": result.valid},

@@ -7,6 +7,12 @@ exporter copies it into the artifact as `run.py`, so an artifact runs where llmq
     python DIR/run.py DIR [--prompt TEXT] [--seed N] [--json]
 
 From Python: `load_exported(DIR).generate(prompt=None)`; prompt None reuses the exported prompt.
+
+Errors: an unreadable artifact (missing directory or file, corrupt manifest, module or weights, a
+format version or platform this runtime does not run) raises `ArtifactError`; a prompt the artifact
+cannot take raises `ArtifactInputError` (also a ValueError). Where llmqp is importable both derive from
+`llmqp.LLMQPError`, so `llmqp run-exported` prints them as one line; inside an artifact they derive from
+Exception.
 """
 
 from __future__ import annotations
@@ -21,12 +27,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:
+    from llmqp.errors import LLMQPError as _Base
+except ImportError:  # running as run.py inside an artifact, without llmqp
+    _Base = Exception
+
 FORMAT = "llmqp-export"
 FORMAT_VERSION = 1
 
 
-class ArtifactError(Exception):
+class ArtifactError(_Base):
     """The directory is not a readable artifact of a format version this runtime knows."""
+
+
+class ArtifactInputError(ValueError, _Base):
+    """A prompt or seed this artifact cannot take (empty, longer than its prompt bucket, ...)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +62,41 @@ class ExportedGenerator:
 
     def __init__(self, directory):
         self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise ArtifactError(f"{self.directory}: no such artifact directory")
         try:
             self.manifest = json.loads((self.directory / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{self.directory}: no readable manifest.json ({e})") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{self.directory}: not an {FORMAT} v{FORMAT_VERSION} artifact")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            raise ArtifactError(f"{self.directory}: manifest.json is not an {FORMAT} manifest")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{self.directory}: format version {self.manifest.get('format_version')!r}; this "
+                                f"runtime reads version {FORMAT_VERSION}")
+        try:
+            self._load()
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:  # a manifest missing a field, or of the wrong type
+            raise ArtifactError(f"{self.directory}: corrupt manifest.json ({type(e).__name__}: {e})") from None
+        except Exception as e:  # unreadable or corrupt module, weights or tokenizer file
+            raise ArtifactError(f"{self.directory}: cannot load the artifact ({type(e).__name__}: {e})") from None
+        self._template = None
+
+    def _load(self) -> None:
         from jax import export as jax_export
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
         fn = self.manifest["function"]
-        self.exported = jax_export.deserialize(bytearray((self.directory / fn["file"]).read_bytes()))
+        for name in (fn["file"], self.manifest["weights"]["file"], self.manifest["tokenizer"]["file"]):
+            if not (self.directory / name).is_file():
+                raise ArtifactError(f"{self.directory}: {name} is missing")
+        try:
+            self.exported = jax_export.deserialize(bytearray((self.directory / fn["file"]).read_bytes()))
+        except Exception as e:  # noqa: BLE001 - flatbuffers and jax raise assorted types on a corrupt file
+            raise ArtifactError(f"{self.directory}: {fn['file']} is not a readable serialized module "
+                                f"({type(e).__name__}: {e})") from None
         if jax.default_backend() not in self.exported.platforms:
             raise ArtifactError(f"artifact lowered for {list(self.exported.platforms)}, this machine runs "
                                 f"{jax.default_backend()}")
@@ -80,7 +118,6 @@ class ExportedGenerator:
         # "eos" and "done" both stop: the output ended where the constraint allows it to
         self._finish_names = {code: "length" if name == "length" else "stop"
                               for code, name in fn["outputs"]["finish"]["values"].items()}
-        self._template = None
 
     # ------------------------------------------------------------------ prompts
     def render(self, messages: list[dict]) -> str:
@@ -89,7 +126,7 @@ class ExportedGenerator:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def raise_exception(msg):
-                raise ValueError(msg)
+                raise ArtifactInputError(f"the chat template rejected the messages: {msg}")
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
@@ -114,9 +151,11 @@ class ExportedGenerator:
         """Run the artifact. seed None uses the exported seed (it only matters when sampling)."""
         ids = self.prompt_ids(prompt)
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise ArtifactInputError("the prompt is empty")
         if len(ids) > self.bucket:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this artifact takes at most {self.bucket}")
+            raise ArtifactInputError(f"the prompt has {len(ids)} tokens; this artifact takes at most {self.bucket}")
+        if seed is not None and not 0 <= int(seed) < 2**32:
+            raise ArtifactInputError(f"seed must be in [0, 2**32), got {seed}")
         padded = np.zeros(self.bucket, np.int32)
         padded[: len(ids)] = ids
         seed = self.manifest["sampling"]["seed"] if seed is None else int(seed)

@@ -56,12 +56,11 @@ class TableLimits:
 
     max_entries: total allowed (state, token) pairs; max_states: automaton states; max_regex_chars:
     length of the regex handed to the DFA builder (a proxy for its build time, which cannot be
-    interrupted); check_states: states cross-checked against the host matcher (0 disables)."""
+    interrupted). Every state built is checked against the host matcher (`compile.mirror_host`)."""
 
     max_entries: int = 1 << 22
     max_states: int = 1 << 14
     max_regex_chars: int = 50_000
-    check_states: int = 256
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
