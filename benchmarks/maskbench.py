@@ -74,13 +74,14 @@ def _by_k(seconds: list[float], ks: list[int]) -> dict:
 
 def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
     from llmqp import ConstraintError
-    from llmqp.constraints import compile_constraint, make_spec
+    from llmqp.constraints import compile_constraint, keywords, make_spec
     from llmqp.model import loader
-    from llmqp.testing import compact_json, maskbench_files
+    from llmqp.testing import compact_json, maskbench_dir, maskbench_files
 
+    data_dir = data_dir or str(maskbench_dir())
     files = maskbench_files(data_dir)[:limit]
     if not files:
-        sys.exit(f"no maskbench data in {data_dir or 'the default directory'}")
+        sys.exit(f"no maskbench data in {data_dir}")
     t0 = time.perf_counter()
     tokenizer = loader.load().tokenizer
     t_tok = time.perf_counter()
@@ -98,8 +99,10 @@ def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
     strict_valid_acc = strict_valid_n = 0
     mask_s: list[float] = []
     mask_k: list[int] = []
+    mask_rewritten: list[bool] = []  # the step's schema needed an exact rewrite (not, oneOf, if, ...)
     for path in files:
         case = json.loads(path.read_text())
+        rewritten = keywords.needs_rewrite(case["schema"], one_of=True)
         compiled = {}
         for mode in ("lenient", "strict"):
             try:
@@ -140,6 +143,7 @@ def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
                     allowed = matcher.allowed()
                     mask_s.append(time.perf_counter() - start)
                     mask_k.append(int(allowed.size))
+                    mask_rewritten.append(rewritten)
                     if tok not in allowed:  # a false rejection: stop this walk
                         break
                     matcher.accept(tok)
@@ -147,7 +151,7 @@ def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
     total = len(files)
     return {
         "benchmark": "maskbench",
-        "data": str(data_dir or "../shared/data/maskbench"),
+        "data": "../shared/data/maskbench" if Path(data_dir).resolve() == maskbench_dir().resolve() else data_dir,
         "backend": "llguidance",
         "tokenizer": "SmolLM2-135M-Instruct (vocab 49152)",
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -156,12 +160,12 @@ def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
         "coverage": {"compiled": compiled_n["lenient"], "rate": round(compiled_n["lenient"] / total, 4),
                      "compiled_strict": compiled_n["strict"],
                      "rate_strict": round(compiled_n["strict"] / total, 4),
-                     "target_rate": 0.80},
+                     "target_rate": 0.95},
         "not_compiled_reasons": dict(reasons.most_common()),
         "crashes": crashes,
         "instances": {"valid": valid_n, "invalid": invalid_n},
         "false_rejections": {"count": len(false_rej), "rate": round(len(false_rej) / max(valid_n, 1), 5),
-                             "target_rate_max": 0.01, "examples": false_rej[:20]},
+                             "target_rate_max": 0.002, "examples": false_rej[:20]},
         "false_acceptances": {"count": len(false_acc), "rate": round(len(false_acc) / max(invalid_n, 1), 5),
                               "target": 0, "examples": false_acc[:20]},
         "strict_mode": {"false_acceptances": len(strict_false_acc), "examples": strict_false_acc[:10],
@@ -172,6 +176,10 @@ def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
         "mask_cost_per_token": {**_stats_us(mask_s),
                                 "allowed_k_median": int(np.median(mask_k)) if mask_k else None,
                                 "by_k": _by_k(mask_s, mask_k),
+                                "schemas_without_rewrite": _stats_us([t for t, r in zip(mask_s, mask_rewritten) if not r]),
+                                "schemas_with_rewrite": _stats_us([t for t, r in zip(mask_s, mask_rewritten) if r]),
+                                "before_issue_14": {"median_us": 28.4, "p99_us": 807.1, "note": "same benchmark, "
+                                                    "commit e8830f8 (rewrites absent), another run on this machine"},
                                 "what": "Matcher.allowed(): llguidance bitmask + sorted int32 ids, "
                                         "one call per token of each valid instance (+ EOS)"},
         "tokenizer_trie_build_s": round(trie_s, 3),
@@ -181,7 +189,7 @@ def run(data_dir: str | None, limit: int | None, mask_timing: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=None, help="maskbench directory (default ../shared/data/maskbench)")
+    ap.add_argument("--data", default=None, help="maskbench directory (default <repository>/../shared/data/maskbench)")
     ap.add_argument("--limit", type=int, default=None, help="first N schemas only")
     ap.add_argument("--no-mask-timing", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "maskbench.json"))

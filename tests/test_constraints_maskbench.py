@@ -1,6 +1,6 @@
 """Constraints on the real SmolLM2 tokenizer: EOS and special tokens, and the whole maskbench corpus
 (every schema compiles or raises ConstraintError; no invalid instance accepted; false rejections
-<= 1%). Marked slow: they load the real model's tokenizer (shared session fixture)."""
+<= 0.2%). Marked slow: they load the real model's tokenizer (shared session fixture)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from llmqp import ConstraintError
 from llmqp.constraints import compile_constraint, make_spec
-from llmqp.testing import compact_json, maskbench_files
+from llmqp.testing import compact_json, maskbench_dir, maskbench_files
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +57,20 @@ def test_real_tokenizer_forced_tokens_are_canonical(tokenizer):
     assert m.forced() == [] and m.allowed().size == 2  # `"` or `":`
 
 
+def test_maskbench_data_is_found_relative_to_the_repository():
+    """The data path comes from the package's own location (CI's clean checkout has no /work)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    assert maskbench_dir() == (repo.parent / "shared" / "data" / "maskbench").resolve() or \
+        "LLMQP_MASKBENCH_DIR" in __import__("os").environ
+
+
 def test_maskbench(tokenizer):
+    if not maskbench_dir().is_dir():
+        pytest.skip(f"maskbench data ({maskbench_dir()}) is not present")
     files = maskbench_files()
-    if not files:
-        pytest.skip("maskbench data (../shared/data/maskbench) is not present")
+    assert files, f"{maskbench_dir()} exists but holds no schema files"
     compiled_n = valid_n = 0
     false_rej, false_acc, strict_false_acc, slow = [], [], [], []
     for path in files:
@@ -90,5 +100,5 @@ def test_maskbench(tokenizer):
           f"{len(false_rej)} false rejections, {len(false_acc)} false acceptances")
     assert not slow, f"compile took over {COMPILE_LIMIT_S} s: {slow[:5]}"
     assert false_acc == [] and strict_false_acc == []
-    assert len(false_rej) <= 0.01 * valid_n, false_rej[:20]
-    assert compiled_n >= 0.80 * len(files)
+    assert len(false_rej) <= 0.002 * valid_n, false_rej[:20]
+    assert compiled_n >= 0.88 * len(files)  # 88.4% measured (benchmarks/results/maskbench.json)

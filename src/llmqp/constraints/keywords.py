@@ -19,8 +19,9 @@ cannot express exactly (`not` of a `pattern`, a `format`, `multipleOf`, `items`,
 objects, a recursive `$ref`, ...) raises `ConstraintError` naming the keyword and its place; nothing is
 approximated. `oneOf` options are only rewritten when `rewrite(..., one_of=True)` is asked for (the
 backend asks after llguidance failed to prove them disjoint), so schemas that compiled before keep
-their grammar. `uniqueItems: false` (no constraint) is dropped; `uniqueItems: true` is left for the
-token-level layer (`llmqp.constraints.layer`).
+their grammar. `uniqueItems: false` (no constraint) is dropped, and so is a `format` on a schema that
+admits no strings (formats constrain strings only); `uniqueItems: true` is left for the token-level
+layer (`llmqp.constraints.unique`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def needs_rewrite(schema: Any, *, one_of: bool = False) -> bool:
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if keys & node.keys() or node.get("uniqueItems") is False:
+            if keys & node.keys() or node.get("uniqueItems") is False or \
+                    ("format" in node and _formats_cannot_apply(node)):
                 return True
             stack.extend(node.values())
         elif isinstance(node, list):
@@ -130,6 +132,8 @@ class _Rewriter:
         """Rewrite the keywords of `node` itself (its subschemas are already rewritten)."""
         if node.get("uniqueItems") is False:
             del node["uniqueItems"]
+        if "format" in node and _formats_cannot_apply(node):
+            del node["format"]
         extra: list = []
         types = _types_of(node)
         closed = _closed_keys(node)
@@ -166,9 +170,10 @@ class _Rewriter:
                 if option_types is not None and types is not None:
                     option_types &= types
                 props = self.plain(option).get("properties") if isinstance(self.plain(option), dict) else None
-                branches.append(_all([option if i == j else self.negate(other, option_types or types, keys=keys,
-                                                                         props=props)
-                                      for j, other in enumerate(options)]))
+                # The option first: llguidance orders an object's properties by the order of the merged
+                # parts, and the generated order should be the option's own.
+                branches.append(_all([option] + [self.negate(other, option_types or types, keys=keys, props=props)
+                                                 for j, other in enumerate(options) if j != i]))
             extra.append(_any(branches, None))
         elif self.one_of and isinstance(node.get("oneOf"), list):  # disjoint options: oneOf is anyOf
             extra.append({"anyOf": node.pop("oneOf")})
@@ -375,6 +380,15 @@ def _any(branches: list, types: frozenset | None) -> Any:
     if not kept:
         return False
     return kept[0] if len(kept) == 1 else {"anyOf": kept}
+
+
+def _formats_cannot_apply(node: dict) -> bool:
+    """True when `node` only admits non-strings: every JSON-Schema format (and every unknown one, an
+    annotation) constrains strings only, so a `format` here constrains nothing (`{"type": "integer",
+    "format": "int32"}` accepts every integer, as `jsonschema` does)."""
+    t = node.get("type")
+    types = [t] if isinstance(t, str) else t
+    return isinstance(types, list) and bool(types) and "string" not in types
 
 
 def _closed_keys(node: Any) -> list | None:

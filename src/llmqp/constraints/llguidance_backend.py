@@ -20,7 +20,7 @@ from typing import ClassVar
 import llguidance
 import numpy as np
 
-from llmqp.constraints import keywords, schema as schema_tools
+from llmqp.constraints import keywords, schema as schema_tools, unique
 from llmqp.constraints.base import CompiledConstraint, ConstraintBackend, ConstraintKind, ConstraintSpec, Matcher
 from llmqp.errors import ConstraintError
 
@@ -52,6 +52,18 @@ class _TokenizerState:
         self.keep_words = np.packbits(keep, bitorder="little").view(np.int32)
         self.eos_bits = [(e >> 5, np.uint32(1 << (e & 31)).view(np.int32)) for e in self.eos_ids]
         self._by_bytes: tuple[dict[bytes, int], int] | None = None
+        self._token_bytes: tuple | None = None
+
+    def token_bytes(self) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+        """(bytes of every id (b"" for special ones), holds a `"` or `\\` per id, characters per id);
+        built on first use (~0.1 s for 49k tokens), for the uniqueItems layer."""
+        if self._token_bytes is None:
+            raw = [b"" if tok in self.special_ids or tok >= self.llg.vocab_size or self.llg.is_special_token(tok)
+                   else self.llg.decode_bytes([tok]) for tok in range(self.vocab_size)]
+            has_quote = np.array([b'"' in r or b"\\" in r for r in raw], dtype=bool)
+            char_len = np.array([len(r.decode("utf-8", errors="replace")) for r in raw], dtype=np.int32)
+            self._token_bytes = (raw, has_quote, char_len)
+        return self._token_bytes
 
     def tokens_by_bytes(self) -> tuple[dict[bytes, int], int]:
         """{token bytes: id} for the non-special tokens, and the longest token's length; built on first
@@ -209,11 +221,24 @@ class LLGuidanceConstraint(CompiledConstraint):
     compile_ms: float
     _template: llguidance.LLMatcher = dataclasses.field(repr=False)
     _state: _TokenizerState = dataclasses.field(repr=False)
+    unique_arrays: dict = dataclasses.field(default_factory=dict, repr=False)  # output path -> UniqueArray
 
-    def matcher(self) -> LLGuidanceMatcher:
-        return LLGuidanceMatcher(self._template.deep_copy(), self._state)
+    def matcher(self) -> Matcher:
+        inner = LLGuidanceMatcher(self._template.deep_copy(), self._state)
+        if not self.unique_arrays:
+            return inner
+        return unique.UniqueMatcher(inner, self.unique_arrays, *self._state.token_bytes())
 
     def accepts(self, text: str) -> bool:
+        if not self.unique_arrays:
+            return self._accepts_any_order(text)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        return unique.check_value(value, self.unique_arrays) and self._accepts_any_order(text)
+
+    def _accepts_any_order(self, text: str) -> bool:
         if self._accepts(text):
             return True
         if self.spec.kind is not ConstraintKind.JSON_SCHEMA or self.spec.strict:
@@ -286,13 +311,13 @@ class LLGuidanceBackend(ConstraintBackend):
     def compile(self, spec: ConstraintSpec, tokenizer) -> LLGuidanceConstraint:
         state = tokenizer_state(tokenizer)
         start = time.perf_counter()
-        grammar, source_schema = self._grammar(spec)
+        grammar, source_schema, arrays = self._grammar(spec)
         template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
         if template.is_error() and _ONE_OF_UNPROVEN in template.get_error() and \
                 keywords.needs_rewrite(source_schema, one_of=True):
             # llguidance could not prove some oneOf's options disjoint: enforce "exactly one" exactly,
             # as anyOf over (one option and the negation of every other).
-            grammar, source_schema = self._grammar(spec, one_of=True)
+            grammar, source_schema, arrays = self._grammar(spec, one_of=True)
             template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
         if template.is_error():
             raise ConstraintError(self._explain(spec, template.get_error(), source_schema))
@@ -301,19 +326,20 @@ class LLGuidanceBackend(ConstraintBackend):
             raise ConstraintError(self._explain(spec, "; ".join(template.get_grammar_warnings()), source_schema))
         compile_ms = (time.perf_counter() - start) * 1e3
         return LLGuidanceConstraint(spec=spec, grammar=grammar, compile_ms=compile_ms,
-                                    _template=template, _state=state)
+                                    _template=template, _state=state, unique_arrays=arrays)
 
-    def _grammar(self, spec: ConstraintSpec, one_of: bool = False) -> tuple[str, object]:
+    def _grammar(self, spec: ConstraintSpec, one_of: bool = False) -> tuple[str, object, dict]:
+        """(llguidance grammar, the schema it was built from, the unique arrays the layer enforces)."""
         if spec.kind is ConstraintKind.REGEX:
-            return llguidance.LLMatcher.grammar_from_regex(spec.source), None
+            return llguidance.LLMatcher.grammar_from_regex(spec.source), None, {}
         if spec.kind is ConstraintKind.CHOICE:
             choices = json.loads(spec.source)
             # One literal per choice; a literal Lark string is JSON-quoted, so any text is safe.
             lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
-            return llguidance.LLMatcher.grammar_from_lark(lark), None
+            return llguidance.LLMatcher.grammar_from_lark(lark), None, {}
         if spec.kind is ConstraintKind.GRAMMAR:
             try:
-                return llguidance.grammar_from("grammar", spec.source), None
+                return llguidance.grammar_from("grammar", spec.source), None, {}
             except ValueError as e:  # GBNF that does not convert
                 raise ConstraintError(f"grammar: {e}") from None
         schema = json.loads(spec.source)
@@ -330,11 +356,12 @@ class LLGuidanceBackend(ConstraintBackend):
         if spec.strict:
             schema = schema_tools.close_objects(schema)
         schema_tools.check_min_properties(schema)
+        schema, arrays = unique.extract(schema)
         options = {"whitespace_flexible": spec.whitespace_flexible, "lenient": False, "coerce_one_of": False}
         if spec.whitespace_flexible:
             options["whitespace_pattern"] = WHITESPACE_PATTERN
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options), schema
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options), schema, arrays
         except ValueError as e:
             raise ConstraintError(f"json_schema: {e}") from None
 

@@ -1,0 +1,447 @@
+"""`uniqueItems`, enforced token by token above the grammar matcher (valid by construction).
+
+A context-free grammar cannot say "no two items are equal", so the grammar is compiled without
+`uniqueItems` and `UniqueMatcher` wraps its matcher. It follows the JSON parse of the output so far (a
+byte-level scanner with a path stack) and, at each step, removes from the grammar's allowed set every
+token that would
+
+  * complete an item equal (JSON equality: 1 == 1.0, "a" == "\\u0061") to an earlier item of the
+    same unique array, or
+  * leave the item in progress, or the item a `,` opens, without any completion that is still unused
+    (e.g. `[true,false,` or, with `"maxLength": 2`, `["ab","ab` where only `"` can follow).
+
+so every prefix the engine sees can still be completed to a valid output, and every output that stops
+is valid. Exactly where the array is, and what its items are, must be decidable from the schema:
+
+  * the array is reached from the root through `properties` and `items` only (plain `$ref`s followed),
+    so its place in the output names it; a `uniqueItems: true` anywhere else (inside `anyOf`, `oneOf`,
+    `allOf`, `additionalProperties`, a recursive `$ref`, ...) is refused with ConstraintError;
+  * its items are scalars: an `enum`/`const` of scalars, `boolean`, `null`, a `string` with at most
+    `minLength`/`maxLength`, or an unbounded `integer`/`number`. Items with a `pattern`, `format`, bounds,
+    objects or arrays are refused (whether an unused completion exists would not be decidable here).
+
+Cost: nothing outside unique arrays; inside one, the candidates that can complete or open an item are
+re-scanned in Python (inside a string item only the tokens holding a `"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import decimal
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+
+from llmqp.constraints.base import Matcher
+from llmqp.errors import ConstraintError
+
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)  # no rounding
+ITEM = ("[]",)  # the path step into an array's items (object keys are plain strings)
+_ANNOTATIONS = {"$schema", "$id", "id", "$anchor", "$comment", "$defs", "definitions", "title",
+                "description", "default", "examples", "example", "readOnly", "writeOnly", "deprecated"}
+_SCALAR_KEYS = {"string": {"minLength", "maxLength"}, "integer": set(), "number": set(), "boolean": set(),
+                "null": set()}
+
+
+@dataclasses.dataclass(frozen=True)
+class UniqueArray:
+    """A unique array's items: a finite `domain` of values (enum, const, boolean, null, empty string),
+    or an infinite kind ("string", "integer", "number")."""
+
+    kind: str  # "finite" | "string" | "integer" | "number"
+    domain: tuple = ()  # (key, texts) per value of a finite domain: its identity and its JSON spellings
+    max_length: int | None = None  # strings
+
+
+# ----------------------------------------------------------------------------------- compile time
+def extract(schema: Any) -> tuple[Any, dict[tuple, UniqueArray]]:
+    """(schema without the `uniqueItems: true` this module enforces, {output path: UniqueArray}).
+    Raises ConstraintError for a `uniqueItems: true` it cannot enforce exactly. The schema is copied
+    before any change."""
+    if not _mentions_unique(schema):
+        return schema, {}
+    import copy
+
+    schema = copy.deepcopy(schema)
+    found: dict[tuple, UniqueArray] = {}
+    nodes: dict[int, dict] = {}
+    _walk(schema, schema, (), (), found, nodes)
+    for node, path in _every_unique(schema):
+        if id(node) not in nodes:
+            raise ConstraintError(f'json_schema: keyword "uniqueItems" at {path} is not supported here: only '
+                                  "arrays reached from the root through properties and items (not inside "
+                                  "anyOf/oneOf/allOf, additional or pattern properties, or a recursive $ref) "
+                                  "are enforced")
+    for node in nodes.values():
+        del node["uniqueItems"]
+    return schema, found
+
+
+def _walk(root, node, path: tuple, refs: tuple, found: dict, nodes: dict) -> None:
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and not (set(node) - _ANNOTATIONS - {"$ref"}):
+        ref = node["$ref"]
+        if ref in refs:
+            return  # a cycle: uniqueItems inside it stays unregistered and is refused by `extract`
+        refs = refs + (ref,)
+        node = _resolve(root, ref)
+    if not isinstance(node, dict):
+        return
+    if node.get("uniqueItems") is True:
+        found[path] = _item_kind(root, node, path)
+        nodes[id(node)] = node
+    if isinstance(node.get("properties"), dict):
+        for name, sub in node["properties"].items():
+            _walk(root, sub, path + (name,), refs, found, nodes)
+    if isinstance(node.get("items"), dict):
+        _walk(root, node["items"], path + (ITEM,), refs, found, nodes)
+
+
+def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
+    where = "#" + "".join("/items" if p == ITEM else f"/properties/{p}" for p in path)
+    extra = set(node) - _ANNOTATIONS - {"type", "items", "minItems", "maxItems", "uniqueItems"}
+    if extra or node.get("type", "array") != "array":
+        raise ConstraintError(f'json_schema: keyword "uniqueItems" at {where} is not supported beside '
+                              f'{sorted(extra) or "a type other than array"}')
+    items = node.get("items")
+    seen = 0
+    while isinstance(items, dict) and "$ref" in items and not (set(items) - _ANNOTATIONS - {"$ref"}) and seen < 32:
+        items, seen = _resolve(root, items["$ref"]), seen + 1
+    why = None
+    kind = None
+    if not isinstance(items, dict):
+        why = "items that may be any JSON value"
+    elif "enum" in items or "const" in items:
+        values = [items["const"]] if "const" in items else items["enum"]
+        if set(items) - _ANNOTATIONS - {"enum", "const", "type"} or \
+                not all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
+            why = "items that are not an enum of scalars"
+        else:
+            kind = _finite(values)
+    else:
+        t = items.get("type")
+        keys = set(items) - _ANNOTATIONS - {"type"}
+        if t not in _SCALAR_KEYS or keys - _SCALAR_KEYS[t]:
+            why = f"items of this kind ({json.dumps(items)[:60]}): only enums of scalars, booleans, null, " \
+                  "strings with at most minLength/maxLength, and unbounded integers/numbers"
+        elif t == "boolean":
+            kind = _finite([False, True])
+        elif t == "null":
+            kind = _finite([None])
+        elif t == "string" and items.get("maxLength") == 0:
+            kind = _finite([""])
+        else:
+            kind = UniqueArray(kind=t, max_length=items.get("maxLength") if t == "string" else None)
+    if why:
+        raise ConstraintError(f'json_schema: keyword "uniqueItems" at {where} is not supported for {why}')
+    if kind.kind == "finite" and int(node.get("minItems", 0)) > len(kind.domain):
+        raise ConstraintError(f'json_schema: keyword "uniqueItems" at {where}: minItems {node["minItems"]} '
+                              f"exceeds the {len(kind.domain)} distinct values the items allow: no output "
+                              "satisfies it")
+    return kind
+
+
+def _finite(values: list) -> UniqueArray:
+    domain: dict = {}
+    for v in values:
+        texts = {json.dumps(v, ensure_ascii=False), json.dumps(v)}
+        if isinstance(v, float) and v.is_integer():
+            texts.add(str(int(v)))
+        domain.setdefault(value_key(v), set()).update(texts)
+    return UniqueArray(kind="finite", domain=tuple((k, tuple(sorted(t))) for k, t in domain.items()))
+
+
+def _resolve(root, ref: str):
+    import urllib.parse
+
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for part in filter(None, ref[1:].split("/")):
+        part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _mentions_unique(schema) -> bool:
+    return any(True for _ in _every_unique(schema))
+
+
+def _every_unique(schema):
+    stack = [(schema, "#")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            if node.get("uniqueItems") is True:
+                yield node, path
+            stack.extend((v, f"{path}/{k}") for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}/{i}") for i, v in enumerate(node))
+
+
+def value_key(value: Any):
+    """A hashable identity under JSON equality (1 == 1.0 == 1e0; True != 1)."""
+    if value is None:
+        return ("null",)
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("num", Decimal(repr(value) if isinstance(value, float) else value).normalize(_EXACT))
+    if isinstance(value, str):
+        return ("str", value)
+    return ("json", json.dumps(value, sort_keys=True))
+
+
+def _text_key(raw: bytes):
+    """value_key of a complete JSON scalar as written (numbers compared exactly, not via float)."""
+    text = raw.decode("utf-8")
+    c = text[:1]
+    if c == '"':
+        return ("str", json.loads(text))
+    if c in "tfn":
+        return value_key(json.loads(text))
+    try:
+        return ("num", Decimal(text).normalize(_EXACT))
+    except decimal.DecimalException:
+        return ("text", text)
+
+
+def check_value(value: Any, arrays: dict[tuple, UniqueArray], path: tuple = ()) -> bool:
+    """True when every array at a unique path of `value` has distinct items (for accepts())."""
+    if isinstance(value, list):
+        if path in arrays:
+            keys = [value_key(v) for v in value]
+            if len(set(keys)) != len(keys):
+                return False
+        return all(check_value(v, arrays, path + (ITEM,)) for v in value)
+    if isinstance(value, dict):
+        return all(check_value(v, arrays, path + (k,)) for k, v in value.items())
+    return True
+
+
+# ----------------------------------------------------------------------------------------- runtime
+_WS = frozenset(b" \t\n\r")
+_SCALAR_START = frozenset(b"-0123456789tfn")
+_SCALAR_BYTES = frozenset(b"-+.0123456789eEtrufalsn")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+    kind: str  # "o" object, "a" array
+    path: tuple
+    spec: UniqueArray | None = None  # a unique array
+    used: frozenset = frozenset()  # keys of its completed items
+    key: str | None = None  # objects: the last key read
+    expect_key: bool = True  # objects: the next string is a key
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanState:
+    """The JSON parse of the output so far (immutable: states are kept per token for rollback)."""
+
+    stack: tuple = ()
+    lex: bytes | None = None  # the scalar being read (a string starts with `"`), or None
+    escaped: bool = False
+
+    def top_unique(self) -> _Frame | None:
+        return self.stack[-1] if self.stack and self.stack[-1].spec is not None else None
+
+
+def scan(state: ScanState, data: bytes, arrays: dict[tuple, UniqueArray]) -> ScanState | None:
+    """`state` after the bytes `data`, or None when they complete an item that repeats an earlier one
+    of its unique array. Assumes `data` is what the grammar allows (well-formed JSON so far)."""
+    stack, lex, escaped = state.stack, state.lex, state.escaped
+    for b in data:
+        if lex is not None and lex[:1] == b'"':
+            lex += bytes((b,))
+            if escaped:
+                escaped = False
+            elif b == 0x5C:
+                escaped = True
+            elif b == 0x22:
+                stack = _complete(stack, lex)
+                if stack is None:
+                    return None
+                lex = None
+            continue
+        if lex is not None:
+            if b in _SCALAR_BYTES:
+                lex += bytes((b,))
+                continue
+            stack = _complete(stack, lex)
+            if stack is None:
+                return None
+            lex = None
+        if b in _WS or b == 0x3A:  # whitespace, `:`
+            continue
+        if b == 0x2C:  # `,`
+            if stack and stack[-1].kind == "o":
+                stack = stack[:-1] + (dataclasses.replace(stack[-1], expect_key=True),)
+            continue
+        if b in (0x7B, 0x5B):  # `{` `[`
+            path = _child_path(stack)
+            stack = stack + ((_Frame("o", path),) if b == 0x7B else (_Frame("a", path, arrays.get(path)),))
+            continue
+        if b in (0x7D, 0x5D):  # `}` `]`
+            stack = stack[:-1]
+            if stack and stack[-1].kind == "o":
+                stack = stack[:-1] + (dataclasses.replace(stack[-1], expect_key=False),)
+            continue
+        lex = bytes((b,))  # `"` or the first byte of a number / literal
+    return ScanState(stack, lex, escaped)
+
+
+def _child_path(stack: tuple) -> tuple:
+    if not stack:
+        return ()
+    top = stack[-1]
+    return top.path + ((top.key,) if top.kind == "o" else (ITEM,))
+
+
+def _complete(stack: tuple, raw: bytes) -> tuple | None:
+    if not stack:
+        return stack
+    top = stack[-1]
+    if top.kind == "o":
+        if top.expect_key:
+            return stack[:-1] + (dataclasses.replace(top, key=json.loads(raw), expect_key=False),)
+        return stack
+    if top.spec is None:
+        return stack
+    key = _text_key(raw)
+    if key in top.used:
+        return None
+    return stack[:-1] + (dataclasses.replace(top, used=top.used | {key}),)
+
+
+def viable(state: ScanState, opening: bool) -> bool:
+    """Whether the innermost unique array's item in progress (or, with `opening`, the item a `,` or `[`
+    just opened) still has a completion that is unused."""
+    top = state.top_unique()
+    if top is None:
+        return True
+    spec, raw = top.spec, state.lex
+    if raw is None:
+        if not opening:
+            return True
+        return spec.kind != "finite" or any(k not in top.used for k, _ in spec.domain)
+    text = raw.decode("utf-8", errors="ignore")
+    if spec.kind == "finite":
+        return any(k not in top.used and any(t.startswith(text) for t in texts) for k, texts in spec.domain)
+    if spec.kind == "integer":
+        return not (text in ("0", "-0") and ("num", Decimal(0)) in top.used)
+    if spec.kind == "string" and spec.max_length is not None and not state.escaped:
+        try:
+            content = json.loads(text + '"')
+        except ValueError:
+            return True  # inside an escape sequence: the grammar bounds the length
+        return not (len(content) >= spec.max_length and ("str", content) in top.used)
+    return True
+
+
+class UniqueMatcher(Matcher):
+    """A grammar matcher plus the uniqueItems layer. The verbs keep their contract: `allowed()` is the
+    grammar's set minus what the layer excludes (never empty while the output can go on; otherwise
+    ConstraintError), `forced()` stops at the first token the layer would exclude, `accept` raises
+    ValueError for an excluded token, `rollback` restores the scan state too."""
+
+    def __init__(self, inner: Matcher, arrays: dict[tuple, UniqueArray], token_bytes: list[bytes],
+                 has_quote: np.ndarray, char_len: np.ndarray):
+        self._inner, self._arrays = inner, arrays
+        self._bytes, self._has_quote, self._char_len = token_bytes, has_quote, char_len
+        self.vocab_size, self.eos_ids = inner.vocab_size, inner.eos_ids
+        self._states = [ScanState()]  # one per accepted token (+ the start)
+
+    def _next(self, tok: int) -> ScanState | None:
+        state = self._states[-1]
+        if tok in self.eos_ids:
+            return state
+        data = self._bytes[tok] if tok < len(self._bytes) else b""
+        nxt = scan(state, data, self._arrays)
+        if nxt is None:
+            return None
+        opened = bool(data) and data.rstrip(b" \t\n\r")[-1:] in (b",", b"[")
+        return nxt if viable(nxt, opened) else None
+
+    def allowed(self) -> np.ndarray:
+        base = self._inner.allowed()
+        state = self._states[-1]
+        top = state.top_unique()
+        if top is None or base.size == 0:
+            return base
+        if state.lex is not None and state.lex[:1] == b'"' and top.spec.kind == "string" and not state.escaped:
+            # Inside a string item only a `"` completes it, and only reaching maxLength leaves a single
+            # completion: other tokens cannot fail.
+            ids = np.minimum(base, len(self._has_quote) - 1)
+            check = self._has_quote[ids]
+            if top.spec.max_length is not None:
+                try:
+                    length = len(json.loads(state.lex.decode("utf-8") + '"'))
+                    check = check | (length + self._char_len[ids] >= top.spec.max_length)
+                except ValueError:
+                    check = np.ones_like(check)
+            candidates = base[check]
+        else:
+            candidates = base
+        bad = [t for t in candidates.tolist() if self._next(t) is None]
+        if not bad:
+            return base
+        kept = np.setdiff1d(base, np.asarray(bad, dtype=base.dtype), assume_unique=True)
+        if kept.size == 0:
+            raise ConstraintError("uniqueItems: no token continues the output without repeating an item "
+                                  "(the constraint cannot be completed from here)")
+        return kept
+
+    def forced(self) -> list[int]:
+        out, states = [], self._states[-1]
+        for tok in self._inner.forced():
+            nxt = self._next_from(states, tok)
+            if nxt is None:
+                break
+            out.append(tok)
+            states = nxt
+        return out
+
+    def _next_from(self, state: ScanState, tok: int) -> ScanState | None:
+        saved = self._states
+        self._states = [state]
+        try:
+            return self._next(tok)
+        finally:
+            self._states = saved
+
+    def accept(self, token_id: int) -> None:
+        token_id = int(token_id)
+        nxt = self._next(token_id)
+        if nxt is None:
+            raise ValueError(f"token {token_id} is not allowed here (it would repeat an item of a unique array)")
+        self._inner.accept(token_id)
+        self._states.append(nxt)
+
+    def try_accept(self, token_ids) -> int:
+        n = 0
+        for tok in token_ids:
+            nxt = self._next(int(tok))
+            if nxt is None or self._inner.try_accept([int(tok)]) != 1:
+                break
+            self._states.append(nxt)
+            n += 1
+        return n
+
+    def rollback(self, n: int) -> None:
+        n = int(n)
+        self._inner.rollback(n)
+        if n:
+            del self._states[-n:]
+
+    def can_stop(self) -> bool:
+        return self._inner.can_stop()
+
+    def is_done(self) -> bool:
+        return self._inner.is_done()
