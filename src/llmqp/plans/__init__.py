@@ -124,3 +124,12 @@ def score_and_select(head, hidden, ids, valid, seed, step, temperature, top_k, t
     Returns (index into ids: (B,) int32, logprob over the allowed set: (B,) f32)."""
     logits = plan.score(head, hidden, ids, union)
     return sampling.select(logits, ids, valid, seed, step, temperature, top_k, top_p, greedy=greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "greedy"))
+def score_select_logits(head, hidden, ids, valid, seed, step, temperature, top_k, top_p, union=None, *,
+                        plan: Plan, greedy: bool):
+    """`score_and_select`, also returning the allowed logits (B, K) f32 (for reporting top log-probs)."""
+    logits = plan.score(head, hidden, ids, union)
+    index, logprob = sampling.select(logits, ids, valid, seed, step, temperature, top_k, top_p, greedy=greedy)
+    return index, logprob, logits
