@@ -20,6 +20,7 @@ from llmqp.core.request import ContextLengthError, Request
 from llmqp.core.scheduler import Scheduler
 from llmqp.core.spec import DEFAULT_SPEC, DecodeSpec, pow2_at_least
 from llmqp.errors import ChatTemplateError, PromptError
+from llmqp import plans as plans_mod
 from llmqp.model import loader, transformer
 from llmqp.planner import Planner
 from llmqp.plans import PlanKind
@@ -66,10 +67,12 @@ class Engine:
     `Engine()` loads the embedded SmolLM2-135M-Instruct (first call dequantizes and caches it under
     `llmqp.cache_dir()`); `Engine.from_pretrained(path)` loads a llama GGUF file or a Hugging Face
     directory (Llama, Qwen2). dtype "float32" (default) or "bfloat16" for the weights. `spec` holds the
-    decode rules (buckets, thresholds) every path shares."""
+    decode rules (buckets, thresholds) every path shares. devices: a device count or a 1-D
+    `jax.sharding.Mesh` to spread the model over (`llmqp.sharding`: the vocabulary matrices split, each
+    device scoring only the allowed ids in its range; the trunk replicated) — identical tokens to one device."""
 
     def __init__(self, model: str | Path | None = None, *, dtype: str = "float32", use_cache: bool = True,
-                 spec: DecodeSpec = DEFAULT_SPEC):
+                 spec: DecodeSpec = DEFAULT_SPEC, devices=None):
         if dtype not in ("float32", "bfloat16"):
             raise InvalidArgument(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         _enable_compile_cache()
@@ -81,6 +84,13 @@ class Engine:
         self.dtype = dtype
         self.spec = spec
         self.params = device_params(loaded.params, dtype)
+        self.mesh = None
+        self.plans = dict(plans_mod.PLANS)
+        if devices is not None:
+            from llmqp.sharding import place_params
+
+            self.params, self.mesh = place_params(self.params, devices)
+            self.plans = plans_mod.sharded_plans(self.mesh)
         self.head = {"unembed": self.params["unembed"], "unembed_rows": self.params["unembed_rows"]}
         self._planner: Planner | None = None
         self.load_seconds = time.perf_counter() - t0

@@ -155,7 +155,7 @@ class ModelExecutor:
         """Score and sample every row of the batch with plan `kind` (a PlanKind). Returns numpy (index (B,),
         logprob (B,), logits (B, K) or None)."""
         head = self.engine.head
-        plan = plans_mod.PLANS[kind]
+        plan = self.engine.plans[kind]
         if want_logits:
             index, logprob, logits = plans_mod.score_select_logits(
                 head, self.hidden, ids, valid, seeds, steps, temps, top_ks, top_ps, union, plan=plan, greedy=greedy)

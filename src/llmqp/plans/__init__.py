@@ -113,6 +113,40 @@ class SparseUnionPlan(Plan):
         return jnp.take_along_axis(shared, positions, axis=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardedSparsePlan(Plan):
+    """The sparse plan over a vocabulary split across a mesh (`llmqp.sharding`): each device gathers and
+    scores only the allowed ids in its own vocabulary range; a psum combines them."""
+
+    mesh: object = None
+    kind: PlanKind = PlanKind.SPARSE
+
+    def score(self, head, hidden, ids, union=None):
+        from llmqp.sharding import sharded_sparse_logits
+
+        return sharded_sparse_logits(head, hidden, ids, self.mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedDensePlan(Plan):
+    """The dense plan over a vocabulary split across a mesh: every device scores its own columns; only the
+    allowed (B, K) values are read out of the sharded (B, V) logits."""
+
+    mesh: object = None
+    kind: PlanKind = PlanKind.DENSE
+
+    def score(self, head, hidden, ids, union=None):
+        from llmqp.sharding import sharded_dense_logits
+
+        return jnp.take_along_axis(sharded_dense_logits(head, hidden, self.mesh), ids, axis=1)
+
+
+def sharded_plans(mesh) -> dict[PlanKind, Plan]:
+    """The plans of an engine whose vocabulary is sharded over `mesh`."""
+    return {PlanKind.DENSE: ShardedDensePlan(mesh), PlanKind.SPARSE: ShardedSparsePlan(mesh),
+            PlanKind.SPARSE_UNION: SparseUnionPlan()}
+
+
 PLANS: dict[PlanKind, Plan] = {PlanKind.DENSE: DensePlan(), PlanKind.SPARSE: SparsePlan(),
                                PlanKind.SPARSE_UNION: SparseUnionPlan()}
 
