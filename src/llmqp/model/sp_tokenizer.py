@@ -5,7 +5,7 @@ SentencePiece model, so that llguidance (which reads ``hf.to_str()``) builds mas
 How it reproduces SentencePiece's BPE encoder:
 
 - spaces become ``▁`` (normalizer) — no dummy prefix, no whitespace folding;
-- user-defined pieces (runs of newlines, spaces, tabs, HTML tags) match whole in the raw text first;
+- user-defined pieces (runs of newlines, spaces, tabs, HTML tags) match whole before BPE;
   control pieces (``<bos>``, ``<start_of_turn>``, ...) too, only when ``parse_special=True``;
 - merges: every split of a normal piece into two normal pieces, ranked by the merged piece's score
   (highest first) — SentencePiece merges the adjacent pair whose result scores best;
@@ -80,16 +80,21 @@ class SentencePieceTokenizer:
         if sum(1 for t in types if t == BYTE) != 256:
             raise ModelLoadError("SentencePiece vocabulary without the 256 <0xNN> byte pieces "
                                  "(byte fallback) is not supported")
+        # GGUF stores user-defined pieces with their ▁ turned into spaces ("pre-normalized" by the
+        # converter for llama.cpp); the tokenizer gets them back as in the SentencePiece model, and
+        # matches them in the normalized text, as SentencePiece does (this differs from matching the raw
+        # text only where the text itself holds a ▁).
+        tokens = [p.replace(" ", SPACE) if t == USER_DEFINED else p for p, t in zip(tokens, types)]
         unk = tokens[unk_id] if unk_id is not None else None
         bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=_merges(tokens, scores, types),
                          unk_token=unk, fuse_unk=True, byte_fallback=True)
         tk = HFTokenizer(bpe)
         tk.normalizer = normalizers.Replace(" ", SPACE)
         tk.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
-        # Matched whole, on the raw text (before spaces become ▁), as SentencePiece matches them.
+        # Matched whole before BPE: control pieces in the raw text, user-defined ones after normalization.
         tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                for i, t in enumerate(types) if t in (CONTROL, UNKNOWN, UNUSED)])
-        tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+        tk.add_tokens([AddedToken(tokens[i], special=False, normalized=True)
                        for i, t in enumerate(types) if t == USER_DEFINED])
         return cls(tk, token_types=bytes(int(t) for t in types), eos_ids=eos_ids, bos_id=bos_id,
                    add_bos=add_bos, chat_template=chat_template, vocab_size=vocab_size)

