@@ -26,7 +26,7 @@ def test_missing_ray_names_the_extra(monkeypatch, tmp_path, capsys):
     assert "llmqp: error: Ray is not installed: pip install 'llmqp[ray]'" in capsys.readouterr().err
 
 
-def test_batch_rows_from_numpy_and_pandas():
+def test_batch_rows_from_numpy_pandas_and_arrow():
     pd = pytest.importorskip("pandas")
     numpy_batch = {"id": np.array([1, 2]), "prompt": np.array(["a", "b"], dtype=object),
                    "choice": np.array([np.array(["x", "y"], dtype=object), None], dtype=object)}
@@ -34,6 +34,10 @@ def test_batch_rows_from_numpy_and_pandas():
                                        {"id": 2, "prompt": "b", "choice": None}]
     frame = pd.DataFrame({"prompt": ["a", "b"], "regex": ["[0-9]+", np.nan], "n": [np.int64(3), np.int64(4)]})
     assert batch_rows(frame) == [{"prompt": "a", "regex": "[0-9]+", "n": 3}, {"prompt": "b", "regex": None, "n": 4}]
+    import pyarrow as pa
+
+    table = pa.table({"prompt": ["a", "b"], "choice": [["x", "y"], None]})
+    assert batch_rows(table) == [{"prompt": "a", "choice": ["x", "y"]}, {"prompt": "b", "choice": None}]
 
 
 @pytest.fixture(scope="module")

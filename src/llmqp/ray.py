@@ -65,7 +65,10 @@ def _plain(value):
 
 
 def batch_rows(batch) -> list[dict]:
-    """A Ray batch (a dict of numpy arrays, or a pandas DataFrame) -> one dict per row, plain Python."""
+    """A Ray batch (a dict of numpy arrays, a pandas DataFrame or a pyarrow Table) -> one dict per row, plain
+    Python."""
+    if hasattr(batch, "to_pylist"):  # pyarrow
+        return [{k: _plain(v) for k, v in record.items()} for record in batch.to_pylist()]
     if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas
         return [{k: _plain(v) for k, v in record.items()} for record in batch.to_dict("records")]
     columns = {k: list(v) for k, v in batch.items()}
