@@ -68,7 +68,7 @@ class BatchConfig:
     def check(self, engine=None) -> None:
         """Validate the shared options (InvalidArgument) and, given an engine, compile the shared constraint
         once (ConstraintError): a mistake there would otherwise fail every row, so it fails the run."""
-        from llmqp.core.request import Request
+        from llmqp import Request
 
         Request(prompt="-", **self.defaults()).validate()
         kinds = {f: getattr(self, f) for f in CONSTRAINT_FIELDS if getattr(self, f) is not None}

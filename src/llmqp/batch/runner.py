@@ -24,8 +24,7 @@ def run_rows(engine, rows: Iterable[InputRow], *, max_batch: int,
     """Yield (row, output row, GenerationResult or None) for every row, as each finishes. Rows that carry an error, whose options the
     scheduler rejects, or whose generation fails (a bad schema, a prompt past the context) yield an error
     output; the others go on. on_tokens(n) is called with the number of tokens each tick produced."""
-    from llmqp.core.events import FinishedEvent, TokenEvent
-    from llmqp.core.scheduler import Scheduler
+    from llmqp import FinishedEvent, Scheduler, TokenEvent
 
     scheduler = Scheduler(engine, max_slots=max_batch)
     pending = iter(rows)
