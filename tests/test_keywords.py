@@ -72,11 +72,14 @@ CASES = {
                              [[True], [True, False], [False, False], []]),
     "uniqueItems strings": ({"type": "object", "properties": {"tags": {
         "type": "array", "items": {"type": "string", "maxLength": 1}, "uniqueItems": True}}},
-        [{"tags": ["a", "b"]}, {"tags": ["a", "a"]}, {"tags": ["a", "\u0061"]}, {"tags": []}]),
+        [{"tags": ["a", "b"]}, {"tags": ["a", "a"]}, {"tags": ["ab"]}, {"tags": []}]),
     "uniqueItems numbers": ({"type": "array", "items": {"type": "number"}, "uniqueItems": True},
                             [[1, 2], [1, 1.0], [0.5, 5e-1], [12, 1.2]]),
     "uniqueItems integers": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
                              [[0, 1], [0, 0], [-1, 1]]),
+    "oneOf arrays": ({"oneOf": [{"type": "array", "items": {"type": "string"}},
+                                {"type": "array", "items": {"type": "integer"}}]},
+                     [[], ["a"], [1], ["a", 1], "x"]),
     "uniqueItems false": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [[1, 1], [1, 2], ["a"]]),
 }
 
@@ -114,6 +117,44 @@ def test_random_walks_that_stop_are_valid(tk, name):
                 text = tk.decode(out)  # Decimal: 1e999 and 2e999 are different numbers, not two floats inf
                 assert valid(schema, json.loads(text, parse_float=decimal.Decimal)), (name, strict, text)
         assert stopped >= 5, (name, strict, stopped)
+
+
+def test_unique_items_step_by_step(tk):
+    """The layer removes exactly the tokens that would repeat an item or open one that cannot be new."""
+    from llmqp.testing import token_id, token_texts
+
+    c = compile_constraint(make_spec(json_schema={"type": "array", "items": {"enum": ["ab", "no"]},
+                                                  "uniqueItems": True}), tk)
+    m = c.matcher()
+    for text in ["[", '"', "ab", '"', ","]:
+        m.accept(token_id(tk, text))
+    assert token_texts(tk, m.allowed()) == {'"'}
+    m.accept(token_id(tk, '"'))
+    assert token_texts(tk, m.allowed()) == {"n", "no"}  # not "a" / "ab": "ab" is used
+    with pytest.raises(ValueError):
+        m.accept(token_id(tk, "ab"))
+    for text in ["no", '"']:
+        m.accept(token_id(tk, text))
+    assert token_texts(tk, m.allowed()) == {"]"}  # a `,` would open an item with no unused value
+    assert m.forced() == [token_id(tk, "]")]
+    m.rollback(2)  # back to `["ab","`: the layer's state rolls back with the grammar's
+    assert token_texts(tk, m.allowed()) == {"n", "no"}
+    assert m.count_allowed([token_id(tk, t) for t in ["ab", '"']]) == 0
+    assert m.count_allowed([token_id(tk, t) for t in ["no", '"', "]", "<|end|>"]]) == 4
+
+
+@pytest.mark.parametrize("schema, text", [
+    ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, '["a","\\u0061"]'),
+    ({"type": "array", "items": {"type": "number"}, "uniqueItems": True}, "[1,10e-1]"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[0,-0]"),
+])
+def test_unique_items_use_json_equality(tk, schema, text):
+    """Items equal as JSON values but written differently are repeats (jsonschema agrees)."""
+    c = compile_constraint(make_spec(json_schema=schema), tk)
+    assert not valid(schema, json.loads(text)) and not c.accepts(text)
+    m = c.matcher()
+    tokens = tk.encode(text)
+    assert m.count_allowed(tokens) < len(tokens)  # the matcher refuses the repeat too
 
 
 @pytest.mark.parametrize("schema, keyword", [
@@ -212,8 +253,14 @@ def test_try_accept_and_rollback(tk):
      "required": ["n"]},
     {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string", "maxLength": 8}},
      "dependentRequired": {"city": ["zip"]}, "required": ["city"]},
+    {"type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                 "uniqueItems": True, "minItems": 3}}, "required": ["colors"]},
+    {"type": "array", "items": {"type": "string", "maxLength": 3}, "uniqueItems": True, "minItems": 4,
+     "maxItems": 6},
 ])
 def test_generation_validates(engine, schema):
-    r = engine.generate("Answer in JSON.", json_schema=schema, max_tokens=40)
+    """Real model, few tokens: whenever it stops, the output validates (uniqueItems: a small model
+    repeats list items readily, so the layer is exercised)."""
+    r = engine.generate("Answer in JSON. Repeat yourself.", json_schema=schema, max_tokens=40)
     if r.finish_reason == "stop":
         assert r.valid and valid(schema, json.loads(r.text)), r.text

@@ -169,10 +169,11 @@ class _Rewriter:
                 option_types = _types_of(self.plain(option)) if isinstance(self.plain(option), dict) else None
                 if option_types is not None and types is not None:
                     option_types &= types
-                props = self.plain(option).get("properties") if isinstance(self.plain(option), dict) else None
+                plain = self.plain(option) if isinstance(self.plain(option), dict) else {}
                 # The option first: llguidance orders an object's properties by the order of the merged
                 # parts, and the generated order should be the option's own.
-                branches.append(_all([option] + [self.negate(other, option_types or types, keys=keys, props=props)
+                branches.append(_all([option] + [self.negate(other, option_types or types, keys=keys,
+                                                             props=plain.get("properties"), items=plain.get("items"))
                                                  for j, other in enumerate(options) if j != i]))
             extra.append(_any(branches, None))
         elif self.one_of and isinstance(node.get("oneOf"), list):  # disjoint options: oneOf is anyOf
@@ -189,11 +190,11 @@ class _Rewriter:
 
     # --------------------------------------------------------------------------------- negation
     def negate(self, schema: Any, types: frozenset | None, refs: tuple = (), keys: list | None = None,
-               props: dict | None = None) -> Any:
+               props: dict | None = None, items: Any = None) -> Any:
         """A schema whose valid instances are exactly those `schema` rejects, among the instances of
         the surrounding schema: `types` are the JSON types it allows (None: all), `keys` the only
         property names its objects may have (None: any), `props` its property schemas (their types narrow
-        the negation of a property's schema). Raises _Unsupported."""
+        the negation of a property's schema), `items` its arrays' item schema. Raises _Unsupported."""
         if schema is True or schema == {}:
             return False
         if schema is False:
@@ -212,7 +213,7 @@ class _Rewriter:
             ref = schema["$ref"]
             if ref in refs:
                 raise _Unsupported("$ref", f"negating the recursive reference {ref!r}")
-            branches.append(self.negate(self.resolve(ref), types, refs + (ref,), keys, props))
+            branches.append(self.negate(self.resolve(ref), types, refs + (ref,), keys, props, items))
             keys.discard("$ref")
         if "type" in keys:
             branches.append(_negate_type(schema["type"], types))
@@ -249,6 +250,15 @@ class _Rewriter:
                                        for name, sub in props.items() if sub is not True and sub != {}
                                        and (names is None or name in names)]})  # others cannot be present
             keys -= {"properties", "additionalProperties"}
+        if "items" in keys and isinstance(schema["items"], (dict, bool)):
+            mine, theirs = self.plain(schema["items"]), self.plain(items)
+            if mine is True or mine == {}:
+                keys.discard("items")  # every array satisfies it
+            elif isinstance(mine, dict) and isinstance(theirs, dict) and _types_of(mine) is not None and \
+                    _types_of(theirs) is not None and not _overlap(_types_of(mine), _types_of(theirs)):
+                # The surrounding schema's items never satisfy `mine`: any item is a counterexample.
+                branches.append({"type": "array", "minItems": 1})
+                keys.discard("items")
         for key, neg in (("minLength", ("string", "maxLength", -1)), ("maxLength", ("string", "minLength", 1)),
                          ("minItems", ("array", "maxItems", -1)), ("maxItems", ("array", "minItems", 1)),
                          ("minProperties", ("object", "maxProperties", -1)),

@@ -122,7 +122,7 @@ def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
     else:
         t = items.get("type")
         keys = set(items) - _ANNOTATIONS - {"type"}
-        if t not in _SCALAR_KEYS or keys - _SCALAR_KEYS[t]:
+        if not isinstance(t, str) or t not in _SCALAR_KEYS or keys - _SCALAR_KEYS[t]:
             why = f"items of this kind ({json.dumps(items)[:60]}): only enums of scalars, booleans, null, " \
                   "strings with at most minLength/maxLength, and unbounded integers/numbers"
         elif t == "boolean":
@@ -406,6 +406,10 @@ class UniqueMatcher(Matcher):
                 break
             out.append(tok)
             states = nxt
+        if not out and self._states[-1].top_unique() is not None:
+            allowed = self.allowed()  # the layer may leave one token where the grammar allows several
+            if allowed.size == 1 and int(allowed[0]) not in self.eos_ids:
+                out = [int(allowed[0])]
         return out
 
     def _next_from(self, state: ScanState, tok: int) -> ScanState | None:
