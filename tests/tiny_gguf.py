@@ -15,7 +15,8 @@ def tiny_vocab() -> list[str]:
     return [*SPECIAL_TOKENS, *(b2u[b] for b in range(256)), *(left + right for left, right in MERGES)]
 
 
-def write_tiny_gguf(path: Path, *, hidden_size: int = 32, n_layers: int = 2, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, *, hidden_size: int = 32, n_layers: int = 2, seed: int = 0,
+                    context_length: int = 256) -> Path:
     """A GGUF at `path` that `llmqp.Engine(path)` loads: 2 heads of 16 (1 KV head), FFN 64, no chat
     template, EOS `<|end|>` (id 0). Returns `path`."""
     import gguf
@@ -29,7 +30,7 @@ def write_tiny_gguf(path: Path, *, hidden_size: int = 32, n_layers: int = 2, see
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-test")
-    writer.add_context_length(256)
+    writer.add_context_length(context_length)
     writer.add_embedding_length(hidden_size)
     writer.add_block_count(n_layers)
     writer.add_feed_forward_length(ffn)
