@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmqp import FinishedEvent
 from llmqp.errors import LLMQPError
 from llmqp.server import protocol
 from llmqp.server.config import ServerConfig
@@ -63,7 +64,8 @@ class ServerState:
             if self.engine is None:
                 self.engine = llmqp.Engine(self.config.model, dtype=self.config.dtype)
             engine, slots = self.engine, self.config.max_batch
-            self.worker = EngineWorker(lambda: llmqp.Scheduler(engine, max_slots=slots), on_step=self._gauges)
+            self.worker = EngineWorker(lambda: llmqp.Scheduler(engine, max_slots=slots), on_step=self._gauges,
+                                       on_event=self._count)
             self.worker.start()
             self.ready.set()
         except Exception as e:  # a missing/bad checkpoint: report it on /health and to the CLI
@@ -71,6 +73,15 @@ class ServerState:
             log.error("model load failed: %s", self.load_error)
             if self.on_load_error is not None:
                 self.on_load_error(self.load_error)
+
+    def _count(self, event) -> None:
+        """Engine thread: output tokens by plan, requests by finish reason (aborted ones included)."""
+        result = getattr(event, "result", None)
+        if result is not None:
+            self.metrics.finished.labels(finish_reason=result.finish_reason).inc()
+            return
+        for step in event.steps:
+            self.metrics.tokens.labels(plan=step.plan).inc()
 
     def _gauges(self, worker: EngineWorker) -> None:
         self.metrics.running.set(worker.num_running)
@@ -239,8 +250,9 @@ async def _prepare(state: ServerState, job: protocol.Job) -> list[dict]:
     engine = state.engine
     loop = asyncio.get_running_loop()
 
-    def work():
-        t0 = time.perf_counter()
+    def work(started: list):
+        started.append(time.perf_counter())
+        t0 = started[0]
         constraint = job.constraint
         if job.tools is not None:
             check_tool_schemas(engine, job.tools)
@@ -256,11 +268,7 @@ async def _prepare(state: ServerState, job: protocol.Job) -> list[dict]:
         return constraint, compile_s, lengths
 
     try:
-        constraint, compile_s, lengths = await asyncio.wait_for(loop.run_in_executor(state.compile_pool, work),
-                                                    timeout=state.config.compile_timeout_s)
-    except asyncio.TimeoutError:
-        raise APIError(400, f"compiling the constraint took longer than {state.config.compile_timeout_s:g} s",
-                       code="constraint_compile_timeout") from None
+        constraint, compile_s, lengths = await _within(loop, state.compile_pool, work, state.config.compile_timeout_s)
     except LLMQPError as e:
         raise from_engine_error(e, param=job.constraint_param) from None
     if constraint:
@@ -282,6 +290,22 @@ async def _prepare(state: ServerState, job: protocol.Job) -> list[dict]:
                           "completion).", param="max_tokens", code="context_length_exceeded")
         out.append(dict(r, max_tokens=max_tokens, **constraint))
     return out
+
+
+async def _within(loop, pool, work, timeout_s: float):
+    """Run work(started) in the pool; raise a 400 `constraint_compile_timeout` once it has *run* for
+    timeout_s (time spent queued behind other compiles does not count). A timed-out compile cannot be
+    interrupted: it finishes in its thread (and lands in the cache) while this request is already answered."""
+    started: list[float] = []
+    future = loop.run_in_executor(pool, work, started)
+    while True:
+        remaining = timeout_s - (time.perf_counter() - started[0]) if started else timeout_s
+        if remaining <= 0:
+            raise APIError(400, f"compiling the constraint took longer than {timeout_s:g} s",
+                           code="constraint_compile_timeout")
+        done, _ = await asyncio.wait({future}, timeout=remaining)
+        if done:
+            return future.result()
 
 
 def _prompt_key(prompt) -> str:
@@ -333,17 +357,14 @@ class _Run:
         m = self.state.metrics
         now = time.perf_counter()
         rid = event.request_id
-        if isinstance(event, (Rejected, Crashed)) or hasattr(event, "result"):
+        if isinstance(event, (Rejected, Crashed, FinishedEvent)):
             self.unfinished.discard(rid)
-            if hasattr(event, "result"):
-                m.finished.labels(finish_reason=event.result.finish_reason).inc()
+            if isinstance(event, FinishedEvent):
                 m.e2e.observe(now - self.arrived)
             return
         n = len(event.token_ids)
         if not n:
             return
-        for step in event.steps:
-            m.tokens.labels(plan=step.plan).inc()
         if rid not in self.last_token_at:
             m.ttft.observe(now - self.arrived)
             for _ in range(n - 1):
@@ -364,7 +385,7 @@ class _Run:
         return event
 
     async def _watched(self, coro, request: Request):
-        """Await coro; if the client disconnects first, abort every choice and re-raise cancellation."""
+        """Await coro; if the client disconnects first, abort every choice and answer 499."""
         task = asyncio.ensure_future(coro)
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
@@ -374,7 +395,8 @@ class _Run:
         if task not in done:
             task.cancel()
             self.abort()
-            raise asyncio.CancelledError("client disconnected")
+            # Nobody reads this answer; 499 ("client closed request") keeps it out of the error logs.
+            raise APIError(499, "the client disconnected", code="client_disconnected")
         return task.result()
 
     async def collect(self, request: Request) -> dict:
@@ -388,7 +410,7 @@ class _Run:
                 if error is not None:
                     self.abort()
                     raise error
-                if hasattr(event, "result"):
+                if isinstance(event, FinishedEvent):
                     results[self.index[event.request_id]] = event.result
 
         await self._watched(gather(), request)
@@ -578,7 +600,7 @@ async def _stream(run: _Run, first, request: Request):
                 yield _sse(error.body())
                 run.abort()
                 break
-            parts = on_finished(event) if hasattr(event, "result") else on_tokens(event)
+            parts = on_finished(event) if isinstance(event, FinishedEvent) else on_tokens(event)
             for part in parts:
                 yield part
             if not run.unfinished:

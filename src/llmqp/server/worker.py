@@ -26,7 +26,8 @@ class Rejected:
 
 @dataclasses.dataclass(frozen=True)
 class Crashed:
-    """`step()` raised (a bug, not a user mistake): every request in flight ends with this."""
+    """`step()` raised (a bug, not a user mistake): every request in flight ends with this, and the
+    scheduler is replaced by a fresh one."""
 
     request_id: str
     exception: Exception
@@ -38,9 +39,11 @@ class EngineWorker:
     waiting count includes submitted requests still in the inbox)."""
 
     def __init__(self, scheduler_factory: Callable[[], object], *,
-                 on_step: Callable[["EngineWorker"], None] | None = None):
+                 on_step: Callable[["EngineWorker"], None] | None = None,
+                 on_event: Callable[[object], None] | None = None):
         self._factory = scheduler_factory
         self._on_step = on_step
+        self._on_event = on_event  # sees every event, also those of requests nobody listens to any more
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Callable] = {}
         self._queued = 0  # adds not yet taken from the inbox
@@ -131,6 +134,8 @@ class EngineWorker:
             self._sched = self._factory()
             return
         for event in events:
+            if self._on_event is not None:
+                self._on_event(event)
             deliver = self._sinks.get(event.request_id)
             if deliver is None:
                 continue
@@ -146,4 +151,6 @@ class EngineWorker:
 
 
 def _is_finished(event) -> bool:
-    return hasattr(event, "result")
+    from llmqp import FinishedEvent
+
+    return isinstance(event, FinishedEvent)
