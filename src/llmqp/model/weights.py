@@ -229,7 +229,7 @@ def read_gguf(path: str | Path):
 
 _HF_GLOBAL_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
                     "output": "lm_head.weight"}
-_HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+_HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Gemma3ForCausalLM": "gemma3"}
 _HF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
     "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
@@ -265,6 +265,43 @@ def _read_safetensor(path: Path, dtype: str, shape, begin: int, end: int) -> np.
     return a.astype(np.float32)
 
 
+# Gemma 3 names its norms differently: "post_attention_layernorm" is the norm *after* attention there.
+_HF_GEMMA3_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
+    "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo", "self_attn.q_norm.weight": "q_norm",
+    "self_attn.k_norm.weight": "k_norm", "post_attention_layernorm.weight": "post_attn_norm",
+    "pre_feedforward_layernorm.weight": "ffn_norm", "post_feedforward_layernorm.weight": "post_ffn_norm",
+    "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up", "mlp.down_proj.weight": "w_down",
+}
+_GEMMA3_NORMS = ("attn_norm", "ffn_norm") + GEMMA_NORM_KEYS
+
+
+def _hf_gemma3_fields(c: dict, cfg_path: Path, n_layers: int, head_dim: int) -> dict:
+    """The gemma3-only ModelConfig fields of a Gemma3ForCausalLM config.json (transformers 4 or 5 keys)."""
+    rope = c.get("rope_parameters") or {}
+    full, sliding = rope.get("full_attention", rope), rope.get("sliding_attention", {})
+    for scaling in (c.get("rope_scaling"), full, sliding):
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            raise ModelLoadError(f"{cfg_path}: RoPE scaling {scaling} is not supported")
+    if c.get("final_logit_softcapping"):
+        raise ModelLoadError(f"{cfg_path}: final logit soft-capping is not supported")
+    if c.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ModelLoadError(f"{cfg_path}: hidden_activation {c['hidden_activation']!r} is not supported")
+    window = int(c.get("sliding_window") or 0)
+    if c.get("layer_types"):
+        local = tuple(i for i, kind in enumerate(c["layer_types"]) if kind == "sliding_attention")
+    else:
+        every = int(c.get("sliding_window_pattern", GEMMA3_GLOBAL_EVERY))
+        local = tuple(i for i in range(n_layers) if (i + 1) % every)
+    return dict(
+        rope_theta=float(c.get("rope_theta", full.get("rope_theta", 1e6))),
+        rope_local_theta=float(c.get("rope_local_base_freq", sliding.get("rope_theta", GEMMA3_LOCAL_ROPE_THETA))),
+        sliding_window=window, local_layers=local if window else (),
+        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or head_dim),
+        attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
+    )
+
+
 def read_hf_config(directory: Path) -> ModelConfig:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
@@ -280,12 +317,20 @@ def read_hf_config(directory: Path) -> ModelConfig:
                              f"(supported: {', '.join(_HF_ARCHS)})")
     # transformers >= 5 keeps rope settings in "rope_parameters"; older configs use top-level keys.
     rope = c.get("rope_parameters") or {}
-    for scaling in (c.get("rope_scaling"), rope):
+    for scaling in (c.get("rope_scaling"), rope) if arch != "gemma3" else ():  # gemma3: _hf_gemma3_fields
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             raise ModelLoadError(f"{cfg_path}: RoPE scaling {scaling} is not supported")
     try:
         n_heads = int(c["num_attention_heads"])
         d = int(c["hidden_size"])
+        head_dim = int(c.get("head_dim") or d // n_heads)
+        fields = dict(
+            rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),  # the HF default for llama and qwen2
+        )
+        if arch == "gemma3":
+            fields.update(_hf_gemma3_fields(c, cfg_path, int(c["num_hidden_layers"]), head_dim),
+                          tie_embeddings=bool(c.get("tie_word_embeddings", True)))  # gemma3's default
         return ModelConfig(
             arch=arch,
             name=str(c.get("_name_or_path") or directory.name),
@@ -294,14 +339,13 @@ def read_hf_config(directory: Path) -> ModelConfig:
             n_layers=int(c["num_hidden_layers"]),
             n_heads=n_heads,
             n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
-            head_dim=int(c.get("head_dim") or d // n_heads),
+            head_dim=head_dim,
             ffn_size=int(c["intermediate_size"]),
-            rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
             rms_eps=float(c.get("rms_norm_eps", 1e-6)),
             rope_style=RopeStyle.ROTATE_HALF,
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),  # the HF default for both archs
             qkv_bias=True if arch == "qwen2" else bool(c.get("attention_bias", False)),
             max_position=int(c.get("max_position_embeddings", 8192)),
+            **fields,
         )
     except KeyError as e:
         raise ModelLoadError(f"{cfg_path}: missing required key {e.args[0]!r}") from None
@@ -313,6 +357,7 @@ def read_hf(directory: str | Path):
     """Load a Hugging Face directory. Returns (cfg, raw arrays)."""
     directory = Path(directory)
     cfg = read_hf_config(directory)
+    layer_names = _HF_GEMMA3_LAYER_NAMES if cfg.arch == "gemma3" else _HF_LAYER_NAMES
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors files")
@@ -325,12 +370,16 @@ def read_hf(directory: str | Path):
                 continue
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # a derived buffer some exports include
-            key = _raw_key(name, _HF_GLOBAL_NAMES, _HF_LAYER_NAMES, "model.layers.")
+            key = _raw_key(name, _HF_GLOBAL_NAMES, layer_names, "model.layers.")
             index[key] = (name, shape)
             where[key] = (f, dt, shape, b, e)
     check_raw(cfg, index, str(directory), lambda key: _checkpoint_name(
-        key, _HF_GLOBAL_NAMES, _HF_LAYER_NAMES, "model.layers.{i}."))
+        key, _HF_GLOBAL_NAMES, layer_names, "model.layers.{i}."))
     raw = {key: _read_safetensor(*where[key]) for key in index}
+    if cfg.arch == "gemma3":  # Gemma's RMSNorm scales by (1 + weight); the GGUF converter bakes the 1 in
+        for key in raw:
+            if key == "final_norm" or key.rsplit(".", 1)[-1] in _GEMMA3_NORMS:
+                raw[key] = raw[key] + np.float32(1.0)
     if tied_head is not None and not np.array_equal(_read_safetensor(*tied_head), raw["embed"]):
         raise ModelLoadError(f"{directory}: config.json says tie_word_embeddings but lm_head.weight differs "
                              "from model.embed_tokens.weight")
