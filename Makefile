@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick bench clean
+.PHONY: setup demo test test-quick bench bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,23 @@ test: setup
 test-quick: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Every benchmark, full size (tens of minutes on 2 cores); results in benchmarks/results/*.json.
 bench: setup
 	$(PY) benchmarks/foundation.py
+	$(PY) benchmarks/plans.py
+	$(PY) benchmarks/planner.py
+	$(PY) benchmarks/e2e.py
+	$(PY) benchmarks/maskbench.py
+	$(PY) benchmarks/compiled.py
+
+# CI-sized: every benchmark end to end in minutes, a smoke test; results in benchmarks/results/*.quick.json.
+bench-quick: setup
+	$(PY) benchmarks/foundation.py --quick
+	$(PY) benchmarks/plans.py --quick
+	$(PY) benchmarks/planner.py --quick
+	$(PY) benchmarks/e2e.py --quick
+	$(PY) benchmarks/maskbench.py --limit 50 --no-mask-timing --out benchmarks/results/maskbench.quick.json
+	$(PY) benchmarks/compiled.py --models smollm2 --reps 1 --out benchmarks/results/compiled.quick.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

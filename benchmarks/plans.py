@@ -1,36 +1,34 @@
-"""Plans benchmark: decode step time, dense vs sparse head, at K in {1, 8, 32, 128, 1024, 8192}.
+"""Plans benchmark: decode step time at batch 1, dense vs sparse head, at K in {1, 8, 32, 128, 1024, 8192}.
 
 For each model shape (SmolLM2-135M with real weights; random-weight Qwen2.5-0.5B-like and
-Gemma-3-270M-like shapes) it measures, in one process and interleaved:
-  trunk_ms        one decode step of the trunk (no head)
-  dense_step_ms   trunk + full LM head + mask/gather + sampling at K
-  sparse_step_ms  trunk + gathered-rows head + sampling at K
-and reports speedup = dense/sparse against the Amdahl bound (trunk + dense head) / trunk — the speedup a
-head of zero cost would give. Target: sparse reaches >= 95% of the bound at K <= 1024.
+Gemma-3-270M-like shapes) it measures, interleaved round by round (rotating order):
+  trunk_ms        one decode step of the trunk alone (no head): the floor a free head would reach
+  dense_ms        trunk + full LM head + gather of the K allowed logits + sampling
+  sparse_ms       trunk + gathered-rows head over the K allowed ids + sampling
+and reports, beside speedup = dense / sparse and the Amdahl bound dense / trunk, the measure a skeptic
+computes: the share of the achievable gain that sparse captures,
+    captured = (dense − sparse) / (dense − trunk)
+(1 = the head costs nothing; 0 = no gain). Rounds repeat until the 95% confidence interval of the
+median gain (dense − sparse, paired per round) is narrower than half the gain, or a round limit; the
+noise band (that interval) and the CI of `captured` are printed and stored.
 
-    python benchmarks/plans.py [--shapes smollm2,qwen2.5-0.5b-like,gemma-3-270m-like] [--reps 20]
-Writes benchmarks/results/plans.json and prints a Markdown table.
+    python benchmarks/plans.py [--shapes smollm2,qwen2.5-0.5b-like,gemma-3-270m-like] [--quick]
+Writes benchmarks/results/plans.json (plans.quick.json with --quick) and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import statistics
-import time
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import bootstrap_ci, device_params, interleaved_rounds, quick_mode, summary, timed_ms, write_result
 from llmqp import plans
-from llmqp.engine import device_params
 from llmqp.model import loader, synthetic, transformer, weights
 
 KS = (1, 8, 32, 128, 1024, 8192)
-RESULTS = Path(__file__).parent / "results"
 
 
 def _load(shape: str):
@@ -38,11 +36,16 @@ def _load(shape: str):
         m = loader.load()
         return m.config, device_params(m.params)
     cfg = synthetic.shape_config(shape)
-    packed = weights.pack_params(cfg, synthetic.random_raw(cfg))
-    return cfg, device_params(packed)
+    return cfg, device_params(weights.pack_params(cfg, synthetic.random_raw(cfg)))
 
 
-def bench_shape(shape: str, reps: int) -> dict:
+def _gain_resolved(samples: dict[str, list[float]]) -> bool:
+    gain = np.subtract(samples["dense"], samples["sparse"])
+    lo, hi = bootstrap_ci(gain)
+    return (hi - lo) < 0.5 * abs(float(np.median(gain)))
+
+
+def bench_shape(shape: str, min_rounds: int, max_rounds: int) -> dict:
     cfg, params = _load(shape)
     head = {"unembed": params["unembed"], "unembed_rows": params["unembed_rows"]}
     cache = transformer.init_cache(cfg, 1, 512)
@@ -55,47 +58,43 @@ def bench_shape(shape: str, reps: int) -> dict:
     def trunk():
         nonlocal cache
         hidden, cache = transformer.decode_step(params, cache, token, pos, cfg=cfg)
-        return hidden
+        return hidden.block_until_ready()
 
     def step(plan, ids, valid):
-        hidden = trunk()
-        index, _ = plans.score_and_select(head, hidden, ids, valid, *scalars, plan=plan, greedy=True)
-        return int(index[0])
+        index, _ = plans.score_and_select(head, trunk(), ids, valid, *scalars, plan=plan, greedy=True)
+        return int(index[0])  # the host needs the token: the engine's step ends the same way
 
-    def head_only(plan, hidden, ids, valid):
-        index, _ = plans.score_and_select(head, hidden, ids, valid, *scalars, plan=plan, greedy=True)
-        return int(index[0])
-
-    def timed(fn, *a):
-        t = time.perf_counter()
-        fn(*a)
-        return (time.perf_counter() - t) * 1e3
-
-    hidden = trunk().block_until_ready()
+    dense, sparse = plans.PLANS[plans.PlanKind.DENSE], plans.PLANS[plans.PlanKind.SPARSE]
     rows = []
     for k in KS:
         allowed = np.sort(rng.choice(cfg.vocab_size, size=k, replace=False)).astype(np.int32)
         ids, valid = (jnp.asarray(a) for a in plans.pad_allowed([allowed], cfg.vocab_size))
-        dense, sparse = plans.PLANS[plans.PlanKind.DENSE], plans.PLANS[plans.PlanKind.SPARSE]
         for _ in range(3):  # compile + warm up
             step(dense, ids, valid), step(sparse, ids, valid)
-        t_trunk, t_dense, t_sparse, h_dense, h_sparse = [], [], [], [], []
-        for _ in range(reps):
-            t_trunk.append(timed(lambda: trunk().block_until_ready()))
-            t_dense.append(timed(step, dense, ids, valid))
-            t_sparse.append(timed(step, sparse, ids, valid))
-            h_dense.append(timed(head_only, dense, hidden, ids, valid))
-            h_sparse.append(timed(head_only, sparse, hidden, ids, valid))
-        med = statistics.median
-        trunk_ms, dense_ms, sparse_ms = med(t_trunk), med(t_dense), med(t_sparse)
-        bound = (trunk_ms + med(h_dense)) / trunk_ms
-        speedup = dense_ms / sparse_ms
-        rows.append({"k": k, "k_bucket": int(ids.shape[1]), "trunk_ms": trunk_ms, "dense_head_ms": med(h_dense),
-                     "sparse_head_ms": med(h_sparse), "dense_step_ms": dense_ms, "sparse_step_ms": sparse_ms,
-                     "speedup": speedup, "amdahl_bound": bound, "share_of_bound": (speedup - 1) / (bound - 1)
-                     if bound > 1 else 1.0, "ratio_to_bound": speedup / bound})
-        print(f"{shape:>20} K={k:5d}: trunk {trunk_ms:6.2f} dense {dense_ms:6.2f} sparse {sparse_ms:6.2f} ms"
-              f"  speedup {speedup:.3f} bound {bound:.3f} ({100 * speedup / bound:.1f}% of bound)", flush=True)
+        samples = interleaved_rounds(
+            {"trunk": lambda: timed_ms(trunk), "dense": lambda: timed_ms(step, dense, ids, valid),
+             "sparse": lambda: timed_ms(step, sparse, ids, valid)},
+            min_rounds=min_rounds, max_rounds=max_rounds, resolved=_gain_resolved)
+        t, d, s = (np.asarray(samples[n]) for n in ("trunk", "dense", "sparse"))
+        gain, achievable = d - s, d - t  # paired per round
+        boot = np.random.default_rng(2).integers(0, len(d), size=(2000, len(d)))
+        captured_boot = np.median(gain[boot], axis=1) / np.median(achievable[boot], axis=1)
+        row = {
+            "k": k, "k_bucket": int(ids.shape[1]), "rounds": len(d),
+            "trunk_ms": summary(t), "dense_ms": summary(d), "sparse_ms": summary(s),
+            "gain_ms": summary(gain), "achievable_gain_ms": summary(achievable),
+            "speedup": float(np.median(d) / np.median(s)), "amdahl_bound": float(np.median(d) / np.median(t)),
+            "captured_share": float(np.median(gain) / np.median(achievable)),
+            "captured_share_ci95": [float(v) for v in np.quantile(captured_boot, [0.025, 0.975])],
+        }
+        row["noise_band_ms"] = row["gain_ms"]["ci95"]
+        rows.append(row)
+        lo, hi = row["captured_share_ci95"]
+        print(f"{shape:>20} K={k:5d} ({len(d)} rounds): trunk {np.median(t):6.2f} dense {np.median(d):6.2f} "
+              f"sparse {np.median(s):6.2f} ms  gain {np.median(gain):5.2f} ms (95% CI "
+              f"{row['noise_band_ms'][0]:.2f}..{row['noise_band_ms'][1]:.2f}) of {np.median(achievable):5.2f}"
+              f" achievable: captured {100 * row['captured_share']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]",
+              flush=True)
     return {"shape": shape, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
             "n_layers": cfg.n_layers, "rows": rows}
 
@@ -103,22 +102,30 @@ def bench_shape(shape: str, reps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="smollm2,qwen2.5-0.5b-like,gemma-3-270m-like")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", default=str(RESULTS / "plans.json"))
+    ap.add_argument("--min-rounds", type=int, default=10)
+    ap.add_argument("--max-rounds", type=int, default=60)
+    ap.add_argument("--quick", action="store_true", help="CI-sized: SmolLM2 only, 3-6 rounds")
     args = ap.parse_args()
-    out = {"device": jax.devices()[0].platform, "jax": jax.__version__, "shapes": []}
-    for shape in args.shapes.split(","):
-        out["shapes"].append(bench_shape(shape, args.reps))
+    quick = quick_mode(args.quick)
+    shapes = ["smollm2"] if quick else args.shapes.split(",")
+    min_rounds, max_rounds = (3, 6) if quick else (args.min_rounds, args.max_rounds)
+    out = {"stop_rule": "rounds until the 95% CI of the median paired gain (dense - sparse) is narrower "
+                        f"than half the gain, {min_rounds}..{max_rounds} rounds", "shapes": []}
+    for shape in shapes:
+        out["shapes"].append(bench_shape(shape, min_rounds, max_rounds))
         gc.collect()
-    Path(args.out).parent.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print("\n| shape | K | trunk ms | dense step ms | sparse step ms | speedup | Amdahl bound | % of bound |")
-    print("|---|---|---|---|---|---|---|---|")
+    write_result("plans", out, quick=quick)
+    print("\n| shape | K | rounds | trunk ms | dense step ms | sparse step ms | gain ms (95% CI) | speedup | "
+          "Amdahl bound | captured share of the achievable gain (95% CI) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in out["shapes"]:
         for r in s["rows"]:
-            print(f"| {s['shape']} | {r['k']} | {r['trunk_ms']:.2f} | {r['dense_step_ms']:.2f} | "
-                  f"{r['sparse_step_ms']:.2f} | {r['speedup']:.3f}x | {r['amdahl_bound']:.3f}x | "
-                  f"{100 * r['ratio_to_bound']:.1f}% |")
+            lo, hi = r["noise_band_ms"]
+            clo, chi = r["captured_share_ci95"]
+            print(f"| {s['shape']} | {r['k']} | {r['rounds']} | {r['trunk_ms']['median']:.1f} | "
+                  f"{r['dense_ms']['median']:.1f} | {r['sparse_ms']['median']:.1f} | "
+                  f"{r['gain_ms']['median']:.2f} ({lo:.2f}–{hi:.2f}) | {r['speedup']:.3f}x | "
+                  f"{r['amdahl_bound']:.3f}x | {100 * r['captured_share']:.0f}% ({100 * clo:.0f}–{100 * chi:.0f}%) |")
 
 
 if __name__ == "__main__":

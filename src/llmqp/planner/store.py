@@ -106,6 +106,9 @@ class Planner(Policy):
     `choose`/`update` every scoring step, `save()` when a generation ends (it merges with what other
     engines saved meanwhile; see the module docstring).
 
+    `policy` (a `LinUCBPolicy`) is public: experiments may swap in another `LinUCBPolicy` (a subclass
+    that fixes or records its choices, as benchmarks/planner.py does); `save` persists its state.
+
     `update` ignores the first measurement of each (plan, batch, K bucket, union bucket) shape in this
     process: it includes XLA compilation (or a compile-cache load), tens to hundreds of ms that say
     nothing about the plan's speed."""
