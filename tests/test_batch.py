@@ -133,8 +133,7 @@ TEMPLATE = "Extract the person's name and age as JSON: {text}"
 def test_run_batch_writes_every_row_once_with_error_rows(engine, tmp_path):
     src = write_lines(tmp_path / "in.jsonl", ROWS[:2] + [
         "{broken",
-        {"id": "bad-schema", "text": "x", "json_schema": {"type": "object", "uniqueItems": True,
-                                                          "properties": {"a": {"type": "array", "uniqueItems": True}}}},
+        {"id": "bad-schema", "text": "x", "json_schema": {"type": "object", "properties": {"a": {"type": "nosuchtype"}}}},
         {"id": "bad-option", "text": "x", "choice": "not-a-list"},
         {"id": "own-choice", "text": "Is the sky blue?", "choice": ["yes", "no"]},
     ])
@@ -148,7 +147,7 @@ def test_run_batch_writes_every_row_once_with_error_rows(engine, tmp_path):
         if rows[rid]["valid"]:
             assert rows[rid]["value"] == json.loads(rows[rid]["text"])
     assert rows[3]["error"].startswith("input line 3: invalid JSON")
-    assert rows["bad-schema"]["finish_reason"] == "error" and "uniqueItems" in rows["bad-schema"]["error"]
+    assert rows["bad-schema"]["finish_reason"] == "error" and "nosuchtype" in rows["bad-schema"]["error"]
     assert rows["bad-option"]["finish_reason"] == "error" and rows["bad-option"]["error"]
     assert rows["own-choice"]["text"] in ("yes", "no") and rows["own-choice"]["valid"] is True
     assert summary.errors == 3

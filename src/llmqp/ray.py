@@ -144,6 +144,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, config: Batch
         raise InvalidArgument(f"actors must be a positive integer, got {actors!r}")
     config.check()
     ids = scan_input(input_path)
+    _check_shared_constraint(config, model)
     with OutputFile.open(output_path, fsync=fsync) as out:
         skipped = sum(1 for key in ids if key in out.done)
         bar = Progress(total=len(ids), initial=skipped, enabled=progress)
@@ -167,10 +168,10 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, config: Batch
                     ray.init(address=address, log_to_driver=False)
                 try:
                     ray.data.DataContext.get_current().enable_progress_bars = False
-                    results = ray.data.from_items(items).map_batches(
+                    rows = ray.data.from_items(items).map_batches(
                         Extractor, fn_constructor_kwargs=dict(model=model, dtype=dtype, **_config_kwargs(config)),
                         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=2 * config.max_batch)
-                    for result in results.iter_rows():
+                    for result in rows.iter_rows():
                         row = {k: result[k] for k in ("text", "valid", "finish_reason", "error")}
                         out.write({"id": json.loads(result["id"]), "text": row["text"],
                                    "value": None if result["value"] is None else json.loads(result["value"]),
@@ -189,6 +190,17 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, config: Batch
             bar.close()
         return BatchSummary(rows=len(ids), skipped=skipped, done=done, errors=errors, output_tokens=bar.tokens,
                             seconds=time.perf_counter() - bar.started)
+
+
+def _check_shared_constraint(config: BatchConfig, model) -> None:
+    """Compile the shared constraint in the driver (tokenizer only, from the weight cache): a bad one then
+    fails the run with one ConstraintError line instead of every actor dying in its constructor."""
+    if config.constraint_kw() is None:
+        return
+    from llmqp.constraints import compile_constraint, make_spec
+    from llmqp.model import loader
+
+    compile_constraint(make_spec(**config.constraint_kw()), loader.load(model).tokenizer)
 
 
 def _config_kwargs(config: BatchConfig) -> dict:

@@ -71,10 +71,16 @@ class BatchConfig:
         from llmqp import Request
 
         Request(prompt="-", **self.defaults()).validate()
+        if engine is not None and self.constraint_kw() is not None:
+            engine.constraint(**self.constraint_kw())
+
+    def constraint_kw(self) -> dict | None:
+        """The shared constraint as `Engine.constraint` keywords, or None when rows have none in common."""
         kinds = {f: getattr(self, f) for f in CONSTRAINT_FIELDS if getattr(self, f) is not None}
-        if engine is not None and kinds:
-            kinds = {k: list(v) if k == "choice" else v for k, v in kinds.items()}
-            engine.constraint(**kinds, strict=self.strict, whitespace=self.whitespace)
+        if not kinds:
+            return None
+        kinds = {k: list(v) if k == "choice" else v for k, v in kinds.items()}
+        return dict(kinds, strict=self.strict, whitespace=self.whitespace)
 
     def template_fields(self) -> list[str]:
         """The field names the template uses, in order. Raises InvalidArgument for a malformed template or
