@@ -172,16 +172,16 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, config: Batch
                         Extractor, fn_constructor_kwargs=dict(model=model, dtype=dtype, **_config_kwargs(config)),
                         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=2 * config.max_batch)
                     for result in rows.iter_rows():
-                        row = {k: result[k] for k in ("text", "valid", "finish_reason", "error")}
-                        out.write({"id": json.loads(result["id"]), "text": row["text"],
-                                   "value": None if result["value"] is None else json.loads(result["value"]),
-                                   "valid": bool(row["valid"]), "finish_reason": row["finish_reason"],
-                                   "error": row["error"]})
+                        line = {"id": json.loads(result["id"]), "text": result["text"],
+                                "value": None if result["value"] is None else json.loads(result["value"]),
+                                "valid": bool(result["valid"]), "finish_reason": result["finish_reason"],
+                                "error": result["error"]}
+                        out.write(line)
                         done += 1
                         bar.add_tokens(int(result["output_tokens"]))
-                        if row["finish_reason"] == "error":
+                        if line["finish_reason"] == "error":
                             errors += 1
-                            bar.note(f"llmqp batch: row {json.loads(result['id'])!r}: {row['error']}")
+                            bar.note(f"llmqp batch: row {line['id']!r}: {line['error']}")
                         bar.row_done()
                 finally:
                     if started:
@@ -193,8 +193,9 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, config: Batch
 
 
 def _check_shared_constraint(config: BatchConfig, model) -> None:
-    """Compile the shared constraint in the driver (tokenizer only, from the weight cache): a bad one then
-    fails the run with one ConstraintError line instead of every actor dying in its constructor."""
+    """Compile the shared constraint in the driver (with the model's tokenizer, loaded from the weight
+    cache): a bad one then fails the run with one ConstraintError line instead of every actor dying in its
+    constructor with a traceback."""
     if config.constraint_kw() is None:
         return
     from llmqp.constraints import compile_constraint, make_spec
