@@ -370,6 +370,20 @@ def test_second_schema_of_the_same_size_class_does_not_compile(tiny_engine):
     assert fused.token_ids == host.token_ids and fused.valid == host.valid
 
 
+def test_long_forced_runs_are_fed_in_spec_chunks(tiny_engine):
+    """A forced run of 90 tokens is fed as spec.feed_chunks(90) = 32, 32, 16, 8, 2 — as the host loop
+    feeds it — so the fused loop's tokens and log-probabilities equal the host's."""
+    from llmqp.core.spec import DEFAULT_SPEC
+
+    phrase = "the quick brown fox jumps over the lazy dog, " * 2
+    kw = dict(choice=[phrase + "yes", phrase + "no"])
+    tables = fused_api.constraint_tables(tiny_engine, kw)
+    assert tables.forced_run_len.max() == 90 and DEFAULT_SPEC.feed_chunks(90) == [32, 32, 16, 8, 2]
+    for sampling in SAMPLINGS[:2]:
+        fused = assert_same_as_host(tiny_engine, PROMPT, kw, sampling, max_tokens=120)
+        assert fused.valid and fused.text.startswith(phrase)
+
+
 def test_size_classes_are_few():
     """States always pad to one size; entries to a power of four, wide tables straight to 4M entries."""
     def rows(n_states, k):
@@ -709,6 +723,35 @@ REAL_CASES = [
 def test_fused_equals_host_smollm2(engine, prompt, kw):
     for sampling in (dict(), dict(temperature=1.0, seed=7)):
         assert_same_as_host(engine, prompt, kw, sampling, max_tokens=32)
+
+
+EXTRACTION_SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"]},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                      "country": {"type": "string", "maxLength": 24}},
+     "required": ["city", "country"]},
+]
+
+
+@pytest.mark.slow
+def test_second_extraction_schema_does_not_compile_smollm2(engine):
+    """Acceptance (issue 10) on SmolLM2: two different JSON schemas with strings (rows as wide as the
+    vocabulary) share one compiled loop; the second runs fused with no XLA compile and the host's tokens."""
+    prompts = ["Give me a record for a person as JSON.", "Give me a record for a city as JSON."]
+    kws = [dict(json_schema=s) for s in EXTRACTION_SCHEMAS]
+    tables = [fused_api.constraint_tables(engine, kw) for kw in kws]
+    assert size_class(engine, tables[0], 48) == size_class(engine, tables[1], 48)
+    assert engine.prompt_ids(prompts[0]) != engine.prompt_ids(prompts[1])
+    generate_fused(engine, prompts[0], max_tokens=48, **kws[0])  # compiles the class, unless already done
+    with CompileLog() as log:
+        fused = generate_fused(engine, prompts[1], max_tokens=48, **kws[1])
+    assert log.count("fused_decode") == 0, log.events
+    host = engine.generate(prompts[1], max_tokens=48, **kws[1])
+    assert fused.token_ids == host.token_ids and fused.valid == host.valid
+    if fused.valid:
+        jsonschema.validate(json.loads(fused.text), EXTRACTION_SCHEMAS[1])
 
 
 @pytest.mark.slow
