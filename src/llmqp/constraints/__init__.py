@@ -4,14 +4,21 @@
     compiled = compile_constraint(spec, tokenizer)       # cached per (spec, tokenizer)
     m = compiled.matcher()                               # one per generation
     m.allowed() -> sorted int32 ids; m.forced(); m.accept(tok); m.can_stop(); m.is_done()
+    m.try_accept(ids) -> n; m.rollback(n); m.count_allowed(ids)   # drafts: verify, then undo
     compiled.accepts(text) -> bool                       # is `text` a complete, valid output?
+
+JSON-Schema keywords llguidance lacks are enforced exactly: `keywords.py` rewrites `not`, `if`/`then`/
+`else`, `dependentRequired`/`dependentSchemas`/`dependencies` and overlapping `oneOf` into keywords the
+grammar has; `unique.py` enforces `uniqueItems` token by token above the grammar matcher. What neither
+can do exactly raises ConstraintError.
 
 Errors: `llmqp.ConstraintError` from `make_spec` / `compile_constraint` for anything wrong with the
 constraint (see `base.py` for the full contract). Departures from JSON-Schema semantics that remain
-(llguidance's; each one only *narrows* what is generated and accepted, never widens it): object
-properties come in the order the schema lists them; an integer has no fraction (`1.0` is not one);
-numbers with bounds have no exponent; strings use no `\\uXXXX` escape for a printable character and no
-`\\/`. On maskbench these reject 0.16% of valid instances (benchmarks/results/maskbench.json).
+(llguidance's; each one only *narrows* what is generated and accepted, never widens it): generated
+object properties come in the order the schema lists them (`accepts()` with strict=False takes any
+order); an integer has no fraction (`1.0` is not one); numbers with bounds have no exponent; strings use
+no `\\uXXXX` escape for a printable character and no `\\/`. On maskbench these reject 0.2% of valid
+instances (benchmarks/results/maskbench.json).
 """
 
 from llmqp.constraints.base import (CompiledConstraint, ConstraintBackend, ConstraintKind, ConstraintSpec,

@@ -31,7 +31,7 @@ class Whitespace(str, enum.Enum):
     """Whitespace a JSON output may contain between tokens."""
 
     COMPACT = "compact"  # none: `{"a":1,"b":[2,3]}`, the same form as json.dumps(separators=(",", ":"))
-    FLEXIBLE = "flexible"  # any JSON whitespace between tokens (unbounded)
+    FLEXIBLE = "flexible"  # JSON whitespace between tokens, at most WHITESPACE_MAX_RUN (20) characters in a row
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -118,6 +118,8 @@ class _Rewriter:
         for key in list(node):
             value = node[key]
             here = f"{path}/{_escape(key)}"
+            if key == "not" or (key == "oneOf" and self.one_of):
+                continue  # negated as written (not of not is the schema itself); rewritten after, in `own`
             if key in _ONE or (key == "items" and isinstance(value, (dict, bool))):
                 node[key] = self.node(value, here)
             elif key in _MAP and isinstance(value, dict):
@@ -129,7 +131,8 @@ class _Rewriter:
         return self.own(node, path)
 
     def own(self, node: dict, path: str) -> dict:
-        """Rewrite the keywords of `node` itself (its subschemas are already rewritten)."""
+        """Rewrite the keywords of `node` itself (its subschemas are already rewritten, except `not` and
+        rewritten `oneOf` options: they are negated as written, and the results rewritten in turn)."""
         if node.get("uniqueItems") is False:
             del node["uniqueItems"]
         if "format" in node and _formats_cannot_apply(node):
@@ -139,7 +142,7 @@ class _Rewriter:
         closed = _closed_keys(node)
         if "not" in node:
             self._at("not", f"{path}/not")
-            extra.append(self.negate(node.pop("not"), types, keys=closed))
+            extra.append(self.node(self.negate(node.pop("not"), types, keys=closed), f"{path}/not"))
         if "if" in node:
             self._at("if", f"{path}/if")
             cond, then, other = node.pop("if"), node.pop("then", True), node.pop("else", True)
@@ -175,9 +178,9 @@ class _Rewriter:
                 branches.append(_all([option] + [self.negate(other, option_types or types, keys=keys,
                                                              props=plain.get("properties"), items=plain.get("items"))
                                                  for j, other in enumerate(options) if j != i]))
-            extra.append(_any(branches, None))
+            extra.append(self.node(_any(branches, None), f"{path}/oneOf"))
         elif self.one_of and isinstance(node.get("oneOf"), list):  # disjoint options: oneOf is anyOf
-            extra.append({"anyOf": node.pop("oneOf")})
+            extra.append({"anyOf": [self.node(o, f"{path}/oneOf/{i}") for i, o in enumerate(node.pop("oneOf"))]})
         if extra:
             node["allOf"] = [*node.get("allOf", []), *extra]
         return node
