@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmqp import plans as plans_mod
+from llmqp import sampling
 from llmqp.core.spec import DecodeSpec, pow2_at_least
 from llmqp.model import transformer
 
@@ -42,9 +43,28 @@ def _resize(cache, order, *, batch: int, seq_len: int):
     return jax.tree.map(one, cache)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "batch", "seq_len", "dtype"))
+def _zero_cache(*, cfg, batch: int, seq_len: int, dtype):
+    # One dispatch for the whole cache (eager jnp.zeros per layer costs a dispatch each).
+    return transformer.init_cache(cfg, batch, seq_len, dtype)
+
+
 @jax.jit
 def _set_row(hidden, row, slot):
     return hidden.at[slot].set(row)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
+def _decode_then_greedy(params, head, cache, tokens, positions, ids, valid, *, cfg, plan):
+    """A decode step and the next greedy dense choice of every row in one program: when every live row is
+    unconstrained and greedy, the next tick's scoring is already known when the trunk finishes, so the host
+    waits for one dispatch per token instead of two. Same head and sampler as `score_and_select`."""
+    hidden, cache = transformer.decode_step(params, cache, tokens, positions, cfg=cfg)
+    zeros = jnp.zeros(tokens.shape, jnp.int32)
+    index, logprob = sampling.select(plan.score(head, hidden, ids), ids, valid, zeros.astype(jnp.uint32), zeros,
+                                     zeros.astype(jnp.float32), zeros, jnp.ones(tokens.shape, jnp.float32),
+                                     greedy=True)
+    return hidden, cache, index, logprob
 
 
 class ModelExecutor:
@@ -62,6 +82,9 @@ class ModelExecutor:
         self.cache = None
         self.hidden = None  # (batch, d): each live row's hidden state after its last fed token
         self.slots: list[str | None] = []  # request id per row
+        # (index, logprob) of every row's next greedy dense choice, computed with the last decode step; None
+        # when the rows changed since (a row inserted, the batch reshaped) or the step did not compute it.
+        self.next_greedy = None
 
     # ------------------------------------------------------------ slots
     def free_slot(self, rid: str) -> None:
@@ -80,9 +103,14 @@ class ModelExecutor:
         self.ensure_seq_len(row_seq_len)
         if row_seq_len < self.seq_len:
             row_cache = _resize(row_cache, jnp.zeros(1, jnp.int32), batch=1, seq_len=self.seq_len)
+        if self.cache is None:  # the first row: its own cache becomes the slot cache, no copy
+            self.cache, self.hidden = row_cache, row_hidden
+            self.batch, self.slots, self.next_greedy = 1, [rid], None
+            return 0
         if None not in self.slots:
             self._rebatch(list(range(self.batch)), pow2_at_least(self.batch + 1))
         slot = self.slots.index(None)
+        self.next_greedy = None
         self.cache = _insert_row(self.cache, row_cache, jnp.int32(slot))
         self.hidden = _set_row(self.hidden, row_hidden[0], jnp.int32(slot))
         self.slots[slot] = rid
@@ -95,6 +123,7 @@ class ModelExecutor:
         target = pow2_at_least(len(live))
         if not live:
             self.batch, self.cache, self.hidden, self.slots = 0, None, None, []
+            self.next_greedy = None
             return {}
         if target >= self.batch:
             return None
@@ -102,11 +131,12 @@ class ModelExecutor:
         return {rid: i for i, rid in enumerate(self.slots) if rid is not None}
 
     def _rebatch(self, rows: list[int], batch: int) -> None:
+        self.next_greedy = None
         order = np.full(batch, self.batch + 1, np.int32)  # out of range: a zero row
         order[: len(rows)] = rows
         order_dev = jnp.asarray(order)
         if self.cache is None:
-            self.cache = transformer.init_cache(self.cfg, batch, self.seq_len, self.dtype)
+            self.cache = _zero_cache(cfg=self.cfg, batch=batch, seq_len=self.seq_len, dtype=self.dtype)
             self.hidden = jnp.zeros((batch, self.cfg.hidden_size), jnp.float32)
         else:
             self.cache = _resize(self.cache, order_dev, batch=batch, seq_len=self.seq_len)
@@ -116,7 +146,7 @@ class ModelExecutor:
 
     # ------------------------------------------------------------ prefill
     def new_row_cache(self, seq_len: int):
-        return transformer.init_cache(self.cfg, 1, seq_len, self.dtype)
+        return _zero_cache(cfg=self.cfg, batch=1, seq_len=seq_len, dtype=self.dtype)
 
     def prefill_chunk(self, row_cache, prompt: np.ndarray, start: int, width: int):
         """Feed prompt[start : start + width] (zero-padded to `width`) into a one-row cache.
@@ -128,14 +158,23 @@ class ModelExecutor:
                                        jnp.asarray([start], jnp.int32), cfg=self.cfg)
 
     # ------------------------------------------------------------ decode
-    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> None:
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, all_ids=None) -> None:
         """One token per row (free rows get token 0 at position 0: harmless, the row is rewritten whole when
-        a request is inserted)."""
-        self.hidden, self.cache = transformer.decode_step(self.params, self.cache, jnp.asarray(tokens),
-                                                          jnp.asarray(positions), cfg=self.cfg)
+        a request is inserted). all_ids: the (ids, valid) of every-token-allowed rows, when every live row
+        is unconstrained and greedy: the next greedy dense choice is then computed in the same program."""
+        if all_ids is None:
+            self.next_greedy = None
+            self.hidden, self.cache = transformer.decode_step(self.params, self.cache, jnp.asarray(tokens),
+                                                              jnp.asarray(positions), cfg=self.cfg)
+            return
+        self.hidden, self.cache, index, logprob = _decode_then_greedy(
+            self.params, self.engine.head, self.cache, jnp.asarray(tokens), jnp.asarray(positions), *all_ids,
+            cfg=self.cfg, plan=self.engine.plans[plans_mod.PlanKind.DENSE])
+        self.next_greedy = (index, logprob)
 
     def feed_run(self, tokens: list[int], pos: int) -> None:
         """Feed a run of tokens of the single row at batch 1, in the spec's power-of-two chunks."""
+        self.next_greedy = None
         i = 0
         for size in self.spec.feed_chunks(len(tokens)):
             start = jnp.asarray([pos + i], jnp.int32)

@@ -217,7 +217,8 @@ class Scheduler:
             slot = ex.slots.index(seq.rid)
             tokens[slot], positions[slot] = seq.new_tokens[0], seq.pos
             seq.pos += 1
-        ex.decode(tokens, positions)
+        fast = all(s.matcher is None and s.sampling.greedy and not s.request.top_logprobs for s in live)
+        ex.decode(tokens, positions, self._all_ids_for(ex.batch) if fast else None)
         self.stats["decode_steps"] += 1
 
     def _score(self, scoring: list[Sequence]) -> dict:
@@ -236,6 +237,13 @@ class Scheduler:
         else:
             k_union = len(np.unique(np.concatenate([engine.all_ids if a is None else a for a in allowed.values()])))
         arms = [PlanKind(a) for a in self.spec.applicable_plans(k_max, k_union, batch, vocab)]
+        if (ex.next_greedy is not None and unconstrained and arms == [PlanKind.DENSE]
+                and all(s.sampling.greedy and not s.request.top_logprobs for s in scoring)):
+            # computed with the trunk step that produced `hidden` (see ModelExecutor.decode)
+            index, logprob = jax.device_get(ex.next_greedy)
+            ex.next_greedy = None
+            return {s.rid: (int(index[slot_of[s.rid]]), float(logprob[slot_of[s.rid]]), PlanKind.DENSE.value, vocab,
+                            None) for s in scoring}
         requested = {s.request.plan for s in scoring}
         ctx = None
         if len(arms) == 1:
