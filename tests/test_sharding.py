@@ -180,10 +180,8 @@ ENGINE_LEVEL = """
 
 @pytest.mark.slow
 def test_engine_on_four_devices_equals_one():
-    import inspect
-
-    if "devices" not in inspect.signature(llmqp.Engine.__init__).parameters:
-        pytest.skip("Engine(devices=N) is not wired yet (the engine calls llmqp.sharding.place_params)")
+    """`Engine(devices=4)`: the engine's sharded dense and sparse plans against one device, through the
+    scheduler, with every token scored (forced=False) so each plan scores every step."""
     out = run_with_devices(ENGINE_LEVEL, timeout=900)
     for plan in ("dense", "sparse"):
         assert out[plan]["same_tokens"] and out[plan]["n"] > 0, plan
