@@ -38,6 +38,19 @@ def timed_ms(fn: Callable, *args) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def fastest_in_cycles(variants: dict[str, Callable[[], object]], cycles: int) -> dict[str, float]:
+    """One round of fine-grained interleaving: `cycles` times, call every variant once (order rotated
+    each cycle); per variant, the fastest of its calls, in ms. On a machine shared with other jobs the
+    fastest call is the least disturbed one, and all variants are sampled in the same short window."""
+    names = list(variants)
+    best = {n: float("inf") for n in names}
+    for c in range(cycles):
+        for i in range(len(names)):
+            name = names[(c + i) % len(names)]
+            best[name] = min(best[name], timed_ms(variants[name]))
+    return best
+
+
 def bootstrap_ci(samples: Sequence[float], stat: Callable = np.median, *, level: float = 0.95,
                  n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of `stat` over the samples (resampled with replacement)."""
