@@ -6,7 +6,7 @@
                          fn_constructor_kwargs=dict(template="Extract the person: {text}", json_schema=schema,
                                                     max_tokens=128))
 
-`Extractor(**kwargs)` takes `model` and `dtype` (for `llmqp.Engine`) and the fields of
+`Extractor(**kwargs)` takes `model`, `dtype` and `devices` (for `llmqp.Engine`) and the fields of
 `llmqp.batch.BatchConfig`; each actor loads its own engine once and runs every batch it gets through the
 scheduler (`llmqp.batch.run_rows`), so rows of one batch are decoded together. Input columns: the prompt
 field (or the template's fields), optional `id`, optional per-row `json_schema` / `regex` / `choice` /
@@ -79,16 +79,16 @@ def batch_rows(batch) -> list[dict]:
 class Extractor:
     """A Ray Data callable class: `ds.map_batches(Extractor, fn_constructor_kwargs=..., concurrency=N)`.
 
-    __init__ loads one `llmqp.Engine(model, dtype=dtype)` per actor and checks the shared options and
-    constraint (raising InvalidArgument / ConstraintError, which fails the actor). __call__(batch) returns
-    the output columns (see the module docstring); a bad row becomes an error row, never an exception."""
+    __init__ loads one `llmqp.Engine(model, dtype=dtype, devices=devices)` per actor and checks the shared
+    options and constraint (raising InvalidArgument / ConstraintError, which fails the actor). __call__(batch)
+    returns the output columns (see the module docstring); a bad row becomes an error row, never an exception."""
 
-    def __init__(self, *, model: str | None = None, dtype: str = "float32", **config):
+    def __init__(self, *, model: str | None = None, dtype: str = "float32", devices=None, **config):
         from llmqp import Engine
 
         self.config = BatchConfig(**config)
         self.config.check()
-        self.engine = Engine(model, dtype=dtype)
+        self.engine = Engine(model, dtype=dtype, devices=devices)
         self.config.check(self.engine)
 
     def _input_row(self, index: int, row: dict) -> InputRow:
@@ -130,7 +130,7 @@ def _column(values: list) -> np.ndarray:
 
 
 def run_batch_ray(input_path: str | Path, output_path: str | Path, config: BatchConfig, *, model=None,
-                  dtype: str = "float32", address: str | None = None, actors: int = 1,
+                  dtype: str = "float32", devices=None, address: str | None = None, actors: int = 1,
                   progress: bool | None = None, fsync: bool = True) -> BatchSummary:
     """`run_batch` on Ray Data: the rows not yet in the output go through `actors` Extractor actors and
     each returned row is appended to the output as it arrives (resumable the same way; the unit of work
@@ -169,7 +169,8 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, config: Batch
                 try:
                     ray.data.DataContext.get_current().enable_progress_bars = False
                     rows = ray.data.from_items(items).map_batches(
-                        Extractor, fn_constructor_kwargs=dict(model=model, dtype=dtype, **_config_kwargs(config)),
+                        Extractor, fn_constructor_kwargs=dict(model=model, dtype=dtype, devices=devices,
+                                                   **_config_kwargs(config)),
                         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=2 * config.max_batch)
                     for result in rows.iter_rows():
                         line = {"id": json.loads(result["id"]), "text": result["text"],

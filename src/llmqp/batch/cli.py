@@ -43,6 +43,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face directory "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--devices", type=int, default=None,
+                   help="spread the model over N devices (vocabulary sharded; see llmqp.sharding)")
 
 
 def config_from_args(args) -> BatchConfig:
@@ -72,13 +74,14 @@ def cli_batch(args) -> int:
         from llmqp.ray import run_batch_ray
 
         summary = run_batch_ray(args.input, args.output, config, model=args.model, dtype=args.dtype,
-                                address=args.address, actors=args.actors, progress=progress)
+                                devices=args.devices, address=args.address, actors=args.actors,
+                                progress=progress)
     else:
         from llmqp import Engine
         from llmqp.batch.runner import run_batch
 
         config.check()  # option mistakes before the model loads
-        summary = run_batch(Engine(args.model, dtype=args.dtype), args.input, args.output, config,
-                            progress=progress)
+        engine = Engine(args.model, dtype=args.dtype, devices=args.devices)
+        summary = run_batch(engine, args.input, args.output, config, progress=progress)
     print(f"llmqp batch: {summary.describe()}", file=sys.stderr)
     return 0
