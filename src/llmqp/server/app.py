@@ -22,7 +22,8 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmqp import FinishedEvent
@@ -35,6 +36,14 @@ from llmqp.server.tools import check_tool_schemas, may_be_call, parse_call
 from llmqp.server.worker import Crashed, EngineWorker, Rejected
 
 log = logging.getLogger("llmqp.server")
+
+# The playground (`GET /` and its files): static, holds no data, so it loads without the API key (the
+# page then sends the key the user enters with every API call).
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+
+
+def _public(path: str) -> bool:
+    return path in ("/health", "/") or path.startswith("/static/")
 
 
 class ServerState:
@@ -95,8 +104,9 @@ class ServerState:
 
 # ---------------------------------------------------------------------- ASGI guard
 class Guard:
-    """Pure ASGI middleware (it must not buffer streams): API key on every path but /health, compared in
-    constant time; bodies over the limit get 413 — at once from Content-Length, or while reading."""
+    """Pure ASGI middleware (it must not buffer streams): API key on every path but /health and the
+    playground's static page, compared in constant time; bodies over the limit get 413 — at once from
+    Content-Length, or while reading."""
 
     def __init__(self, app, state: ServerState):
         self.app = app
@@ -107,7 +117,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         key = self.state.config.api_key
-        if key and scope["path"] != "/health":
+        if key and not _public(scope["path"]):
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode(), key.encode()):
@@ -181,6 +191,12 @@ def create_app(config: ServerConfig | None = None, engine=None, *, load_in_backg
             return {"status": "ok", "model": state.served_name}
         return JSONResponse({"status": "error" if state.load_error else "loading", "error": state.load_error},
                             status_code=503)
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/v1/models")
     async def models():
@@ -521,8 +537,8 @@ def _sse(obj: dict) -> str:
 
 async def _stream(run: _Run, first, request: Request):
     """SSE chunks: per choice a role chunk (chat), one chunk per token event (text delta, logprobs, and
-    `llmqp.tokens`: id, plan, k, latency_ms of each token), a finish chunk; the usage chunk when asked;
-    `data: [DONE]`. Tool calls are held back and sent whole when the call completes."""
+    `llmqp.tokens`: id, text, plan, k, latency_ms, logprob of each token), a finish chunk; the usage chunk
+    when asked; `data: [DONE]`. Tool calls are held back and sent whole when the call completes."""
     job = run.job
     chat = job.kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -548,8 +564,9 @@ async def _stream(run: _Run, first, request: Request):
 
     def on_tokens(event) -> list[str]:
         i = run.index[event.request_id]
-        extra = {"tokens": [{"id": int(t), "plan": s.plan, "k": int(s.k), "latency_ms": round(s.latency_ms, 3)}
-                            for t, s in zip(event.token_ids, event.steps)]}
+        extra = {"tokens": [{"id": int(t), "text": run._token(t)[0], "plan": s.plan, "k": int(s.k),
+                             "latency_ms": round(s.latency_ms, 3), "logprob": round(float(lp), 4)}
+                            for t, s, lp in zip(event.token_ids, event.steps, event.logprobs)]}
         lps = None
         if job.logprobs:
             tops = getattr(event, "top_logprobs", None)
