@@ -261,32 +261,42 @@ async def _serve(state: ServerState, request: Request, kind: str):
 
 
 async def _prepare(state: ServerState, job: protocol.Job) -> list[dict]:
-    """Compile the constraint and tokenize the prompts off the event loop, within compile_timeout_s;
-    then fill in max_tokens and check the context length. Returns the engine requests to submit."""
+    """Off the event loop: compile the constraint (in the compile pool, within compile_timeout_s) and
+    tokenize the prompts; then fill in max_tokens and check the context length. Returns the engine
+    requests to submit."""
     engine = state.engine
     loop = asyncio.get_running_loop()
 
-    def work(started: list):
+    def compile_constraint(started: list):
         started.append(time.perf_counter())
-        t0 = started[0]
         constraint = job.constraint
         if job.tools is not None:
             check_tool_schemas(engine, job.tools)
             constraint = job.tools.constraint()
         if constraint:
             engine.constraint(**constraint)
-        compile_s = time.perf_counter() - t0
+        return constraint, time.perf_counter() - started[0]
+
+    def tokenize():
         lengths = {}
         for r in job.requests:
             key = _prompt_key(r["prompt"])
             if key not in lengths:
-                lengths[key] = _prompt_length(engine, r["prompt"], r["raw"])
-        return constraint, compile_s, lengths
+                try:
+                    lengths[key] = _prompt_length(engine, r["prompt"], r["raw"])
+                except LLMQPError as e:
+                    raise from_engine_error(e, param="messages" if job.kind == "chat" else "prompt") from None
+        return lengths
 
     try:
-        constraint, compile_s, lengths = await _within(loop, state.compile_pool, work, state.config.compile_timeout_s)
+        constraint, compile_s = ({}, 0.0)
+        if job.constraint or job.tools is not None:
+            constraint, compile_s = await _within(loop, state.compile_pool, compile_constraint,
+                                                  state.config.compile_timeout_s)
     except LLMQPError as e:
         raise from_engine_error(e, param=job.constraint_param) from None
+    # Tokenizing is quick, but not on the event loop; nor in the compile pool, behind slow compiles.
+    lengths = await loop.run_in_executor(None, tokenize)
     if constraint:
         state.metrics.compile_time.observe(compile_s)
     context = engine.config.max_position

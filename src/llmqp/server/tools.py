@@ -130,8 +130,14 @@ def auto_grammar(tools: tuple[Tool, ...]) -> str:
     mode is held to exactly what `json_schema=` would enforce."""
     from llmqp.constraints import make_spec
     from llmqp.constraints.llguidance_backend import LLGuidanceBackend
+    from llmqp.errors import ConstraintError
 
-    _, schema = LLGuidanceBackend()._grammar(make_spec(json_schema=calls_schema(tools), strict=True))
+    # (grammar, the schema it was built from, [checks the layer enforces beyond the grammar, ...])
+    built = LLGuidanceBackend()._grammar(make_spec(json_schema=calls_schema(tools), strict=True))
+    schema = built[1]
+    if any(built[2:]):  # e.g. uniqueItems, which the backend checks outside llguidance's grammar
+        raise ConstraintError('tools: a function whose parameters need checks beyond the grammar (such as '
+                              '"uniqueItems") cannot be called with tool_choice "auto"; use "required" or name it')
     schema = dict(schema, **{"x-guidance": _STRICT_JSON})
     return ("start: TEXT | call\n"
             "TEXT: /[^<][\\s\\S]*/\n"
