@@ -87,6 +87,41 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------- over HTTP (no browser needed)
+def test_page_loads_without_the_key_and_the_api_does_not(server):
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="generate"' in page.text and "/static/app.js" in page.text
+    for path, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
+        r = httpx.get(server + path)
+        assert r.status_code == 200 and kind in r.headers["content-type"] and r.text
+    assert httpx.get(server + "/static/missing.js").status_code == 404
+    assert httpx.get(server + "/v1/models").status_code == 401
+    assert httpx.post(server + "/v1/chat/completions", json={}).status_code == 401
+
+
+def test_streamed_token_fields(server):
+    """What the page draws from: per token its id, text, plan, K, step latency and log-prob; the tokens'
+    texts add up to the deltas (ASCII output, so nothing is held back), forced tokens have K = 1 and
+    log-prob 0."""
+    body = {"messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 8, "temperature": 0,
+            "stream": True, "structured_outputs": {"regex": "Answer: (yes|no)"}}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    tokens = [t for c in chunks for t in (c["choices"][0].get("llmqp") or {}).get("tokens", [])]
+    deltas = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert re.fullmatch("Answer: (yes|no)", deltas), deltas
+    assert "".join(t["text"] for t in tokens) == deltas
+    assert all(set(t) == {"id", "text", "plan", "k", "latency_ms", "logprob"} for t in tokens), tokens
+    forced = [t for t in tokens if t["plan"] == "forced"]
+    assert forced and all(t["k"] == 1 and t["logprob"] == 0 for t in forced), tokens
+    assert all(t["logprob"] <= 0 and t["latency_ms"] >= 0 and t["k"] >= 1 for t in tokens), tokens
+    assert any(t["plan"] != "forced" and t["k"] >= 2 for t in tokens), tokens  # yes or no: a real choice
+
+
+# ---------------------------------------------------------------------- in the browser
 def _open(browser, server) -> None:
     """Load the page and enter the API key (the page keeps it in localStorage)."""
     browser.get(server + "/")
