@@ -21,9 +21,10 @@ from llmqp.errors import LLMQPError
 
 def run_rows(engine, rows: Iterable[InputRow], *, max_batch: int,
              on_tokens: Callable[[int], None] | None = None) -> Iterator[tuple[InputRow, dict, object]]:
-    """Yield (row, output row, GenerationResult or None) for every row, as each finishes. Rows that carry an error, whose options the
-    scheduler rejects, or whose generation fails (a bad schema, a prompt past the context) yield an error
-    output; the others go on. on_tokens(n) is called with the number of tokens each tick produced."""
+    """Yield (row, output row, GenerationResult or None) for every row, as each finishes. Rows that carry an
+    error, whose options the scheduler rejects, or whose generation fails (a bad schema, a prompt past the
+    context) yield an error output (and None); the others go on. on_tokens(n) is called with the number of
+    tokens each tick produced. max_batch: the scheduler's slots."""
     from llmqp import FinishedEvent, Scheduler, TokenEvent
 
     scheduler = Scheduler(engine, max_slots=max_batch)
