@@ -250,14 +250,12 @@ class LLGuidanceConstraint(CompiledConstraint):
             value = json.loads(text)
         except ValueError:
             return False
-        schema = json.loads(self.spec.source)
-        ordered = keywords.reorder(value, schema)
-        ordered_text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False)
-        if ordered_text == json.dumps(value, separators=(",", ":"), ensure_ascii=False):
+        compact = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        if text != compact:  # only compact texts (no duplicate keys, no whitespace to bound) are reordered
             return False
-        if self.spec.whitespace_flexible or text == json.dumps(value, separators=(",", ":"), ensure_ascii=False):
-            return self._accepts(ordered_text)
-        return False
+        ordered_text = json.dumps(keywords.reorder(value, json.loads(self.spec.source)), separators=(",", ":"),
+                                  ensure_ascii=False)
+        return ordered_text != compact and self._accepts(ordered_text)
 
     def _accepts(self, text: str) -> bool:
         m = self._template.deep_copy()
