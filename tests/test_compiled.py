@@ -347,7 +347,7 @@ def size_class(engine, tables, max_tokens, **sampling):
     from llmqp.sampling import SamplingParams
 
     fc = loop.config_for(engine.config, tables, SamplingParams(**sampling), max_tokens, forced=True)
-    return fc, loop.table_shape(tables, wide=fc.widths[-1] == engine.config.vocab_size)
+    return fc, loop.table_shape(tables, wide=fc.wide)
 
 
 def test_second_schema_of_the_same_size_class_does_not_compile(tiny_engine):

@@ -11,15 +11,16 @@ What runs fused: regexes, choices, and compact-whitespace JSON schemas that redu
 reason: grammars, recursive or free-form JSON, formats/patterns, oversized automata.
 """
 
-from llmqp.compiled.api import constraint_tables, generate_fused
+from llmqp.compiled.api import constraint_tables, generate_fused, replay_on_host
 from llmqp.compiled.compile import compile_tables
+from llmqp.compiled.compile_log import CompileLog
 from llmqp.compiled.export import ExportInfo, export
-from llmqp.compiled.loop import FusedConfig, FusedOutput, default_sparse_threshold, run_fused
+from llmqp.compiled.loop import FusedConfig, FusedOutput, default_sparse_threshold, run_fused, table_shape
 from llmqp.compiled.runtime import ExportedGenerator, ExportedResult, load_exported
 from llmqp.compiled.tables import (ConstraintTables, Fallback, TableLimits, synthetic_tables, tables_from_rows,
                                    unconstrained_tables)
 
-__all__ = ["ConstraintTables", "ExportInfo", "ExportedGenerator", "ExportedResult", "Fallback", "FusedConfig",
-           "FusedOutput", "TableLimits", "compile_tables", "constraint_tables", "default_sparse_threshold", "export",
-           "generate_fused", "load_exported", "run_fused", "synthetic_tables", "tables_from_rows",
-           "unconstrained_tables"]
+__all__ = ["CompileLog", "ConstraintTables", "ExportInfo", "ExportedGenerator", "ExportedResult", "Fallback",
+           "FusedConfig", "FusedOutput", "TableLimits", "compile_tables", "constraint_tables",
+           "default_sparse_threshold", "export", "generate_fused", "load_exported", "replay_on_host", "run_fused",
+           "synthetic_tables", "table_shape", "tables_from_rows", "unconstrained_tables"]

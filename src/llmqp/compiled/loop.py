@@ -51,7 +51,7 @@ from llmqp.plans import PLANS, PlanKind
 
 RUNNING, FINISH_EOS, FINISH_DONE, FINISH_LENGTH = 0, 1, 2, 3
 
-# Table size classes (see `table_shape`). States cost 21 bytes each on the device, so every table gets the
+# Table size classes (see `table_shape`). States cost 14 bytes each on the device, so every table gets the
 # largest class; entries cost 8 bytes, so they are padded to a power of four, and the wide class (rows
 # as wide as the vocabulary) straight to WIDE_ENTRIES (32 MB) so that every JSON schema with a string
 # shares one shape.
@@ -104,6 +104,11 @@ class FusedConfig:
         return cls(model=model, greedy=greedy, widths=widths, sparse_widths=sparse,
                    buffer_len=_pow4_at_least(max_tokens, 64), forced_runs=bool(forced_runs), feed_sizes=feed,
                    spec=spec)
+
+    @property
+    def wide(self) -> bool:
+        """The loop compiles K buckets past the small set: its tables get the wide entries class."""
+        return len(self.widths) > SMALL_K_BUCKETS
 
 
 def default_sparse_threshold(vocab_size: int, spec: DecodeSpec = DEFAULT_SPEC) -> int:
@@ -343,7 +348,7 @@ def run_fused(engine, prompt_ids, tables: ConstraintTables, sampling_params: sam
     the module docstring)."""
     cfg = engine.config
     fc = config_for(cfg, tables, sampling_params, max_tokens, forced=forced, spec=spec)
-    dev = _on_device(tables, table_shape(tables, wide=fc.widths[-1] == cfg.vocab_size))
+    dev = _on_device(tables, table_shape(tables, wide=fc.wide))
     threshold = clip_threshold(sparse_threshold, cfg.vocab_size, spec)
     ids = np.asarray(prompt_ids, np.int32)
     t0 = time.perf_counter()
