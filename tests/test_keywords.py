@@ -77,6 +77,11 @@ CASES = {
                             [[1, 2], [1, 1.0], [0.5, 5e-1], [12, 1.2]]),
     "uniqueItems integers": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
                              [[0, 1], [0, 0], [-1, 1]]),
+    "oneOf discriminated": ({"oneOf": [  # disjoint by "k" (a discriminator), though not by llguidance's proof
+        {"type": "object", "properties": {"k": {"const": "a"}, "x": {"type": "object", "additionalProperties": False}},
+         "required": ["k"]},
+        {"type": "object", "properties": {"k": {"const": "b"}, "x": {"type": "object"}}, "required": ["k"]}]},
+        [{"k": "a"}, {"k": "b", "x": {"n": 1}}, {"k": "a", "x": {"n": 1}}, {"k": "c"}, {}]),
     "oneOf arrays": ({"oneOf": [{"type": "array", "items": {"type": "string"}},
                                 {"type": "array", "items": {"type": "integer"}}]},
                      [[], ["a"], [1], ["a", 1], "x"]),

@@ -162,7 +162,7 @@ class _Rewriter:
                         extra.append({"anyOf": [absent, {"required": [name, *dep]}]})
                     else:
                         extra.append({"anyOf": [absent, {"allOf": [{"required": [name]}, dep]}]})
-        if self.one_of and isinstance(node.get("oneOf"), list) and not _provably_disjoint(node["oneOf"]):
+        if self.one_of and isinstance(node.get("oneOf"), list) and not _provably_disjoint(node["oneOf"], self.plain):
             self._at("oneOf", f"{path}/oneOf")
             options = node.pop("oneOf")
             branches = []
@@ -509,34 +509,45 @@ def _complement_regex(words: list[str]) -> str:
     return other(trie)
 
 
-def _provably_disjoint(options: list) -> bool:
-    """True when no instance can match two of `options`: their JSON types are pairwise disjoint, or
-    each is a `const`/`enum` and no value is in two of them. Conservative (False when unsure)."""
-    sets = []
-    for o in options:
-        if not isinstance(o, dict):
-            return False
-        if "const" in o or "enum" in o:
-            sets.append(("values", [o["const"]] if "const" in o else list(o["enum"])))
-        elif isinstance(o.get("type"), (str, list)) and not (set(o) & {"$ref", "allOf", "anyOf", "oneOf", "not"}):
-            t = {o["type"]} if isinstance(o["type"], str) else set(o["type"])
-            sets.append(("types", {"number" if x == "integer" else x for x in t}))
-        else:
-            return False
-    for i in range(len(sets)):
-        for j in range(i + 1, len(sets)):
-            (ki, a), (kj, b) = sets[i], sets[j]
-            if ki == kj == "types":
-                if a & b:
-                    return False
-            elif ki == kj == "values":
-                if any(_eq(x, y) for x in a for y in b):
-                    return False
-            else:
-                vals, ts = (a, b) if ki == "values" else (b, a)
-                if any(_type_name(v) in ts for v in vals):
-                    return False
-    return True
+def _provably_disjoint(options: list, plain=lambda node: node) -> bool:
+    """True when no instance can match two of `options` (pairwise `_disjoint`; `plain` resolves plain
+    `$ref`s). Conservative: False when unsure."""
+    return all(_disjoint(options[i], options[j], plain) for i in range(len(options))
+               for j in range(i + 1, len(options)))
+
+
+def _disjoint(a: Any, b: Any, plain, depth: int = 0) -> bool:
+    """No instance matches both `a` and `b`, by one keyword of each (every keyword of a schema must hold,
+    so one pair that cannot hold together is a proof): disjoint JSON types, disjoint `enum`/`const`
+    values, or a discriminator -- a property both require, whose schemas are disjoint, in schemas of
+    which one admits objects only."""
+    a, b = plain(a), plain(b)
+    if not isinstance(a, dict) or not isinstance(b, dict) or depth > 8:
+        return False
+    ta, tb = _types_of(a), _types_of(b)
+    if ta is not None and tb is not None and not _overlap(ta, tb):
+        return True
+    va, vb = _values(a), _values(b)
+    if va is not None and vb is not None:
+        return not any(_eq(x, y) for x in va for y in vb)
+    for values, types in ((va, tb), (vb, ta)):
+        if values is not None and types is not None:
+            return not any(_overlap({_type_name(v)}, types) for v in values)
+    if (ta is not None and ta <= {"object"}) or (tb is not None and tb <= {"object"}):
+        pa, pb = a.get("properties"), b.get("properties")
+        ra, rb = a.get("required"), b.get("required")
+        if isinstance(pa, dict) and isinstance(pb, dict) and isinstance(ra, list) and isinstance(rb, list):
+            return any(name in pa and name in pb and _disjoint(pa[name], pb[name], plain, depth + 1)
+                       for name in set(ra) & set(rb) if isinstance(name, str))
+    return False
+
+
+def _values(node: dict) -> list | None:
+    if "const" in node:
+        return [node["const"]]
+    if isinstance(node.get("enum"), list):
+        return list(node["enum"])
+    return None
 
 
 # ------------------------------------------------------------------------------------ property order
