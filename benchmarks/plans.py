@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--max-rounds", type=int, default=60)
     ap.add_argument("--burst", type=int, default=5, help="each sample: the fastest of this many steps")
     ap.add_argument("--quick", action="store_true", help="CI-sized: SmolLM2 only, 3-6 rounds")
+    ap.add_argument("--name", default="plans", help="results/<name>.json")
     args = ap.parse_args()
     quick = quick_mode(args.quick)
     shapes = ["smollm2"] if quick else args.shapes.split(",")
@@ -122,7 +123,7 @@ def main() -> None:
     for shape in shapes:
         out["shapes"].append(bench_shape(shape, min_rounds, max_rounds, args.burst))
         gc.collect()
-    write_result("plans", out, quick=quick)
+        write_result(args.name, out, quick=quick)  # after every shape: a long run is never all lost
     print("\n| shape | K | rounds | trunk ms | dense step ms | sparse step ms | gain ms (95% CI) | speedup | "
           "Amdahl bound | captured share of the achievable gain (95% CI) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
