@@ -21,8 +21,6 @@ httpx = pytest.importorskip("httpx")
 jsonschema = pytest.importorskip("jsonschema")
 pydantic = pytest.importorskip("pydantic")
 
-pytestmark = pytest.mark.slow
-
 KEY = "test-key-123"
 MODEL = "SmolLM2-135M-Instruct"
 MAX_WAITING = 24
@@ -128,6 +126,7 @@ def post(server, path, body, **kw):
 
 
 # ---------------------------------------------------------------------- health, models, auth
+@pytest.mark.slow
 def test_cli_serve_health_models_and_sigterm(tmp_path):
     """`llmqp serve` itself: /health answers 503 while the model loads, then 200 (no key needed); the key
     guards /v1/models; SIGTERM shuts down cleanly (uvicorn re-raises the signal once shutdown is complete, so
@@ -157,6 +156,7 @@ def test_cli_serve_health_models_and_sigterm(tmp_path):
         assert "Traceback" not in proc.stdout.read()
 
 
+@pytest.mark.slow
 def test_cli_serve_bad_model_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llmqp.cli", "serve", "--model", str(tmp_path / "none.gguf")],
                        capture_output=True, text=True, timeout=120)
@@ -165,6 +165,7 @@ def test_cli_serve_bad_model_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
 def test_api_key_required(server, headers):
     for method, path in (("get", "/v1/models"), ("post", "/v1/chat/completions"), ("get", "/metrics")):
@@ -177,6 +178,7 @@ def test_api_key_required(server, headers):
 
 
 # ---------------------------------------------------------------------- chat, streaming, completions
+@pytest.mark.slow
 def test_plain_and_streamed_chat_agree(server):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     plain = chat(server, messages=msgs, max_tokens=16)
@@ -204,6 +206,7 @@ def test_plain_and_streamed_chat_agree(server):
                for t in traced)
 
 
+@pytest.mark.slow
 def test_completions_endpoint(server):
     r = server.client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
                                          temperature=0, stop=["\n"])
@@ -219,6 +222,7 @@ def test_completions_endpoint(server):
     assert all(re.fullmatch(r" [0-9a-z]{1,3}", c.text) for c in two.choices)
 
 
+@pytest.mark.slow
 def test_output_equals_engine_generate(server, engine):
     """Server output equals Engine.generate for the same request and seed, greedy and seeded."""
     msgs = [{"role": "user", "content": "Write a short line about the sea."}]
@@ -238,6 +242,7 @@ def test_output_equals_engine_generate(server, engine):
                                                   seed=3).text
 
 
+@pytest.mark.slow
 def test_n_choices_use_consecutive_seeds(server):
     msgs = [{"role": "user", "content": "Name an animal."}]
     both = chat(server, messages=msgs, n=2, temperature=1.0, seed=40, max_tokens=8)
@@ -247,6 +252,7 @@ def test_n_choices_use_consecutive_seeds(server):
         assert c.message.content == alone.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_logprobs_over_the_allowed_set(server):
     import math
 
@@ -263,6 +269,7 @@ def test_logprobs_over_the_allowed_set(server):
 
 
 # ---------------------------------------------------------------------- constraints and tools
+@pytest.mark.slow
 def test_parse_returns_a_pydantic_instance(server):
     from typing import Literal
 
@@ -278,6 +285,7 @@ def test_parse_returns_a_pydantic_instance(server):
     assert isinstance(r.choices[0].message.parsed, City)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body", [
     {"response_format": {"type": "json_object"}},
     {"extra_body": {"guided_json": PERSON}},
@@ -309,6 +317,7 @@ def test_constraint_spellings(server, body):
         assert re.fullmatch(r"x[0-9]{2}", text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
                          ids=["required", "named"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -333,6 +342,7 @@ def test_tool_calls_validate(server, tool_choice, stream):
     jsonschema.validate(json.loads(arguments), schema)
 
 
+@pytest.mark.slow
 def test_tool_choice_auto_and_none(server):
     msgs = [{"role": "user", "content": "What's the weather in Paris?"}]
     auto = chat(server, messages=msgs, tools=[WEATHER], tool_choice="auto", max_tokens=40)
@@ -378,6 +388,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,body,status,needle", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_request_gets_openai_error(server, name, body, status, needle):
     r = post(server, "/v1/chat/completions", body)
@@ -391,6 +402,7 @@ def test_bad_request_gets_openai_error(server, name, body, status, needle):
         assert err["type"] == "invalid_request_error"
 
 
+@pytest.mark.slow
 def test_malformed_bodies_and_size_limit(server):
     for data in (b"{not json", b"[1, 2]", b"\xff\xfe"):
         r = post(server, "/v1/chat/completions", data)
@@ -403,6 +415,7 @@ def test_malformed_bodies_and_size_limit(server):
     assert chat(server, max_tokens=3).choices[0].message.content
 
 
+@pytest.mark.slow
 def test_slow_compile_times_out_without_stalling_decoding(server):
     """A constraint that compiles for longer than --compile-timeout gets 400; a stream already decoding keeps
     its pace meanwhile (compiles run in a thread pool, never in the decode loop)."""
@@ -436,6 +449,7 @@ def test_slow_compile_times_out_without_stalling_decoding(server):
 
 
 # ---------------------------------------------------------------------- disconnects and load
+@pytest.mark.slow
 def test_disconnect_mid_stream_frees_the_slot(server):
     before = server.metrics().get('llmqp_requests_finished_total{finish_reason="abort"}', 0.0)
     with server.http.stream("POST", "/v1/chat/completions", json=dict(
@@ -513,6 +527,7 @@ def _run_load_job(i: int, base: str) -> tuple[str, str]:
     return kind, "ok"
 
 
+@pytest.mark.slow
 def test_load_mixed_requests(server):
     """64 mixed requests at concurrency 16 (constrained and free, streamed and not, some clients leaving
     early, some bad): every good one completes and validates, every bad one gets 400, no slot leaks."""
@@ -528,6 +543,7 @@ def test_load_mixed_requests(server):
     assert chat(server, max_tokens=3).choices[0].message.content  # still serving
 
 
+@pytest.mark.slow
 def test_shutdown_lets_running_requests_finish(engine, server):
     """Graceful shutdown (what SIGINT/SIGTERM trigger): uvicorn stops taking connections, a stream already
     running finishes with [DONE], the engine thread ends and nothing is left running."""
@@ -554,3 +570,57 @@ def test_shutdown_lets_running_requests_finish(engine, server):
     finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in lines[:-1]]
     assert finishes[-1] in ("stop", "length")
     assert not worker._thread.is_alive() and worker.num_running == 0
+
+
+# ---------------------------------------------------------------------- quick: the wire format alone
+def test_protocol_constraint_spellings_and_fan_out():
+    from llmqp.server import protocol
+    from llmqp.server.errors import APIError
+
+    msgs = [{"role": "user", "content": "x"}]
+    for extra, want in (({"guided_regex": "a+"}, {"regex": "a+"}), ({"ebnf": "root ::= \"a\""}, {"grammar": "root ::= \"a\""}),
+                        ({"structured_outputs": {"choice": ["a", "b"]}}, {"choice": ["a", "b"]}),
+                        ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON,
+                                                                                     "strict": True}}},
+                         {"json_schema": PERSON, "strict": True}),
+                        ({"response_format": {"type": "text"}}, {})):
+        job = protocol.parse_chat(dict(GOOD, messages=msgs, **extra), MODEL)
+        assert job.constraint == want
+    job = protocol.parse_chat(dict(GOOD, n=3, seed=10, temperature=0.5), MODEL)
+    assert [r["seed"] for r in job.requests] == [10, 11, 12]
+    assert all(r["max_tokens"] == 2 and r["temperature"] == 0.5 for r in job.requests)
+    with pytest.raises(APIError) as e:
+        protocol.parse_chat(dict(GOOD, guided_regex="a", guided_choice=["b"]), MODEL)
+    assert e.value.status == 400 and "at most one constraint" in e.value.message
+    with pytest.raises(APIError) as e:
+        protocol.parse_chat(dict(GOOD, model="other"), MODEL)
+    assert e.value.status == 404 and e.value.code == "model_not_found"
+    job = protocol.parse_completion({"model": MODEL, "prompt": ["a", [1, 2]], "n": 2, "max_tokens": 3}, MODEL)
+    assert [r["prompt"] for r in job.requests] == ["a", "a", [1, 2], [1, 2]]
+    assert [r["raw"] for r in job.requests] == [True, True, False, False]
+
+
+def test_tool_plans_and_call_parsing():
+    from llmqp.server.errors import APIError
+    from llmqp.server.tools import parse_call, parse_tools
+
+    assert parse_tools(None, None) is None and parse_tools([WEATHER], "none") is None
+    required = parse_tools([WEATHER, TIME], "required")
+    schema = required.constraint()["json_schema"]
+    call = {"name": "get_time", "arguments": {"tz": "UTC"}}
+    jsonschema.validate(call, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "get_time", "arguments": {"city": "Paris", "unit": "celsius"}}, schema)
+    parsed = parse_call(json.dumps(call), required)
+    assert parsed["function"] == {"name": "get_time", "arguments": '{"tz": "UTC"}'} and parsed["type"] == "function"
+    named = parse_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}})
+    assert [t.name for t in named.tools] == ["get_weather"] and named.mode == "required"
+    auto = parse_tools([WEATHER], None)
+    assert auto.mode == "auto"
+    assert parse_call("It is sunny.", auto) is None
+    assert parse_call('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
+                      "</tool_call>", auto)["function"]["name"] == "get_weather"
+    for tools, choice in (([WEATHER, WEATHER], "auto"), ([{"type": "function"}], "auto"), ([WEATHER], "sometimes"),
+                          (None, "required")):
+        with pytest.raises(APIError):
+            parse_tools(tools, choice)
