@@ -38,7 +38,7 @@ MAX_REWRITTEN_CHARS = 400_000  # a rewrite that grows the schema past this is re
 
 _ANNOTATIONS = {"$schema", "$id", "id", "$anchor", "$comment", "$defs", "definitions", "title",
                 "description", "default", "examples", "example", "readOnly", "writeOnly", "deprecated",
-                "$vocabulary", "contentMediaType", "contentEncoding", "discriminator", "nullable_", "x-order"}
+                "$vocabulary", "contentMediaType", "contentEncoding", "discriminator"}
 # Keywords that constrain instances (any other keyword is an annotation: its negation is `false`).
 _VALIDATION = {"type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum",
                "maxLength", "minLength", "pattern", "items", "additionalItems", "prefixItems", "maxItems", "minItems",

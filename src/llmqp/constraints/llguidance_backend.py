@@ -255,7 +255,18 @@ class LLGuidanceConstraint(CompiledConstraint):
             return False
         ordered_text = json.dumps(keywords.reorder(value, json.loads(self.spec.source)), separators=(",", ":"),
                                   ensure_ascii=False)
-        return ordered_text != compact and self._accepts(ordered_text)
+        if ordered_text != compact and self._accepts(ordered_text):
+            return True
+        # Search the key orders the grammar allows, byte by byte (a byte-level vocabulary has no
+        # canonical-token restriction), within a budget: never accepts an invalid value, may reject.
+        walker = _OrderSearch(self._byte_template())
+        return walker.value(value) is not None and walker.m.is_accepting()
+
+    def _byte_template(self) -> llguidance.LLMatcher:
+        template = _BYTE_TEMPLATES.get(self)
+        if template is None:
+            template = _BYTE_TEMPLATES[self] = llguidance.LLMatcher(_byte_tokenizer(), self.grammar, log_level=0)
+        return template.deep_copy()
 
     def _accepts(self, text: str) -> bool:
         m = self._template.deep_copy()
@@ -288,6 +299,103 @@ class LLGuidanceConstraint(CompiledConstraint):
             m.consume_token(tok)
             pos += length
         return m.is_accepting()
+
+
+# ------------------------------------------------------------------------------- key-order search
+_BYTE_TEMPLATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SEARCH_BUDGET = 20_000  # bytes fed (with rollbacks) before the order search gives up (then: rejected)
+
+
+def _byte_tokenizer() -> llguidance.LLTokenizer:
+    """An LLTokenizer whose tokens are the 256 single bytes (id = byte + 1; id 0 is the EOS)."""
+    global _BYTES_LLTOK
+    if _BYTES_LLTOK is None:
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        from llmqp.model.tokenizer import _gpt2_bytes_to_unicode
+
+        b2u = _gpt2_bytes_to_unicode()
+        vocab = {"<|eos|>": 0, **{b2u[b]: b + 1 for b in range(256)}}
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([AddedToken("<|eos|>", special=True, normalized=False)])
+        _BYTES_LLTOK = llguidance.LLTokenizer(hf.to_str(), n_vocab=257, eos_token=[0])
+    return _BYTES_LLTOK
+
+
+_BYTES_LLTOK = None
+
+
+class _OrderSearch:
+    """Feeds a JSON value's compact text to a byte-level matcher, trying its objects' keys in every
+    order the grammar allows (depth first, with rollback). `value()` returns the bytes fed, or None
+    (and rolls back) when no order fits or the budget is spent."""
+
+    def __init__(self, matcher: llguidance.LLMatcher):
+        self.m, self.budget = matcher, _SEARCH_BUDGET
+
+    def feed(self, data: bytes) -> int | None:
+        self.budget -= len(data)
+        if self.budget < 0:
+            return None
+        tokens = [b + 1 for b in data]
+        n = self.m.try_consume_tokens(tokens)
+        if n < len(tokens):
+            if n:
+                self.m.rollback(n)
+            return None
+        return n
+
+    def undo(self, n: int) -> None:
+        if n:
+            self.m.rollback(n)
+
+    def value(self, value) -> int | None:
+        if isinstance(value, dict):
+            opened = self.feed(b"{")
+            if opened is None:
+                return None
+            rest = self.members(value, list(value), first=True)
+            if rest is None:
+                self.undo(opened)
+                return None
+            return opened + rest
+        if isinstance(value, list):
+            total = self.feed(b"[")
+            if total is None:
+                return None
+            for i, item in enumerate(value):
+                sep = self.feed(b",") if i else 0
+                n = self.value(item) if sep is not None else None
+                if n is None:
+                    self.undo(total + (sep or 0))
+                    return None
+                total += sep + n
+            end = self.feed(b"]")
+            if end is None:
+                self.undo(total)
+                return None
+            return total + end
+        return self.feed(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+    def members(self, obj: dict, keys: list, first: bool) -> int | None:
+        if not keys:
+            return self.feed(b"}")
+        for key in keys:
+            head = self.feed((b"" if first else b",") + json.dumps(key, ensure_ascii=False).encode("utf-8") + b":")
+            if head is None:
+                continue
+            body = self.value(obj[key])
+            if body is not None:
+                rest = self.members(obj, [k for k in keys if k != key], first=False)
+                if rest is not None:
+                    return head + body + rest
+                self.undo(body)
+            self.undo(head)
+            if self.budget < 0:
+                return None
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- backend
