@@ -272,3 +272,17 @@ def test_generation_validates(engine, schema):
     r = engine.generate("Answer in JSON. Repeat yourself.", json_schema=schema, max_tokens=40)
     assert r.finish_reason == "stop", r.text  # greedy; every schema here bounds its output
     assert r.valid and valid(schema, json.loads(r.text)), r.text
+
+
+def test_key_order_search_follows_the_grammar(tk):
+    """Where the schema's parts declare keys in different orders, accepts() (strict=False) searches the
+    orders the grammar allows; it still rejects what jsonschema rejects."""
+    schema = {"anyOf": [
+        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+         "required": ["a", "b"], "additionalProperties": False},
+        {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "integer"},
+                                          "c": {"type": "integer"}}, "required": ["c"], "additionalProperties": False}]}
+    c = compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+    for value in ({"a": 1, "b": 2, "c": 3}, {"c": 3, "a": 1}, {"b": 2, "a": 1}, {"c": 3, "a": "x", "b": 2},
+                  {"a": 1, "c": 3, "d": 4}):
+        assert c.accepts(compact_json(value)) == valid(schema, value), value
