@@ -86,13 +86,14 @@ def read_gguf(path: str) -> GemmaRef:
     layers = []
     for i in range(hp["n_layers"]):
         p = f"blk.{i}."
-        layers.append({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
+        # float64 once here (~0.8 GB for 270M): converting per forward would dominate a greedy decode
+        layers.append({k[len(p):]: v.astype(np.float64) for k, v in tensors.items() if k.startswith(p)})
     weights = {"embed": tensors["token_embd.weight"], "final_norm": tensors["output_norm.weight"], "layers": layers}
     return GemmaRef(hp, weights)
 
 
 def _norm(x, w, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * np.asarray(w, np.float64)
 
 
 def _rope(x, positions, base):
@@ -112,18 +113,24 @@ def is_local(i: int) -> bool:
     return (i + 1) % GLOBAL_EVERY != 0
 
 
-def hidden_states(ref: GemmaRef, ids) -> np.ndarray:
-    """(T, d) float64 hidden states after the final norm for the token ids (no BOS added)."""
+def hidden_states(ref: GemmaRef, ids, past: list | None = None) -> np.ndarray:
+    """(T, d) float64 hidden states after the final norm for the token ids (no BOS added).
+
+    past: None, or a list (one entry per layer, filled on the first call) of the rotated keys and the
+    values of the tokens fed before — then `ids` continue them (positions start after them)."""
     hp, w = ref.hp, ref.weights
     ids = np.asarray(ids)
     t = len(ids)
     d, hd, eps = hp["d"], hp["hd"], hp["eps"]
     group = hp["n_heads"] // hp["n_kv"]
-    positions = np.arange(t, dtype=np.float64)
-    qi, ki = np.arange(t)[:, None], np.arange(t)[None, :]
+    first = len(past[0][0][0]) if past else 0
+    positions = np.arange(first, first + t, dtype=np.float64)
+    qi, ki = np.arange(first, first + t)[:, None], np.arange(first + t)[None, :]
     x = w["embed"][ids].astype(np.float64) * math.sqrt(d)
+    if past is not None and not past:
+        past.extend(([np.zeros((0, hd))] * hp["n_kv"], [np.zeros((0, hd))] * hp["n_kv"]) for _ in w["layers"])
     for i, lw in enumerate(w["layers"]):
-        g = lambda name: lw[name].astype(np.float64)  # noqa: E731
+        g = lambda name: np.asarray(lw[name], np.float64)  # noqa: E731
         allowed = ki <= qi
         if is_local(i):
             allowed &= (qi - ki) < hp["window"]
@@ -137,6 +144,11 @@ def hidden_states(ref: GemmaRef, ids) -> np.ndarray:
             kh = _norm(k[:, kv * hd:(kv + 1) * hd], lw["attn_k_norm.weight"], eps)
             keys.append(_rope(kh, positions, base))
             values.append(v[:, kv * hd:(kv + 1) * hd])
+        if past is not None:
+            old_keys, old_values = past[i]
+            keys = [np.concatenate([a, b]) for a, b in zip(old_keys, keys)]
+            values = [np.concatenate([a, b]) for a, b in zip(old_values, values)]
+            past[i] = (keys, values)
         heads = []
         for head in range(hp["n_heads"]):
             qh = _rope(_norm(q[:, head * hd:(head + 1) * hd], lw["attn_q_norm.weight"], eps), positions, base)
@@ -159,13 +171,14 @@ def logits(ref: GemmaRef, hidden: np.ndarray) -> np.ndarray:
 
 
 def greedy(ref: GemmaRef, ids, n: int) -> list[int]:
-    """n greedy tokens after ids (ties to the lowest id), recomputing the whole prefix each step."""
-    ids, out = list(ids), []
+    """n greedy tokens after ids (ties to the lowest id); each step feeds only the new token, with the
+    earlier keys and values kept (a whole-prefix recompute costs 32x more)."""
+    past: list = []
+    last = hidden_states(ref, ids, past)[-1:]
+    out = []
     for _ in range(n):
-        last = hidden_states(ref, ids)[-1:]
-        nxt = int(np.argmax(logits(ref, last)[0]))
-        out.append(nxt)
-        ids.append(nxt)
+        out.append(int(np.argmax(logits(ref, last)[0])))
+        last = hidden_states(ref, out[-1:], past)
     return out
 
 

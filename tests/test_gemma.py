@@ -124,6 +124,9 @@ def test_tiny_gemma_chunks_and_decode_steps_match_one_prefill(monkeypatch):
     pieces = _chunked_hidden(cfg, params, ids, [4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 1])
     np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(whole, ref.hidden_states(reference, ids), rtol=1e-4, atol=1e-5)
+    past: list = []  # the reference's own incremental path (its greedy decode uses it) agrees too
+    steps = [ref.hidden_states(reference, ids[:12], past)] + [ref.hidden_states(reference, [i], past) for i in ids[12:]]
+    np.testing.assert_allclose(np.concatenate(steps), ref.hidden_states(reference, ids), rtol=1e-10, atol=1e-12)
 
 
 _GGUF_TO_HF = {  # per-layer tensor names: GGUF (the reference's) -> Hugging Face Gemma3ForCausalLM
