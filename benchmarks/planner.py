@@ -178,7 +178,7 @@ def main() -> None:
         results["batches"][str(batch)] = b
         print(f"B={batch}: oracle {b['oracle_head_ms']:.0f} ms; " + ", ".join(
             f"{k} {v['head_ms']['median']:.0f} ms" for k, v in b["runs"].items()), flush=True)
-    write_result("planner", results, quick=quick)
+        write_result("planner", results, quick=quick)  # after every batch size: a long run is never all lost
     print(f"\n| batch | run | head + sampling ms, median (IQR) over {rounds} rounds | regret vs oracle, median "
           "(IQR) | wall s, median | plans used (scoring steps) |")
     print("|---|---|---|---|---|---|")
