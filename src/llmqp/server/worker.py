@@ -13,6 +13,8 @@ import queue
 import threading
 from typing import Callable
 
+from llmqp import FinishedEvent
+
 log = logging.getLogger("llmqp.server")
 
 
@@ -139,7 +141,7 @@ class EngineWorker:
             deliver = self._sinks.get(event.request_id)
             if deliver is None:
                 continue
-            if _is_finished(event):
+            if isinstance(event, FinishedEvent):
                 del self._sinks[event.request_id]
             deliver(event)
 
@@ -149,8 +151,3 @@ class EngineWorker:
         if self._on_step is not None:
             self._on_step(self)
 
-
-def _is_finished(event) -> bool:
-    from llmqp import FinishedEvent
-
-    return isinstance(event, FinishedEvent)
