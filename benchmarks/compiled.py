@@ -305,7 +305,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2")
     ap.add_argument("--rounds", "--reps", dest="rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="CI-sized: 3 workload items, 2 new schemas, 2 rounds")
-    ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--out", default=None, help="write the JSON here instead of results/compiled[.quick].json")
     args = ap.parse_args()
     quick = quick_mode(args.quick)
     rounds = 2 if quick else args.rounds
@@ -317,9 +317,14 @@ def main() -> None:
         out["models"][name] = res
         print(name, "done in", res["bench_seconds"], "s", flush=True)
         gc.collect()
-    path = write_result("compiled", out, quick=quick)
-    if args.out:
-        Path(args.out).write_text(path.read_text())
+    if args.out:  # only there: never over results/compiled.json
+        import json
+
+        from common import machine
+
+        Path(args.out).write_text(json.dumps({"machine": machine(), "quick": quick, **out}, indent=2))
+    else:
+        write_result("compiled", out, quick=quick)
     print_tables(out)
 
 
