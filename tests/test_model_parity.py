@@ -277,7 +277,7 @@ def test_tiny_qwen2_hf_dir_matches_reference(tmp_path, tiny_tokenizer_json, qwen
     m = loader.load(d)
     cfg = m.config
     assert (cfg.arch, cfg.qkv_bias, cfg.tie_embeddings, cfg.rope_style) == ("qwen2", True, False, RopeStyle.ROTATE_HALF)
-    assert m.tokenizer.encode("hello world<|im_end|>")[-1] == 260 and 260 in m.tokenizer.eos_ids
+    assert m.tokenizer.encode("hello world<|im_end|>", parse_special=True)[-1] == 260 and 260 in m.tokenizer.eos_ids
     ids = [5, 300, 17, 260, 44, 2, 99, 123, 7, 318, 64, 0, 250]
     hp = dict(n_heads=QWEN["n_heads"], n_kv_heads=QWEN["n_kv"], head_dim=QWEN["hd"], rope_theta=1e6,
               rms_eps=1e-6, rope="half")
@@ -349,7 +349,7 @@ def test_tiny_llama_gguf_matches_reference(tmp_path):
     m = loader.load(path, use_cache=False)
     assert m.config.rope_style is RopeStyle.ADJACENT_PAIR and not m.config.tie_embeddings
     assert m.config.n_kv_heads == 1 and m.config.vocab_size == len(TINY_TOKENS)
-    assert m.tokenizer.encode("hello world<|im_end|>") == [258, 111, 259, 111, 114, 108, 100, 260]
+    assert m.tokenizer.encode("hello world<|im_end|>", parse_special=True) == [258, 111, 259, 111, 114, 108, 100, 260]
     assert m.tokenizer.eos_ids == (260,)
     r = ref.read_gguf(str(path))
     ids = [3, 258, 100, 260, 7, 70, 259, 1, 255]
