@@ -36,6 +36,10 @@ bench: setup
 	$(PY) benchmarks/e2e.py
 	$(PY) benchmarks/maskbench.py
 	$(PY) benchmarks/compiled.py
+	$(PY) benchmarks/batching.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/batch.py
+	$(PY) benchmarks/gemma.py
 
 # CI-sized: every benchmark end to end in minutes, a smoke test; results in benchmarks/results/*.quick.json.
 bench-quick: setup
@@ -44,7 +48,11 @@ bench-quick: setup
 	$(PY) benchmarks/planner.py --quick
 	$(PY) benchmarks/e2e.py --quick
 	$(PY) benchmarks/maskbench.py --limit 50 --no-mask-timing --out benchmarks/results/maskbench.quick.json
-	$(PY) benchmarks/compiled.py --models smollm2 --reps 1 --out benchmarks/results/compiled.quick.json
+	$(PY) benchmarks/compiled.py --quick
+	$(PY) benchmarks/batching.py --quick
+	$(PY) benchmarks/serve.py --quick
+	$(PY) benchmarks/batch.py --rows 8 --max-tokens 16 --modes loop,batch
+	$(PY) benchmarks/gemma.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache
