@@ -51,7 +51,6 @@ bench-quick: setup
 	$(PY) benchmarks/compiled.py --quick
 	$(PY) benchmarks/batching.py --quick
 	$(PY) benchmarks/serve.py --quick
-	$(PY) benchmarks/batch.py --rows 8 --max-tokens 16 --modes loop,batch
 	$(PY) benchmarks/gemma.py --quick
 
 clean:
