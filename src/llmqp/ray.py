@@ -133,8 +133,8 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, config: Batch
                   dtype: str = "float32", devices=None, address: str | None = None, actors: int = 1,
                   progress: bool | None = None, fsync: bool = True) -> BatchSummary:
     """`run_batch` on Ray Data: the rows not yet in the output go through `actors` Extractor actors and
-    each returned row is appended to the output as it arrives (resumable the same way; a batch is
-    2 * max_batch rows, and a kill loses the batches in flight). Malformed input lines are written as error rows by the
+    each returned row is appended to the output as it arrives (resumable the same way; a kill loses the
+    rows of the tasks in flight: batches of 2 * max_batch rows, which Ray may bundle). Malformed input lines are written as error rows by the
     driver. Connects to `address` (default: RAY_ADDRESS or a new local cluster) unless Ray is already
     initialised; shuts down only a cluster it started. Rows are held in the driver's memory."""
     ray = import_ray()
@@ -168,14 +168,16 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, config: Batch
                     ray.init(address=address, log_to_driver=False)
                 try:
                     ray.data.DataContext.get_current().enable_progress_bars = False
-                    # Blocks of at most 2 * max_batch rows, each one batch (batch_size=None: Ray would merge
-                    # smaller blocks up to a batch size): actors share the work, and each batch's rows reach
-                    # the output (the resume point) as soon as that batch is done.
-                    blocks = math.ceil(len(items) / (2 * config.max_batch))
-                    rows = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+                    # Blocks of one batch (2 * max_batch rows) and one task in flight per actor: actors share
+                    # the rows, and rows come back (to the output: the resume point) task by task. Ray may
+                    # still bundle several blocks into one task.
+                    batch_size = 2 * config.max_batch
+                    rows = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
+                    rows = rows.map_batches(
                         Extractor, fn_constructor_kwargs=dict(model=model, dtype=dtype, devices=devices,
                                                               **_config_kwargs(config)),
-                        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=None)
+                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+                        batch_size=batch_size)
                     for result in rows.iter_rows():
                         line = {"id": json.loads(result["id"]), "text": result["text"],
                                 "value": None if result["value"] is None else json.loads(result["value"]),
