@@ -232,14 +232,10 @@ class Engine:
                           top_k=top_k, seed=seed, raw=raw, json_schema=json_schema, regex=regex, choice=choice,
                           grammar=grammar, strict=strict, whitespace=whitespace, plan=plan, forced=forced,
                           compiled=compiled, stop=stop, top_logprobs=top_logprobs)
-        events = self._drive(Scheduler(self, max_slots=1), [request])
-        while True:
-            try:
-                event = next(events)
-            except StopIteration as done:
-                return _raise_error(done.value[0])
+        for event in (events := _Single(self, request)):
             if on_text is not None and event.text:
                 on_text(event.text)
+        return events.result
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Like `generate`, but yields text deltas as they are produced; returns the GenerationResult
@@ -247,15 +243,10 @@ class Engine:
         unknown = set(kwargs) - {f.name for f in dataclasses.fields(Request)} | ({"constraint"} & set(kwargs))
         if unknown:
             raise InvalidArgument(f"unknown stream() options: {', '.join(sorted(unknown))}")
-        request = Request.coerce(dict(kwargs, prompt=prompt))
-        events = self._drive(Scheduler(self, max_slots=1), [request])
-        while True:
-            try:
-                event = next(events)
-            except StopIteration as done:
-                return _raise_error(done.value[0])
+        for event in (events := _Single(self, Request.coerce(dict(kwargs, prompt=prompt)))):
             if event.text:
                 yield event.text
+        return events.result
 
     def generate_batch(self, requests, *, plan: str | None = None, forced: bool | None = None,
                        max_slots: int | None = None) -> list[GenerationResult]:
@@ -328,7 +319,16 @@ class Engine:
         return min(arms, key=lambda a: cost[a])
 
 
-def _raise_error(event: FinishedEvent) -> GenerationResult:
-    if event.exception is not None:
-        raise event.exception
-    return event.result
+class _Single:
+    """One request through a one-slot scheduler: iterating yields its TokenEvents; afterwards `result` holds
+    the GenerationResult. A request that failed re-raises its original exception at the end."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self._events = engine._drive(Scheduler(engine, max_slots=1), [request])
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        finished = yield from self._events
+        if finished[0].exception is not None:
+            raise finished[0].exception
+        self.result = finished[0].result
