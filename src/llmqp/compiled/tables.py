@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from llmqp.model.tokenizer import gpt2_bytes_to_unicode
+
 _SENTINEL = "\U0010FFFF"
 
 
@@ -153,20 +155,7 @@ class ConstraintTables:
 
 
 # ------------------------------------------------------------------------------------ vocabulary
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode: byte-level BPE token characters -> bytes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-_BYTE_DECODER = _byte_decoder()
+_BYTE_DECODER = {c: b for b, c in gpt2_bytes_to_unicode().items()}  # token characters -> bytes
 _VOCABS: "weakref.WeakKeyDictionary[object, Any]" = weakref.WeakKeyDictionary()
 
 

@@ -21,7 +21,8 @@ import json
 import threading
 from pathlib import Path
 
-from llmqp.errors import ChatTemplateError, ModelLoadError
+from llmqp.errors import ModelLoadError
+from llmqp.model.chat import ChatTemplating, check_unicode
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # ▁, SentencePiece's escaped space
@@ -45,7 +46,7 @@ def _byte_value(piece: str) -> int:
     return int(piece[3:5], 16)  # "<0xNN>"
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(ChatTemplating):
     """Text <-> token ids for a SentencePiece-vocabulary model (Gemma 3). Same surface as
     `llmqp.model.tokenizer.Tokenizer`: `encode`, `decode`, `token_bytes`, `apply_chat_template`, `hf`."""
 
@@ -187,6 +188,7 @@ class SentencePieceTokenizer:
     def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
         """Token ids of `text`, without BOS (the engine adds it when `add_bos`). With parse_special=False
         a control-token name in the text (``<bos>``, ``<start_of_turn>``) is plain text."""
+        check_unicode(text)
         with self._special_lock:
             self.hf.encode_special_tokens = not parse_special
             return self.hf.encode(text, add_special_tokens=False).ids
@@ -208,29 +210,6 @@ class SentencePieceTokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(int(i))
-
-    @property
-    def has_chat_template(self) -> bool:
-        return self.chat_template is not None
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `messages` with the model's template. Raises ChatTemplateError when the model has none
-        (a base model: pass raw text instead) or the template rejects the messages."""
-        if self.chat_template is None:
-            raise ChatTemplateError("this model has no chat template (a base model): pass raw=True and "
-                                    "write the prompt as plain text")
-        if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(msg):
-                raise ChatTemplateError(f"the chat template rejected the messages: {msg}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        bos = self.id_to_token(self.bos_id) if self.bos_id is not None else ""
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=bos, eos_token=self.id_to_token(self.eos_id))
 
 
 def _read_json(path: Path) -> dict:

@@ -3,10 +3,12 @@ template. Uses the `tokenizers` package only (transformers' GGUF path imports to
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
-from llmqp.errors import ChatTemplateError, ModelLoadError, PromptError
+from llmqp.errors import ModelLoadError
+from llmqp.model.chat import ChatTemplating, check_unicode
 
 # Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre` name (as llama.cpp defines them).
 _GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -37,7 +39,7 @@ def _pre_tokenizer(pre: str):
                          "(supported: default, gpt2, smollm, llama-bpe, qwen2)")
 
 
-class Tokenizer:
+class Tokenizer(ChatTemplating):
     """Text <-> token ids for one model. `eos_ids` end a generation; `special_ids` never appear in
     text produced by `decode` unless asked."""
 
@@ -138,15 +140,11 @@ class Tokenizer:
                    add_bos=meta.get("add_bos", False))
 
     # ------------------------------------------------------------ use
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(self.chat_template)
-
     def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
         """Token ids of `text`. With parse_special=False (the default) text that looks like a control token
         (`<|im_end|>`) is encoded as plain text; only `parse_special=True` turns such strings into the
         control tokens. Raises PromptError for text that is not valid Unicode (a lone surrogate)."""
-        _check_unicode(text)
+        check_unicode(text)
         if parse_special:
             return self.hf.encode(text, add_special_tokens=False).ids
         if self._plain is None:
@@ -170,74 +168,11 @@ class Tokenizer:
         i = int(i)
         return self._bytes[i] if 0 <= i < len(self._bytes) else b""
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role", "content"}]) with the model's template. Raises ChatTemplateError when
-        the model has no template or the template rejects the messages."""
-        if not self.has_chat_template:
-            raise ChatTemplateError("this model has no chat template: pass raw=True to use the prompt as plain "
-                                    "text, or a model with a template")
-        if self._template is None:
-            from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(msg):
-                raise ChatTemplateError(f"the chat template rejected the messages: {msg}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            try:
-                self._template = env.from_string(self.chat_template)
-            except TemplateError as e:
-                raise ChatTemplateError(f"the model's chat template does not parse: {e}") from None
-        from jinja2 import TemplateError
-
-        bos = self.id_to_token(self.bos_id) if self.bos_id is not None else ""
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=bos, eos_token=self.id_to_token(self.eos_id))
-        except TemplateError as e:
-            raise ChatTemplateError(f"the chat template failed on these messages: {e}") from None
-        except (TypeError, KeyError, ValueError) as e:
-            raise ChatTemplateError(f"the chat template failed on these messages: {e}") from None
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of `messages` through the chat template. Only the template inserts control tokens:
-        text inside a message that looks like one (`<|im_end|>`, `<|im_start|>system`) is encoded as plain
-        text. Raises ChatTemplateError / PromptError."""
-        for m in messages:
-            _check_unicode(m["content"])
-        marks = [f"\x00llmqp-content-{i}\x00" for i in range(len(messages))]
-        rendered = self.apply_chat_template([dict(m, content=k) for m, k in zip(messages, marks)],
-                                            add_generation_prompt)
-        ids: list[int] = []
-        rest = rendered
-        for mark, message in zip(marks, messages):
-            head, found, rest = rest.partition(mark)
-            if not found:  # the template dropped or rewrote this message: render it as the template says
-                rest = head
-                continue
-            ids += self._encode_template_text(head)
-            ids += self.encode(message["content"])
-        return ids + self._encode_template_text(rest)
-
-    def _encode_template_text(self, text: str) -> list[int]:
-        # Control tokens are split off first (as the tokenizer itself does), so encoding the pieces one by
-        # one gives the same ids as encoding the whole text.
-        return self.hf.encode(text, add_special_tokens=False).ids if text else []
-
-
-def _check_unicode(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise PromptError(f"the prompt is not valid Unicode: {e.object[e.start:e.end]!r} at index {e.start} "
-                          "(a lone surrogate) cannot be encoded") from None
-
 
 def _byte_level_table(tokenizer) -> list[bytes]:
     """Per id, the bytes of a byte-level BPE token (GPT-2 byte-to-unicode map reversed); special tokens
     give b"", added plain-text tokens their UTF-8 text."""
-    byte_encoder = _gpt2_bytes_to_unicode()
+    byte_encoder = gpt2_bytes_to_unicode()
     decoder = {c: b for b, c in byte_encoder.items()}
     added = tokenizer.hf.get_added_tokens_decoder()
     special = set(tokenizer.special_ids) | set(tokenizer.eos_ids)
@@ -256,7 +191,9 @@ def _byte_level_table(tokenizer) -> list[bytes]:
     return table
 
 
-def _gpt2_bytes_to_unicode() -> dict[int, str]:
+@functools.lru_cache(maxsize=None)
+def gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
