@@ -19,6 +19,7 @@ Not thread-safe: one thread owns a scheduler.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import time
 
@@ -343,13 +344,12 @@ class Scheduler:
             if isinstance(out, fused.Fallback):
                 reason = out.reason
             else:
-                import dataclasses
-
                 out = dataclasses.replace(out, compiled=True)
                 if out.token_ids:
                     events.append(TokenEvent(seq.rid, list(out.token_ids), out.text, list(out.logprobs),
                                              list(out.steps)))
                 seq.status = Status.FINISHED
+                self._known.discard(seq.rid)
                 events.append(FinishedEvent(seq.rid, out))
                 return
         seq.compiled_reason = reason
