@@ -240,7 +240,7 @@ class Engine:
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Like `generate`, but yields text deltas as they are produced; returns the GenerationResult
         as the generator's return value. Their concatenation equals `result.text`."""
-        unknown = set(kwargs) - {f.name for f in dataclasses.fields(Request)} | ({"constraint"} & set(kwargs))
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(Request)}
         if unknown:
             raise InvalidArgument(f"unknown stream() options: {', '.join(sorted(unknown))}")
         for event in (events := _Single(self, Request.coerce(dict(kwargs, prompt=prompt)))):
