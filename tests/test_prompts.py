@@ -57,3 +57,16 @@ def test_context_length_error(tiny):
     with pytest.raises(llmqp.ContextLengthError, match="context of 256 tokens"):
         tiny.generate("hello", raw=True, max_tokens=300)
     assert issubclass(llmqp.ContextLengthError, llmqp.InvalidArgument)
+
+
+def test_fixed_plan_neither_loads_nor_saves_the_planner(tiny, tmp_path, monkeypatch):
+    from llmqp.planner import state_path
+
+    monkeypatch.setenv("LLMQP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiny, "_planner", None)
+    r = tiny.generate("hello", raw=True, max_tokens=6, regex="[a-z]{1,6}", plan="sparse")
+    assert r.token_ids and {s.plan for s in r.steps} <= {"sparse", "forced"}
+    assert tiny._planner is None  # round 1 loaded it and taught it the fixed plan's latencies
+    assert not state_path(tiny.config.name, tiny.device_kind, "float32").exists()
+    tiny.generate("hello", raw=True, max_tokens=6, regex="[a-z]{1,6}")  # plan="auto" does use it
+    assert tiny._planner is not None
