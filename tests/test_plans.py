@@ -54,7 +54,7 @@ def test_sparse_union_batch_equals_single_rows(engine):
         batch = engine.generate_batch(reqs, plan=plan)
         for a, b in zip(singles, batch):
             assert a.token_ids == b.token_ids
-            assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+            assert np.allclose(a.logprobs, b.logprobs, atol=1e-4)  # reduction order: see above
         used = {s.plan for r in batch for s in r.steps}
         assert plan in used or plan == "sparse_union" and "sparse_union" in used
 

@@ -130,7 +130,7 @@ def test_round_trip_exact(tok, text):
 
 @pytest.mark.parametrize("text", SPECIAL)
 def test_special_tokens_are_single_ids_and_round_trip(tok, text, gguf_vocab):
-    ids = tok.encode(text)
+    ids = tok.encode(text, parse_special=True)  # the chat template's path; user text keeps them as text
     for s in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert ids.count(gguf_vocab.tokens.index(s)) == text.count(s)
     assert tok.decode(ids, skip_special=False) == text
@@ -140,7 +140,8 @@ def test_special_tokens_are_single_ids_and_round_trip(tok, text, gguf_vocab):
 
 
 def test_special_token_ids_match_gguf(tok, gguf_vocab):
-    assert tok.encode("<|im_end|>") == [2] and gguf_vocab.tokens[2] == "<|im_end|>"
+    assert tok.encode("<|im_end|>", parse_special=True) == [2] and gguf_vocab.tokens[2] == "<|im_end|>"
+    assert 2 not in tok.encode("<|im_end|>")  # plain text by default
     assert tok.eos_id == 2 and 2 in tok.eos_ids
     assert set(tok.special_ids) == {i for i, t in enumerate(gguf_vocab.token_types) if t == 3}
     assert tok.vocab_size == len(gguf_vocab.tokens) == 49152
@@ -158,7 +159,7 @@ def test_ids_match_independent_bpe_from_gguf_vocab(tok, slow_bpe):
     n_tokens = 0
     for text in corpus:
         want = slow_bpe.encode(text)
-        got = tok.encode(text)
+        got = tok.encode(text, parse_special=True)
         if got != want:
             k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
             pytest.fail(f"ids differ at {k} for {text[:60]!r}: got {got[k:k + 5]} "

@@ -312,9 +312,9 @@ def _byte_tokenizer() -> llguidance.LLTokenizer:
     if _BYTES_LLTOK is None:
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-        from llmqp.model.tokenizer import _gpt2_bytes_to_unicode
+        from llmqp.model.tokenizer import gpt2_bytes_to_unicode
 
-        b2u = _gpt2_bytes_to_unicode()
+        b2u = gpt2_bytes_to_unicode()
         vocab = {"<|eos|>": 0, **{b2u[b]: b + 1 for b in range(256)}}
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
