@@ -108,3 +108,14 @@ def test_command_line_prints_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("llmqp: error: --json-schema (inline)")
+
+
+def test_stop_option_ends_the_text_before_the_stop_string(tiny_model, capsys):
+    args = ["generate", "abc abc", "--raw", "--model", tiny_model, "--max-tokens", "24", "--temperature", "1",
+            "--seed", "3"]
+    assert main(args) == 0
+    full = capsys.readouterr().out[:-1]  # the CLI ends with one newline
+    assert len(full) > 4
+    stop = full[2:4]
+    assert main(args + ["--stop", stop]) == 0
+    assert capsys.readouterr().out[:-1] == full[: full.index(stop)]

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-strict", action="store_true",
                    help="JSON: allow undeclared properties wherever the schema allows them")
     g.add_argument("--whitespace", choices=["compact", "flexible"], default="compact")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the generation at this text, which is not printed (repeatable)")
     g.add_argument("--plan", choices=["auto", "dense", "sparse"], default="auto")
     g.add_argument("--no-forced", action="store_true", help="score forced tokens one by one")
     g.add_argument("--compiled", action="store_true",
@@ -152,7 +154,8 @@ def _generate(args) -> int:
     result = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, seed=args.seed, raw=args.raw,
                              strict=not args.no_strict, whitespace=args.whitespace, plan=args.plan,
-                             forced=not args.no_forced, compiled=args.compiled, on_text=emit, **kw)
+                             forced=not args.no_forced, compiled=args.compiled, stop=args.stop, on_text=emit,
+                             **kw)
     sys.stdout.write("\n")
     if args.trace:
         print(result.trace_summary(), file=sys.stderr)
