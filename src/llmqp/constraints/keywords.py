@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import copy
 import json
-import urllib.parse
 from typing import Any
 
+from llmqp.constraints.schema import MISSING, _escape, walk_pointer
 from llmqp.errors import ConstraintError
 
 TYPES = ("null", "boolean", "object", "array", "number", "string")  # "integer" is a part of "number"
@@ -321,22 +321,13 @@ class _Rewriter:
     def resolve(self, ref: Any) -> Any:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise _Unsupported("$ref", f"only local references can be negated, not {ref!r}")
-        node: Any = self.root
-        for part in filter(None, ref[1:].split("/")):
-            part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
-            if isinstance(node, dict) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                raise _Unsupported("$ref", f"unresolvable reference {ref!r}")
+        node = walk_pointer(self.root, ref)
+        if node is MISSING:
+            raise _Unsupported("$ref", f"unresolvable reference {ref!r}")
         return node
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _escape(token: str) -> str:
-    return token.replace("~", "~0").replace("/", "~1")
-
 
 def _types_of(node: dict) -> frozenset | None:
     t = node.get("type")

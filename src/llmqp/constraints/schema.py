@@ -50,6 +50,26 @@ def _escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
 
+MISSING = object()  # what `walk_pointer` returns for a reference it cannot follow
+
+
+def walk_pointer(root: Any, ref: str) -> Any:
+    """The node a local reference (`#/definitions/x`, percent- and ~-escaped) points at in `root`, or
+    MISSING when it is not local or leads nowhere."""
+    if not ref.startswith("#"):
+        return MISSING
+    node = root
+    for part in filter(None, ref[1:].split("/")):
+        part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return MISSING
+    return node
+
+
 def subschemas(node: Any, path: str) -> Iterator[tuple[str, Any, str]]:
     """(relation, child, child_path) for every subschema directly inside `node`.
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from llmqp.constraints.base import Matcher
+from llmqp.constraints.schema import MISSING, walk_pointer
 from llmqp.errors import ConstraintError
 
 _EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)  # no rounding
@@ -153,20 +154,8 @@ def _finite(values: list) -> UniqueArray:
 
 
 def _resolve(root, ref: str):
-    import urllib.parse
-
-    if not ref.startswith("#"):
-        return None
-    node = root
-    for part in filter(None, ref[1:].split("/")):
-        part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
+    node = walk_pointer(root, ref)
+    return None if node is MISSING else node
 
 
 def _mentions_unique(schema) -> bool:
