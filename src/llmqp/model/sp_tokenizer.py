@@ -23,6 +23,7 @@ from pathlib import Path
 
 from llmqp.errors import ModelLoadError
 from llmqp.model.chat import ChatTemplating, check_unicode
+from llmqp.model.tokenizer import _read_json, read_tokenizer_json
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # ▁, SentencePiece's escaped space
@@ -131,16 +132,8 @@ class SentencePieceTokenizer(ChatTemplating):
         chat_template.jinja."""
         import re
 
-        from tokenizers import Tokenizer as HFTokenizer
-
         directory = Path(directory)
-        path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise ModelLoadError(f"{directory}: no tokenizer.json")
-        try:
-            tk = HFTokenizer.from_file(str(path))
-        except Exception as e:
-            raise ModelLoadError(f"{path}: cannot be read by the tokenizers package ({e})") from None
+        tk = read_tokenizer_json(directory)
         size = tk.get_vocab_size(with_added_tokens=True)
         types = bytearray([NORMAL]) * size
         for token, i in tk.get_vocab(with_added_tokens=True).items():
@@ -210,12 +203,3 @@ class SentencePieceTokenizer(ChatTemplating):
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(int(i))
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: invalid JSON ({e})") from None

@@ -95,15 +95,7 @@ class Tokenizer(ChatTemplating):
 
     @classmethod
     def from_hf_dir(cls, directory: Path, vocab_size=None) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise ModelLoadError(f"{directory}: no tokenizer.json")
-        try:
-            tk = HFTokenizer.from_file(str(path))
-        except Exception as e:
-            raise ModelLoadError(f"{path}: cannot be read by the tokenizers package ({e})") from None
+        tk = read_tokenizer_json(directory)
         tcfg = _read_json(directory / "tokenizer_config.json")
         gen = _read_json(directory / "generation_config.json")
         mcfg = _read_json(directory / "config.json")
@@ -203,6 +195,20 @@ def gpt2_bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+def read_tokenizer_json(directory: Path):
+    """The `tokenizers.Tokenizer` of a Hugging Face directory's tokenizer.json; ModelLoadError when it is
+    missing or unreadable."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{directory}: no tokenizer.json")
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot be read by the tokenizers package ({e})") from None
 
 
 def _read_json(path: Path) -> dict:
