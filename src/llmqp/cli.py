@@ -74,17 +74,26 @@ def _add_model_arg(p):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
+def add_generation_arguments(p) -> None:
+    """The generation options `generate` and `batch` share (sampling, JSON options, plan, forced runs)."""
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-strict", action="store_true",
+                   help="JSON: allow undeclared properties wherever the schema allows them")
+    p.add_argument("--whitespace", choices=["compact", "flexible"], default="compact")
+    p.add_argument("--plan", choices=["auto", "dense", "sparse"], default="auto")
+    p.add_argument("--no-forced", action="store_true", help="score forced tokens one by one")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmqp", description="LLM-QP: planned constrained decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text, streamed to stdout")
     g.add_argument("prompt")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--raw", action="store_true", help="use the prompt as raw text (no chat template)")
     c = g.add_mutually_exclusive_group()
     c.add_argument("--json-schema", metavar="FILE|JSON", help="constrain to JSON valid for this schema")
@@ -92,13 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--choice", action="append", help="constrain to one of these strings (repeatable)")
     c.add_argument("--grammar", metavar="FILE|GRAMMAR",
                    help="constrain to a context-free grammar (Lark syntax): a file or the grammar text")
-    g.add_argument("--no-strict", action="store_true",
-                   help="JSON: allow undeclared properties wherever the schema allows them")
-    g.add_argument("--whitespace", choices=["compact", "flexible"], default="compact")
+    add_generation_arguments(g)
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="end the generation at this text, which is not printed (repeatable)")
-    g.add_argument("--plan", choices=["auto", "dense", "sparse"], default="auto")
-    g.add_argument("--no-forced", action="store_true", help="score forced tokens one by one")
     g.add_argument("--compiled", action="store_true",
                    help="run regular constraints in the fused on-device loop (falls back, with the reason)")
     g.add_argument("--trace", action="store_true", help="print a per-plan step summary to stderr")

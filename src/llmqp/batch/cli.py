@@ -9,6 +9,8 @@ from llmqp.batch.rows import BatchConfig
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    from llmqp.cli import _add_model_arg, add_generation_arguments
+
     p.add_argument("input", metavar="INPUT.jsonl",
                    help="one JSON object per line: 'prompt' (or the template's fields), optional 'id' and "
                         "optional per-row 'json_schema' / 'regex' / 'choice' / 'grammar'")
@@ -22,17 +24,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt-field", default="prompt", help="the row field holding the prompt (default: prompt)")
     src.add_argument("--template", help="build each prompt from the row's fields, e.g. 'Extract the person: {text}'")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    add_generation_arguments(p)
     p.add_argument("--raw", action="store_true", help="use prompts as raw text (no chat template)")
-    p.add_argument("--no-strict", action="store_true",
-                   help="JSON: allow undeclared properties wherever the schema allows them")
-    p.add_argument("--whitespace", choices=["compact", "flexible"], default="compact")
-    p.add_argument("--plan", choices=["auto", "dense", "sparse"], default="auto")
-    p.add_argument("--no-forced", action="store_true", help="score forced tokens one by one")
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     p.add_argument("--ray", action="store_true",
@@ -40,9 +33,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="with --ray: the cluster to join (default: a local cluster, or RAY_ADDRESS)")
     p.add_argument("--actors", type=int, default=1, help="with --ray: engines (actors) to run (default 1)")
-    p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face directory "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_model_arg(p)
     p.add_argument("--devices", type=int, default=None,
                    help="spread the model over N devices (vocabulary sharded; see llmqp.sharding)")
 
