@@ -286,3 +286,50 @@ def test_key_order_search_follows_the_grammar(tk):
     for value in ({"a": 1, "b": 2, "c": 3}, {"c": 3, "a": 1}, {"b": 2, "a": 1}, {"c": 3, "a": "x", "b": 2},
                   {"a": 1, "c": 3, "d": 4}):
         assert c.accepts(compact_json(value)) == valid(schema, value), value
+
+
+# Every matcher layered above the grammar (uniqueItems) and every rewrite keeps the draft-and-verify
+# contract: any mix of try_accept / rollback leaves the matcher where a fresh replay of the same
+# accepted tokens would be.
+LAYERED = {name: CASES[name][0] for name in CASES if name.startswith(("uniqueItems", "not", "oneOf", "if"))}
+
+
+def _state(m) -> tuple:
+    return m.allowed().tolist(), m.can_stop(), m.is_done(), m.forced()
+
+
+@pytest.mark.parametrize("name", LAYERED)
+def test_try_accept_rollback_equals_replay(tk, name, seed=11):
+    c = compile_constraint(make_spec(json_schema=LAYERED[name], strict=False), tk)
+    rng = random.Random(seed)
+    for _ in range(6):
+        m, accepted = c.matcher(), []
+        for _ in range(30):
+            if accepted and rng.random() < 0.35:
+                n = rng.randint(1, len(accepted))
+                m.rollback(n)
+                del accepted[-n:]
+            else:
+                draft, probe = [], c.matcher()  # a draft that is allowed for a while, then maybe not
+                for tok in accepted:
+                    probe.accept(tok)
+                for _ in range(rng.randint(1, 6)):
+                    allowed = probe.allowed().tolist()
+                    if not allowed:
+                        break
+                    tok = rng.choice(allowed) if rng.random() < 0.85 else rng.randrange(tk.vocab_size)
+                    draft.append(tok)
+                    if tok not in allowed:
+                        break
+                    probe.accept(tok)
+                n = m.try_accept(draft)
+                assert n <= len(draft)
+                accepted.extend(draft[:n])
+            if rng.random() < 0.5:  # masks computed at some positions only (llguidance's rollback differs)
+                continue
+            fresh = c.matcher()
+            for tok in accepted:
+                fresh.accept(tok)
+            assert _state(m) == _state(fresh), (name, tk.decode([t for t in accepted if t != 0]))
+        with pytest.raises(ValueError):
+            m.rollback(len(accepted) + 1)

@@ -98,8 +98,21 @@ _DENSE_CACHE_SIZE = 8  # other id arrays remembered per matcher, keyed by the bi
 
 
 class LLGuidanceMatcher(Matcher):
-    def __init__(self, llg_matcher: llguidance.LLMatcher, state: _TokenizerState):
-        self._m = llg_matcher
+    """llguidance's matcher behind the `Matcher` verbs.
+
+    Rollback: llguidance 1.9's own `rollback` is wrong after a mask was computed at a position that is
+    then rolled back past (measured: compute the mask inside `{"w":4`, roll back to the start, feed
+    `{"r":7` -- the next mask misses `}`; tests/test_keywords.py replays such sequences). So a rollback
+    past a position whose mask was computed restores a copy of the matcher taken at or before the
+    target (one every CHECKPOINT_EVERY tokens, taken when a mask is computed) and feeds the remaining
+    tokens again; other rollbacks use llguidance's. Cost: a `deep_copy` (~0.1-0.2 ms on long outputs)
+    per CHECKPOINT_EVERY tokens, and a replay of at most that many tokens per such rollback."""
+
+    CHECKPOINT_EVERY = 32
+
+    def __init__(self, template: llguidance.LLMatcher, state: _TokenizerState):
+        self._template = template  # never advanced: position 0 for restores
+        self._m = template.deep_copy()
         self._state = state
         self.vocab_size = state.vocab_size
         self.eos_ids = state.eos_ids
@@ -109,14 +122,25 @@ class LLGuidanceMatcher(Matcher):
         self._mask_ptr = self._mask.ctypes.data  # looked up once: the attribute costs ~1.5 µs
         self._dense: dict[bytes, np.ndarray] = {}
         self._ended = False
-        self._accepted = 0  # tokens accepted (EOS included): how far `rollback` may go
+        self._tokens: list[int] = []  # tokens fed to llguidance (EOS excluded): what a restore replays
         self._eos_recorded = False
+        self._checkpoints: list[tuple[int, llguidance.LLMatcher]] = []  # (position, copy), increasing
+        self._masked_max = 0  # the furthest position whose mask this matcher object computed
+
+    def _computing_mask(self) -> None:
+        pos = len(self._tokens)
+        if pos > self._masked_max:
+            self._masked_max = pos
+        last = self._checkpoints[-1][0] if self._checkpoints else 0
+        if pos - last >= self.CHECKPOINT_EVERY:
+            self._checkpoints.append((pos, self._m.deep_copy()))
 
     def allowed(self) -> np.ndarray:
         """Sorted int32 ids (read-only: the array may be shared with earlier calls)."""
         if self._ended:
             return _EMPTY
         mask = self._mask
+        self._computing_mask()
         self._m.unsafe_compute_mask_ptr(self._mask_ptr, 4 * self._state.mask_words)
         if self._m.is_error():
             raise ConstraintError(f"constraint backend failed mid-generation: {self._m.get_error()}")
@@ -154,6 +178,7 @@ class LLGuidanceMatcher(Matcher):
     def forced(self) -> list[int]:
         if self._ended or self._m.is_stopped():
             return []
+        self._computing_mask()
         forced = self._m.compute_ff_tokens()
         for i, tok in enumerate(forced):
             if tok >= self.vocab_size or tok in self._state.special_ids:
@@ -173,7 +198,7 @@ class LLGuidanceMatcher(Matcher):
             return
         if token_id in self._state.special_ids or not self._m.consume_token(token_id):
             raise ValueError(f"token {token_id} is not allowed here ({self._m.get_error()})")
-        self._accepted += 1
+        self._tokens.append(token_id)
 
     def try_accept(self, token_ids) -> int:
         if self._ended:
@@ -182,7 +207,7 @@ class LLGuidanceMatcher(Matcher):
         plain = next((i for i, t in enumerate(tokens)
                       if not 0 <= t < self.vocab_size or t in self._state.special_ids), len(tokens))
         n = self._m.try_consume_tokens(tokens[:plain]) if plain else 0
-        self._accepted += n
+        self._tokens.extend(tokens[:n])
         if n == plain < len(tokens) and tokens[plain] in self.eos_ids and self._m.is_accepting():
             self._end(tokens[plain])
             n += 1
@@ -193,18 +218,31 @@ class LLGuidanceMatcher(Matcher):
         self._eos_recorded = not self._m.is_stopped()
         self._m.consume_token(eos)
         self._ended = True
-        self._accepted += 1
 
     def rollback(self, n: int) -> None:
         n = int(n)
-        if not 0 <= n <= self._accepted:
-            raise ValueError(f"cannot roll back {n} tokens: {self._accepted} were accepted")
-        if n:
-            backend_n = n - (self._ended and not self._eos_recorded)
+        accepted = len(self._tokens) + self._ended
+        if not 0 <= n <= accepted:
+            raise ValueError(f"cannot roll back {n} tokens: {accepted} were accepted")
+        if not n:
+            return
+        eos_in_backend = self._ended and self._eos_recorded
+        target = accepted - n  # tokens kept (EOS excluded: it is always the last one)
+        if self._masked_max <= target:
+            backend_n = len(self._tokens) - target + eos_in_backend
             if backend_n and (not self._m.rollback(backend_n) or self._m.is_error()):
                 raise ValueError(f"constraint backend could not roll back {n} tokens ({self._m.get_error()})")
-            self._accepted -= n
-            self._ended = False
+        else:
+            while self._checkpoints and self._checkpoints[-1][0] > target:
+                self._checkpoints.pop()
+            start, base = self._checkpoints[-1] if self._checkpoints else (0, self._template)
+            self._m = base.deep_copy()
+            if target > start and self._m.try_consume_tokens(self._tokens[start:target]) != target - start:
+                raise ValueError(f"constraint backend could not replay {target - start} tokens "
+                                 f"({self._m.get_error()})")
+            self._masked_max = start
+        del self._tokens[target:]
+        self._ended = False
 
     def can_stop(self) -> bool:
         return self._ended or (self._m.is_accepting() and not self._m.is_error())
@@ -224,7 +262,7 @@ class LLGuidanceConstraint(CompiledConstraint):
     unique_arrays: dict = dataclasses.field(default_factory=dict, repr=False)  # output path -> UniqueArray
 
     def matcher(self) -> Matcher:
-        inner = LLGuidanceMatcher(self._template.deep_copy(), self._state)
+        inner = LLGuidanceMatcher(self._template, self._state)
         if not self.unique_arrays:
             return inner
         return unique.UniqueMatcher(inner, self.unique_arrays, *self._state.token_bytes())

@@ -411,17 +411,21 @@ class UniqueMatcher(Matcher):
 
     def accept(self, token_id: int) -> None:
         token_id = int(token_id)
+        self._inner.accept(token_id)  # raises ValueError for a token the grammar does not allow
         nxt = self._next(token_id)
         if nxt is None:
+            self._inner.rollback(1)
             raise ValueError(f"token {token_id} is not allowed here (it would repeat an item of a unique array)")
-        self._inner.accept(token_id)
         self._states.append(nxt)
 
     def try_accept(self, token_ids) -> int:
         n = 0
-        for tok in token_ids:
+        for tok in token_ids:  # the grammar first: the scan assumes bytes the grammar allows
+            if self._inner.try_accept([int(tok)]) != 1:
+                break
             nxt = self._next(int(tok))
-            if nxt is None or self._inner.try_accept([int(tok)]) != 1:
+            if nxt is None:
+                self._inner.rollback(1)
                 break
             self._states.append(nxt)
             n += 1
