@@ -85,6 +85,15 @@ CASES = {
     "oneOf arrays": ({"oneOf": [{"type": "array", "items": {"type": "string"}},
                                 {"type": "array", "items": {"type": "integer"}}]},
                      [[], ["a"], [1], ["a", 1], "x"]),
+    "not pattern repeated class": ({"type": "string", "not": {"pattern": "^[a-f\\d]{3}$"}},
+                                   ["abc", "a1f", "ab", "abcd", "abg", "", "x"]),
+    "not pattern one class": ({"type": "string", "not": {"pattern": "[^a-z ]"}}, ["ab c", "", "aB", "a1", "zz"]),
+    "not pattern plus": ({"type": "string", "not": {"pattern": "^\\s+$"}}, [" ", "  \t", "", "a ", " a"]),
+    "oneOf string or pattern": ({"oneOf": [{"type": "string", "pattern": "^[0-9]{2}$"}, {"type": "string"}]},
+                                ["12", "123", "1a", "", 12]),
+    "oneOf disjoint patterns": ({"oneOf": [{"type": "string", "pattern": "^https?://.+$"},
+                                           {"type": "string", "pattern": "^\\./.+$"}]},
+                                ["http://a", "./a", "a", "https://./x", ""]),
     "uniqueItems false": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [[1, 1], [1, 2], ["a"]]),
 }
 
@@ -163,7 +172,8 @@ def test_unique_items_use_json_equality(tk, schema, text):
 
 
 @pytest.mark.parametrize("schema, keyword", [
-    ({"type": "string", "not": {"pattern": "^a"}}, "pattern"),
+    ({"type": "string", "not": {"pattern": "^(ab)+$"}}, "pattern"),  # only a repeated class is complemented
+    ({"type": "string", "not": {"pattern": "^[a&&b]+$"}}, "pattern"),  # Rust class operators: refused
     ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems"),  # items: objects
     ({"type": "array", "items": {"type": "string", "pattern": "^a"}, "uniqueItems": True}, "uniqueItems"),
     ({"anyOf": [{"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, {"type": "null"}]},
@@ -206,25 +216,77 @@ def test_key_order_is_free_when_not_strict(tk):
     assert not strict.accepts(swapped) and strict.accepts('{"a":1,"b":"no","c":{"x":2,"y":1}}')
 
 
-@pytest.mark.parametrize("fmt, good, bad", [
-    ("date-time", "2024-01-02T03:04:05Z", "2024-13-02T03:04:05Z"),
-    ("date", "2024-01-02", "2024-1-2"),
-    ("time", "03:04:05Z", "25:04:05Z"),
-    ("email", "ada@example.com", "ada.example.com"),
-    ("uuid", "123e4567-e89b-12d3-a456-426655440000", "123e4567-e89b-12d3-a456"),
-    ("uri", "https://example.com/a?b=1", "not a uri"),
-    ("ipv4", "192.168.0.1", "192.168.0.256"),
-    ("ipv6", "2001:db8::1", "2001:db8:::1"),
-    ("hostname", "example.com", "-bad-.com"),
+FORMATS = {  # each instance's verdict comes from jsonschema's FormatChecker (format extras installed)
+    "date-time": ["2024-01-02T03:04:05Z", "2024-01-02t03:04:05.25+01:30", "2024-02-29T00:00:00z",
+                  "2023-02-29T00:00:00Z", "2024-13-02T03:04:05Z", "2024-01-02T23:59:60Z", "2024-01-02T03:04:05",
+                  "0000-01-01T00:00:00Z"],
+    "date": ["2024-01-02", "2024-02-29", "2000-02-29", "1900-02-29", "2023-02-29", "2024-04-31", "2024-1-2",
+             "0000-01-01"],
+    "time": ["03:04:05Z", "23:59:59.5-08:00", "25:04:05Z", "23:59:60Z", "03:04:05"],
+    "email": ["ada@example.com", "ada.example.com"],
+    "idn-email": ["ada@example.com", "ädä@bêta", "ada.example.com"],
+    "uuid": ["123e4567-e89b-12d3-a456-426655440000", "123e4567-e89b-12d3-a456"],
+    "uri": ["https://example.com/a?b=1#c", "urn:isbn:0451450523", "not a uri", "/relative"],
+    "uri-reference": ["https://example.com/a?b=1", "../a/b?c#d", "//example.com", "", "#frag",
+                      "http://[::1]:8080/", "a b", "%zz", "http://ex.com/ü"],
+    "iri": ["http://ex.com/ü?q=1", "urn:a", "ü", "http://ex.com/a b"],
+    "iri-reference": ["http://ex.com/ü", "ü/ö", "", "a b", "%zz"],
+    "ipv4": ["192.168.0.1", "192.168.0.256", "01.2.3.4"],
+    "ipv6": ["2001:db8::1", "::", "2001:db8:::1", "1:2:3:4:5:6:7:8:9"],
+    "hostname": ["example.com", "a" * 63 + ".com", "-bad-.com", "a" * 64 + ".com",
+                 ".".join(["a" * 50] * 5), ".".join(["a" * 50] * 5)[:253]],
+    "duration": ["P1Y2M3DT4H5M6S", "PT1H", "P1W", "P", "1Y"],
+    "json-pointer": ["", "/a~1b/0", "/", "/a~2", "a"],
+    "relative-json-pointer": ["0", "1/a~0", "0#", "10/x", "01", "100", "", "#", "1#/a"],
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_formats_follow_jsonschema_format_checker(tk, fmt):
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    if fmt not in checker.checkers:
+        pytest.skip(f"jsonschema cannot check {fmt!r} here (install jsonschema[format])")
+    schema = {"type": "string", "format": fmt}
+    c = compile_constraint(make_spec(json_schema=schema), tk)
+    verdicts = {v: checker.conforms(v, fmt) for v in FORMATS[fmt]}
+    assert True in verdicts.values() and False in verdicts.values(), "each table needs both kinds"
+    assert {v: c.accepts(json.dumps(v, ensure_ascii=False)) for v in verdicts} == verdicts
+
+
+def test_format_beside_a_pattern_and_on_other_types(tk):
+    """The format's pattern is intersected with the schema's own; non-strings are not constrained."""
+    c = compile_constraint(make_spec(json_schema={"pattern": "^2", "format": "date", "maxLength": 10},
+                                     strict=False), tk)
+    assert [c.accepts(json.dumps(v)) for v in ["2024-02-29", "1999-01-01", "2023-02-29", 7, None]] == \
+        [True, False, False, True, True]
+
+
+@pytest.mark.parametrize("fmt", ["int32", "url", "path", "unknown"])
+def test_unknown_format_is_refused_unless_annotation(tk, fmt):
+    schema = {"type": "object", "properties": {"a": {"type": "string", "format": fmt}}, "required": ["a"]}
+    with pytest.raises(ConstraintError, match=f'"format" at #/properties/a/format .*unknown format "{fmt}"'):
+        compile_constraint(make_spec(json_schema=schema), tk)
+    c = compile_constraint(make_spec(json_schema=schema, unknown_formats="annotation"), tk)
+    for value in ({"a": "anything at all"}, {"a": ""}, {"a": 1}):  # as jsonschema (with formats) reads it
+        checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+        assert c.accepts(compact_json(value)) == checker.is_valid(value), value
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "format": "regex"},  # standard, not regular: refused even as "annotation"
+    {"type": "string", "format": "idn-hostname"},
+    {"type": "string", "not": {"format": "date"}},
 ])
-def test_common_formats_are_enforced(tk, fmt, good, bad):
-    c = compile_constraint(make_spec(json_schema={"type": "string", "format": fmt}), tk)
-    assert c.accepts(json.dumps(good)) and not c.accepts(json.dumps(bad))
+def test_standard_formats_without_exact_form_are_refused(tk, schema):
+    for policy in ("refuse", "annotation"):
+        with pytest.raises(ConstraintError, match='"format"'):
+            compile_constraint(make_spec(json_schema=schema, unknown_formats=policy), tk)
 
 
-def test_unknown_format_is_refused(tk):
-    with pytest.raises(ConstraintError, match="format"):
-        compile_constraint(make_spec(json_schema={"type": "string", "format": "int32"}), tk)
+def test_unknown_format_under_not_is_an_annotation(tk):
+    schema = {"type": "string", "not": {"format": "url", "maxLength": 2}}  # not (maxLength 2)
+    c = compile_constraint(make_spec(json_schema=schema, unknown_formats="annotation"), tk)
+    assert [c.accepts(json.dumps(v)) for v in ["ab", "abc"]] == [valid(schema, v) for v in ["ab", "abc"]]
 
 
 def test_try_accept_and_rollback(tk):

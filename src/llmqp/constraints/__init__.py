@@ -22,10 +22,10 @@ instances (benchmarks/results/maskbench.json).
 """
 
 from llmqp.constraints.base import (CompiledConstraint, ConstraintBackend, ConstraintKind, ConstraintSpec,
-                                    Matcher, Whitespace)
+                                    Matcher, UnknownFormats, Whitespace)
 from llmqp.constraints.compile import clear_cache, compile_constraint, default_backend
 from llmqp.constraints.llguidance_backend import LLGuidanceBackend
 from llmqp.constraints.spec import make_spec
 
 __all__ = ["CompiledConstraint", "ConstraintBackend", "ConstraintKind", "ConstraintSpec", "LLGuidanceBackend",
-           "Matcher", "Whitespace", "clear_cache", "compile_constraint", "default_backend", "make_spec"]
+           "Matcher", "UnknownFormats", "Whitespace", "clear_cache", "compile_constraint", "default_backend", "make_spec"]

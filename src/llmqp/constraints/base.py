@@ -34,19 +34,29 @@ class Whitespace(str, enum.Enum):
     FLEXIBLE = "flexible"  # JSON whitespace between tokens, at most WHITESPACE_MAX_RUN (20) characters in a row
 
 
+class UnknownFormats(str, enum.Enum):
+    """What a JSON-Schema `format` outside the enforced set does (`llmqp.constraints.formats`)."""
+
+    REFUSE = "refuse"  # ConstraintError naming the format and its place (the default)
+    ANNOTATION = "annotation"  # a non-standard name (`url`, `path`, ...) constrains nothing, as in JSON
+    #                            Schema 2019-09+ and `jsonschema`; standard formats without an exact form stay refused
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConstraintSpec:
     """A constraint as the user gave it, normalised to a hashable value (the compile-cache key).
 
     `source` is the canonical text: the JSON schema serialised compactly *with its key order kept*
     (property order in `properties` is the order the output uses), the regex, the choices as a JSON
-    list, or the grammar text. `strict` and `whitespace_flexible` only apply to JSON schemas.
+    list, or the grammar text. `strict`, `whitespace_flexible` and `unknown_formats` only apply to JSON
+    schemas.
     Build one with `llmqp.constraints.make_spec`, which validates the input."""
 
     kind: ConstraintKind
     source: str
     strict: bool = True
     whitespace_flexible: bool = False
+    unknown_formats: UnknownFormats = UnknownFormats.REFUSE
 
     @property
     def whitespace(self) -> Whitespace:

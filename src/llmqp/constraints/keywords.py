@@ -27,9 +27,15 @@ layer (`llmqp.constraints.unique`).
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import re
 from typing import Any
 
+import llguidance
+
+from llmqp.constraints import formats
+from llmqp.constraints.base import UnknownFormats
 from llmqp.constraints.schema import MISSING, _escape, walk_pointer
 from llmqp.errors import ConstraintError
 
@@ -68,14 +74,16 @@ class _Unsupported(Exception):
         self.keyword, self.why = keyword, why
 
 
-def rewrite(schema: Any, *, one_of: bool = False) -> Any:
+def rewrite(schema: Any, *, one_of: bool = False, unknown_formats: UnknownFormats = UnknownFormats.REFUSE) -> Any:
     """A copy of `schema` without `not`, `if`/`then`/`else`, `dependencies`, `dependentRequired`,
-    `dependentSchemas`, `uniqueItems: false` (and, with `one_of=True`, without `oneOf`), accepting
-    exactly the same instances. Raises ConstraintError when a keyword has no exact rewrite."""
+    `dependentSchemas`, `uniqueItems: false`, the `format`s llguidance lacks (`formats.PATTERNS` become
+    `pattern`s; with `unknown_formats=ANNOTATION` non-standard ones are dropped) and, with
+    `one_of=True`, without `oneOf`, accepting exactly the same instances. Raises ConstraintError when a
+    keyword has no exact rewrite (or names a format outside the enforced set)."""
     if not isinstance(schema, dict):
         return schema
     root = copy.deepcopy(schema)
-    rewriter = _Rewriter(root, one_of)
+    rewriter = _Rewriter(root, one_of, UnknownFormats(unknown_formats))
     try:
         out = rewriter.node(root, "#")
     except _Unsupported as e:
@@ -96,7 +104,8 @@ def needs_rewrite(schema: Any, *, one_of: bool = False) -> bool:
         node = stack.pop()
         if isinstance(node, dict):
             if keys & node.keys() or node.get("uniqueItems") is False or \
-                    ("format" in node and _formats_cannot_apply(node)):
+                    ("format" in node and (_formats_cannot_apply(node) or (isinstance(node["format"], str)
+                                            and node["format"] not in _NATIVE_AS_IS))):
                 return True
             stack.extend(node.values())
         elif isinstance(node, list):
@@ -104,9 +113,12 @@ def needs_rewrite(schema: Any, *, one_of: bool = False) -> bool:
     return False
 
 
+_NATIVE_AS_IS = formats.NATIVE - formats.EXTRA_KEYWORDS.keys()  # formats handed to llguidance unchanged
+
+
 class _Rewriter:
-    def __init__(self, root: dict, one_of: bool):
-        self.root, self.one_of = root, one_of
+    def __init__(self, root: dict, one_of: bool, unknown_formats: UnknownFormats = UnknownFormats.REFUSE):
+        self.root, self.one_of, self.unknown_formats = root, one_of, unknown_formats
         self.where = "#"
         self.changed = False
         self.first_keyword = self.first_where = None
@@ -135,9 +147,9 @@ class _Rewriter:
         rewritten `oneOf` options: they are negated as written, and the results rewritten in turn)."""
         if node.get("uniqueItems") is False:
             del node["uniqueItems"]
-        if "format" in node and _formats_cannot_apply(node):
-            del node["format"]
         extra: list = []
+        if "format" in node:
+            self._format(node, path, extra)
         types = _types_of(node)
         closed = _closed_keys(node)
         if "not" in node:
@@ -184,6 +196,25 @@ class _Rewriter:
         if extra:
             node["allOf"] = [*node.get("allOf", []), *extra]
         return node
+
+    def _format(self, node: dict, path: str, extra: list) -> None:
+        """Replace `format` by the keywords that enforce it (see `formats`), or refuse it."""
+        name = node["format"]
+        if _formats_cannot_apply(node):
+            del node["format"]
+        elif isinstance(name, str) and name in formats.PATTERNS:
+            del node["format"]
+            if "pattern" in node:
+                extra.append({"pattern": formats.pattern(name)})
+            else:
+                node["pattern"] = formats.pattern(name)
+        elif isinstance(name, str) and name in formats.NATIVE:
+            extra.extend([dict(formats.EXTRA_KEYWORDS[name])] if name in formats.EXTRA_KEYWORDS else [])
+        elif self.unknown_formats is UnknownFormats.ANNOTATION and not formats.is_standard(name):
+            del node["format"]  # an annotation, as JSON Schema 2019-09+ and jsonschema read it
+        else:
+            self.where = f"{path}/format"
+            raise _Unsupported("format", _format_refusal(name))
 
     def _at(self, keyword: str, where: str) -> None:
         self.where = where
@@ -272,6 +303,13 @@ class _Rewriter:
                 branches.append({"type": kind, other: bound} if bound >= 0 else False)
                 keys.discard(key)
         branches.extend(_negate_bounds(schema, keys))
+        if "pattern" in keys:
+            complement = _complement_pattern(schema["pattern"])
+            if complement is None:
+                raise _Unsupported("pattern", f"the complement of /{str(schema['pattern'])[:60]}/ has no regex "
+                                              "form here (only a repeated character class or a contained one)")
+            branches.append({"type": "string", "pattern": complement})
+            keys.discard("pattern")
         if "anyOf" in keys:
             branches.append(_all([self.negate(s, types, refs) for s in schema["anyOf"]]))
             keys.discard("anyOf")
@@ -302,6 +340,9 @@ class _Rewriter:
                 keys.discard(key)
         if schema.get("uniqueItems") is False or schema.get("uniqueItems") is None:
             keys.discard("uniqueItems")
+        if "format" in keys and self.unknown_formats is UnknownFormats.ANNOTATION and \
+                not formats.is_standard(schema["format"]):
+            keys.discard("format")  # an annotation: it holds for every instance
         left = sorted(keys & _VALIDATION)
         if left:
             raise _Unsupported(left[0], f'negating "{left[0]}" has no exact schema form here')
@@ -384,6 +425,15 @@ def _any(branches: list, types: frozenset | None) -> Any:
     if not kept:
         return False
     return kept[0] if len(kept) == 1 else {"anyOf": kept}
+
+
+def _format_refusal(name: Any) -> str:
+    if not isinstance(name, str):
+        return f"format must be a string, not {json.dumps(name)[:40]}"
+    if formats.is_standard(name):
+        return f'the format "{name}" has no exact regular form here'
+    return (f'unknown format "{name}" (enforced: {", ".join(sorted(formats.NATIVE | formats.PATTERNS.keys()))}; '
+            'unknown_formats="annotation" treats non-standard formats as annotations)')
 
 
 def _formats_cannot_apply(node: dict) -> bool:
@@ -500,6 +550,48 @@ def _complement_regex(words: list[str]) -> str:
     return other(trie)
 
 
+# A pattern that is one character class (`[...]`, `\d`, a literal character; `.`, groups and alternations
+# are not recognised) repeated (`+`, `*`, `{n}`, `{m,}`, `{m,n}`) between ^ and $, or one class alone
+# (unanchored: "contains such a character").
+_CLASS = r"(?:\[\^?(?:[^\]\\\[]|\\.)+\]|\\[dDsSwW]|\\[^\w\s]|[A-Za-z0-9 _\-:;,/@#%&'=<>!\"~`])"
+_REPEATED_CLASS = re.compile(r"\^(" + _CLASS + r")(\+|\*|\{(\d+)(,(\d*))?\})\$")
+_ONE_CLASS = re.compile(_CLASS)
+
+
+def _complement_pattern(pattern: Any) -> str | None:
+    """An anchored regex for the strings `pattern` does not match (ECMA-262 search semantics: `$` is the
+    end of the string), or None when `pattern` is not one of the shapes handled."""
+    if not isinstance(pattern, str) or any(op in pattern for op in ("&&", "--", "~~")):
+        return None  # Rust's class set operations, literal characters in other dialects
+    m = _REPEATED_CLASS.fullmatch(pattern)
+    if m:
+        cls, op = m.group(1), m.group(2)
+        low, high = {"+": (1, None), "*": (0, None)}.get(op, (None, None))
+        if low is None:
+            low = int(m.group(3))
+            high = low if m.group(4) is None else (int(m.group(5)) if m.group(5) else None)
+        if high is not None and high < low:
+            return "^[\\s\\S]*$"  # matches nothing: everything is the complement
+        outside = f"[\\s\\S]*{_negate_class(cls)}[\\s\\S]*"
+        shorter = [f"[\\s\\S]{{0,{low - 1}}}"] if low > 0 else []
+        longer = [f"[\\s\\S]{{{high + 1},}}"] if high is not None else []
+        return "^(?:" + "|".join(shorter + longer + [outside]) + ")$"
+    if _ONE_CLASS.fullmatch(pattern):
+        return f"^{_negate_class(pattern)}*$"
+    return None
+
+
+def _negate_class(cls: str) -> str:
+    """The character class of every character `cls` (one class as `_CLASS` matches it) does not match."""
+    if cls.startswith("[^"):
+        return "[" + cls[2:]
+    if cls.startswith("["):
+        return "[^" + cls[1:]
+    if cls.startswith("\\") and cls[1] in "dDsSwW":
+        return "\\" + cls[1].swapcase()
+    return "[^" + cls + "]"
+
+
 def _provably_disjoint(options: list, plain=lambda node: node) -> bool:
     """True when no instance can match two of `options` (pairwise `_disjoint`; `plain` resolves plain
     `$ref`s). Conservative: False when unsure."""
@@ -518,6 +610,10 @@ def _disjoint(a: Any, b: Any, plain, depth: int = 0) -> bool:
     ta, tb = _types_of(a), _types_of(b)
     if ta is not None and tb is not None and not _overlap(ta, tb):
         return True
+    if ((ta is not None and ta <= {"string"}) or (tb is not None and tb <= {"string"})) and \
+            isinstance(a.get("pattern"), str) and isinstance(b.get("pattern"), str) and \
+            _patterns_disjoint(a["pattern"], b["pattern"]):
+        return True
     va, vb = _values(a), _values(b)
     if va is not None and vb is not None:
         return not any(_eq(x, y) for x in va for y in vb)
@@ -531,6 +627,19 @@ def _disjoint(a: Any, b: Any, plain, depth: int = 0) -> bool:
             return any(name in pa and name in pb and _disjoint(pa[name], pb[name], plain, depth + 1)
                        for name in set(ra) & set(rb) if isinstance(name, str))
     return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _patterns_disjoint(a: str, b: str) -> bool:
+    """True when no string matches both patterns: llguidance's regex engine proves the intersection
+    empty (any other answer, an error included, is "not proven")."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            {"type": "string", "allOf": [{"pattern": a}, {"pattern": b}]}, overrides={"lenient": False})
+        error = llguidance.LLMatcher.validate_grammar(grammar, None)
+    except (ValueError, TypeError):
+        return False
+    return "Regex is empty" in (error or "")
 
 
 def _values(node: dict) -> list | None:

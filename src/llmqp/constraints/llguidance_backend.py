@@ -496,7 +496,7 @@ class LLGuidanceBackend(ConstraintBackend):
                                   "strict= and whitespace= instead")
         schema_tools.check_keywords(schema)
         if keywords.needs_rewrite(schema, one_of=one_of):
-            schema = keywords.rewrite(schema, one_of=one_of)  # before closing: `not` must see the open schema
+            schema = keywords.rewrite(schema, one_of=one_of, unknown_formats=spec.unknown_formats)  # before closing: `not` must see the open schema
         if spec.strict:
             schema = schema_tools.close_objects(schema)
         schema_tools.check_min_properties(schema)

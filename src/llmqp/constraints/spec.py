@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmqp.constraints.base import ConstraintKind, ConstraintSpec, Whitespace
+from llmqp.constraints.base import ConstraintKind, ConstraintSpec, UnknownFormats, Whitespace
 from llmqp.errors import ConstraintError
 
 
 def make_spec(*, json_schema: Any = None, regex: str | None = None, choice: list[str] | None = None,
               grammar: str | None = None, strict: bool = True,
-              whitespace: Whitespace | str = Whitespace.COMPACT) -> ConstraintSpec:
+              whitespace: Whitespace | str = Whitespace.COMPACT,
+              unknown_formats: UnknownFormats | str = UnknownFormats.REFUSE) -> ConstraintSpec:
     """Normalise exactly one of the four constraint kinds into a `ConstraintSpec`.
 
     json_schema: a dict (or `True`/`False`), a JSON string, or a Pydantic model class.
@@ -22,6 +23,9 @@ def make_spec(*, json_schema: Any = None, regex: str | None = None, choice: list
         that declares properties and says nothing about additional ones is closed); False follows
         JSON-Schema semantics (undeclared properties allowed wherever the schema allows them).
     whitespace (JSON only): "compact" (default) or "flexible".
+    unknown_formats (JSON only): "refuse" (default: a `format` outside the enforced set raises
+        ConstraintError) or "annotation" (a non-standard format name constrains nothing, as JSON Schema
+        2019-09+ and `jsonschema` read it; see `llmqp.constraints.formats`).
 
     Raises ConstraintError when zero or several kinds are given or the value has the wrong shape.
     Does not compile anything: schema/regex/grammar errors surface from `compile_constraint`."""
@@ -35,10 +39,14 @@ def make_spec(*, json_schema: Any = None, regex: str | None = None, choice: list
     except ValueError:
         raise ConstraintError(f"whitespace must be 'compact' or 'flexible', not {whitespace!r}") from None
     flexible = whitespace is Whitespace.FLEXIBLE
+    try:
+        unknown_formats = UnknownFormats(unknown_formats)
+    except ValueError:
+        raise ConstraintError(f"unknown_formats must be 'refuse' or 'annotation', not {unknown_formats!r}") from None
     if json_schema is not None:
         source = json.dumps(_schema_value(json_schema), separators=(",", ":"), ensure_ascii=False)
         return ConstraintSpec(kind=ConstraintKind.JSON_SCHEMA, source=source, strict=bool(strict),
-                              whitespace_flexible=flexible)
+                              whitespace_flexible=flexible, unknown_formats=unknown_formats)
     if regex is not None:
         if not isinstance(regex, str):
             raise ConstraintError(f"regex must be a string, not {type(regex).__name__}")
