@@ -91,29 +91,38 @@ def test_same_tokens_alone_in_a_static_batch_and_in_a_running_scheduler(tiny):
             assert "".join(deltas.get(str(i), [])) == a.text
 
 
+def _finished(events) -> set:
+    return {e.request_id for e in events if isinstance(e, llmqp.FinishedEvent)}
+
+
 def test_joining_request_waits_at_most_one_prefill_chunk(tiny):
     spec = tiny.spec
     sched = llmqp.Scheduler(tiny, max_slots=8)
     for i in range(7):
-        sched.add_request(dict(prompt=f"row {i} text", raw=True, max_tokens=60), request_id=f"r{i}")
+        sched.add_request(dict(prompt=f"row {i} text", raw=True, max_tokens=200), request_id=f"r{i}")
+    done = set()  # rows that drafts carried to max_tokens early
     while sched.num_waiting or sched._prefilling is not None:  # let the seven start decoding
-        sched.step()
+        done |= _finished(sched.step())
     # a short request joins: its first token comes in the tick that runs its (only) prefill chunk
     sched.add_request(dict(prompt="short one", raw=True, max_tokens=3), request_id="new")
     events = sched.step()
+    done |= _finished(events)
     assert any(isinstance(e, llmqp.TokenEvent) and e.request_id == "new" for e in events)
     while not any(isinstance(e, llmqp.FinishedEvent) and e.request_id == "new" for e in events):
         events = sched.step()  # it ends (max_tokens=3) and frees the eighth row
+        done |= _finished(events)
     # a long prompt joins: while it prefills chunk by chunk, every running row still gets a token each tick
     long_prompt = "w " * 1600
     sched.add_request(dict(prompt=long_prompt, raw=True, max_tokens=2), request_id="long")
     n_chunks = len(spec.prefill_chunks(len(tiny.prompt_ids(long_prompt, raw=True))))
     assert n_chunks >= 6
-    running = {f"r{i}" for i in range(7)}
+    running = {f"r{i}" for i in range(7)} - done
+    assert len(running) >= 3
     for tick in range(n_chunks):
         events = sched.step()
         got = {e.request_id for e in events if isinstance(e, llmqp.TokenEvent)}
         assert running <= got, tick  # nobody stalls behind the long prefill
+        running -= _finished(events)
         if tick < n_chunks - 1:
             assert "long" not in got
     assert "long" in got  # first token right after its last chunk
@@ -150,6 +159,10 @@ class _FailingConstraint:
                 self.n += 1
                 inner.accept(t)
 
+            def rollback(self, k):
+                self.n -= k
+                inner.rollback(k)
+
             def can_stop(self):
                 return inner.can_stop()
 
@@ -162,7 +175,7 @@ class _FailingConstraint:
 def test_a_failing_row_ends_alone(tiny):
     good = [llmqp.Request(prompt=f"good {i}", raw=True, max_tokens=12, regex="[a-z]{1,30}") for i in range(3)]
     alone = [tiny.generate(r.prompt, raw=True, max_tokens=12, regex="[a-z]{1,30}") for r in good]
-    broken = llmqp.Request(prompt="bad", raw=True, max_tokens=12,
+    broken = llmqp.Request(prompt="bad", raw=True, max_tokens=12, draft="none",
                            constraint=_FailingConstraint(tiny.constraint(regex="[a-z]{1,30}"), after=3))
     bad_schema = llmqp.Request(prompt="bad", raw=True, regex="(")
     results = tiny.generate_batch([good[0], broken, good[1], bad_schema, good[2]])

@@ -23,6 +23,7 @@ from llmqp.errors import ChatTemplateError, PromptError
 from llmqp import plans as plans_mod
 from llmqp.model import loader, transformer
 from llmqp.planner import Planner
+from llmqp.planner.drafts import DraftPlanner
 from llmqp.plans import PlanKind
 from llmqp.results import GenerationResult
 from llmqp.sampling import InvalidArgument
@@ -93,6 +94,8 @@ class Engine:
             self.plans = plans_mod.sharded_plans(self.mesh)
         self.head = {"unembed": self.params["unembed"], "unembed_rows": self.params["unembed_rows"]}
         self._planner: Planner | None = None
+        self._draft_planner: DraftPlanner | None = None
+        self.feed_shapes: set[tuple] = set()  # (batch, width, cache length) of the forwards compiled so far
         self.load_seconds = time.perf_counter() - t0
         self.loaded_from_cache = loaded.from_cache
         self.all_ids = np.arange(self.config.vocab_size, dtype=np.int32)
@@ -113,13 +116,22 @@ class Engine:
                                          vocab_size=self.vocab_size, hidden_size=self.config.hidden_size)
         return self._planner
 
+    @property
+    def draft_planner(self) -> DraftPlanner:
+        """The draft="auto" policy: which draft length wins per step context, learned from latency per
+        emitted token, persisted beside the plan planner."""
+        if self._draft_planner is None:
+            self._draft_planner = DraftPlanner.load(self.config.name, self.device_kind, self.dtype)
+        return self._draft_planner
+
     def save_planner(self) -> None:
-        """Persist what the planner learned (a no-op when it was never used)."""
-        if self._planner is not None:
-            try:
-                self._planner.save()
-            except OSError:
-                pass  # a read-only cache only loses what was learned
+        """Persist what the planners learned (a no-op when they were never used)."""
+        for planner in (self._planner, self._draft_planner):
+            if planner is not None:
+                try:
+                    planner.save()
+                except OSError:
+                    pass  # a read-only cache only loses what was learned
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "Engine":
@@ -215,7 +227,8 @@ class Engine:
                  top_k: int = 0, seed: int = 0, raw: bool = False, json_schema=None, regex=None, choice=None,
                  grammar=None, strict: bool = True, whitespace: str = "compact", plan: str = "auto",
                  forced: bool = True, compiled: bool | str = False, stop: list[str] | None = None,
-                 top_logprobs: int = 0, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                 top_logprobs: int = 0, draft: str = "auto",
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
         """Generate one completion (a scheduler with one slot, driven to the end).
 
         Constraints: at most one of json_schema (dict, JSON string or Pydantic model class), regex, choice
@@ -225,13 +238,15 @@ class Engine:
         forward. compiled=True (or "auto") runs regular constraints (regex, choice, JSON schemas that reduce
         to a finite automaton) in the fused on-device loop — one `lax.while_loop`, no host round trip per
         token, identical tokens — and otherwise falls back to the host loop with `compiled=False` and
-        `compiled_reason` set in the result. stop: strings that end the generation (cut from the text).
+        `compiled_reason` set in the result. draft: "auto" (default: the planner chooses how many tokens to
+        draft per step, by prompt lookup, verified in one multi-token forward), "none" or "lookup" — outputs are
+        identical whatever the choice; the result's `drafts` reports drafted and accepted tokens. stop: strings that end the generation (cut from the text).
         on_text receives text deltas as they are produced. Raises what went wrong (ConstraintError,
         PromptError, InvalidArgument...) instead of returning an error result."""
         request = Request(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, seed=seed, raw=raw, json_schema=json_schema, regex=regex, choice=choice,
                           grammar=grammar, strict=strict, whitespace=whitespace, plan=plan, forced=forced,
-                          compiled=compiled, stop=stop, top_logprobs=top_logprobs)
+                          compiled=compiled, stop=stop, top_logprobs=top_logprobs, draft=draft)
         for event in (events := _Single(self, request)):
             if on_text is not None and event.text:
                 on_text(event.text)

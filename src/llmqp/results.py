@@ -15,6 +15,23 @@ class StepTrace:
     plan: str
     k: int
     latency_ms: float
+    drafted: bool = False  # the token came from a verified draft (accepted), not from a one-token step
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftTrace:
+    """One verification: `drafted` speculative tokens were fed in one forward with the row's last token,
+    `accepted` of them matched what step-by-step decoding chooses (the rest were rolled back); `length` is the
+    draft length chosen (the planner's arm), `proposer` what proposed them."""
+
+    drafted: int
+    accepted: int
+    length: int
+    proposer: str = "lookup"
+
+    @property
+    def rejected(self) -> int:
+        return self.drafted - self.accepted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +63,19 @@ class GenerationResult:
     compiled_reason: str | None = None  # why compiled=True/"auto" fell back to the host loop
     error: str | None = None  # finish_reason == "error": what went wrong
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    drafts: list[DraftTrace] = dataclasses.field(default_factory=list)  # one per verified draft
+
+    @property
+    def drafted_tokens(self) -> int:
+        return sum(d.drafted for d in self.drafts)
+
+    @property
+    def accepted_tokens(self) -> int:
+        return sum(d.accepted for d in self.drafts)
+
+    @property
+    def rejected_tokens(self) -> int:
+        return self.drafted_tokens - self.accepted_tokens
 
     @property
     def tokens_per_second(self) -> float:
@@ -61,6 +91,9 @@ class GenerationResult:
             ks = [s.k for s in steps]
             mean = sum(s.latency_ms for s in steps) / len(steps)
             lines.append(f"{plan:>7}: {len(steps):4d} steps  K {min(ks)}..{max(ks)}  mean {mean:.2f} ms/step")
+        if self.drafts:
+            lines.append(f"  drafts: {len(self.drafts)} verified, {self.drafted_tokens} tokens drafted, "
+                         f"{self.accepted_tokens} accepted ({self.accepted_tokens / max(self.drafted_tokens, 1):.0%})")
         total = sum(s.latency_ms for s in self.steps)
         lines.append(f"  total: {len(self.steps):4d} tokens in {total:.1f} ms  (prefill {self.prefill_ms:.1f} ms,"
                      f" {self.prompt_tokens} prompt tokens)")

@@ -51,7 +51,14 @@ def _zero_cache(*, cfg, batch: int, seq_len: int, dtype):
 
 @jax.jit
 def _set_row(hidden, row, slot):
-    return hidden.at[slot].set(row)
+    # hidden: (B, T, d); the inserted row's state goes to its first position
+    return hidden.at[slot, 0].set(row)
+
+
+@jax.jit
+def _gather_rows(hidden, slots, ts):
+    # hidden: (B, T, d) -> (R, d): the positions the scoring step reads (a row's window of drafted positions)
+    return hidden[slots, ts]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
@@ -80,7 +87,8 @@ class ModelExecutor:
         self.batch = 0  # rows in the slot cache (0: none allocated)
         self.seq_len = 0
         self.cache = None
-        self.hidden = None  # (batch, d): each live row's hidden state after its last fed token
+        self.hidden = None  # (batch, T, d): every row's hidden states at the positions the last forward fed
+        self.row_end = np.zeros(0, np.int32)  # per row: how many positions of `hidden` it fed (its end)
         self.slots: list[str | None] = []  # request id per row
         # (index, logprob) of every row's next greedy dense choice, computed with the last decode step; None
         # when the rows changed since (a row inserted, the batch reshaped) or the step did not compute it.
@@ -104,8 +112,9 @@ class ModelExecutor:
         if row_seq_len < self.seq_len:
             row_cache = _resize(row_cache, jnp.zeros(1, jnp.int32), batch=1, seq_len=self.seq_len)
         if self.cache is None:  # the first row: its own cache becomes the slot cache, no copy
-            self.cache, self.hidden = row_cache, row_hidden
+            self.cache, self.hidden = row_cache, row_hidden[:, None]
             self.batch, self.slots, self.next_greedy = 1, [rid], None
+            self.row_end = np.ones(1, np.int32)
             return 0
         if None not in self.slots:
             self._rebatch(list(range(self.batch)), pow2_at_least(self.batch + 1))
@@ -113,6 +122,7 @@ class ModelExecutor:
         self.next_greedy = None
         self.cache = _insert_row(self.cache, row_cache, jnp.int32(slot))
         self.hidden = _set_row(self.hidden, row_hidden[0], jnp.int32(slot))
+        self.row_end[slot] = 1
         self.slots[slot] = rid
         return slot
 
@@ -137,10 +147,13 @@ class ModelExecutor:
         order_dev = jnp.asarray(order)
         if self.cache is None:
             self.cache = _zero_cache(cfg=self.cfg, batch=batch, seq_len=self.seq_len, dtype=self.dtype)
-            self.hidden = jnp.zeros((batch, self.cfg.hidden_size), jnp.float32)
+            self.hidden = jnp.zeros((batch, 1, self.cfg.hidden_size), jnp.float32)
         else:
             self.cache = _resize(self.cache, order_dev, batch=batch, seq_len=self.seq_len)
             self.hidden = jnp.take(self.hidden, order_dev, axis=0, mode="fill", fill_value=0)
+        ends = np.ones(batch, np.int32)
+        ends[: len(rows)] = self.row_end[rows]
+        self.row_end = ends
         self.slots = [self.slots[r] for r in rows] + [None] * (batch - len(rows))
         self.batch = batch
 
@@ -158,49 +171,67 @@ class ModelExecutor:
                                        jnp.asarray([start], jnp.int32), cfg=self.cfg)
 
     # ------------------------------------------------------------ decode
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, all_ids=None) -> None:
-        """One token per row (free rows get token 0 at position 0: harmless, the row is rewritten whole when
-        a request is inserted). all_ids: the (ids, valid) of every-token-allowed rows, when every live row
-        is unconstrained and greedy: the next greedy dense choice is then computed in the same program."""
-        if all_ids is None:
-            self.next_greedy = None
-            self.hidden, self.cache = transformer.decode_step(self.params, self.cache, jnp.asarray(tokens),
-                                                              jnp.asarray(positions), cfg=self.cfg)
-            return
-        self.hidden, self.cache, index, logprob = _decode_then_greedy(
-            self.params, self.engine.head, self.cache, jnp.asarray(tokens), jnp.asarray(positions), *all_ids,
-            cfg=self.cfg, plan=self.engine.plans[plans_mod.PlanKind.DENSE])
-        self.next_greedy = (index, logprob)
-
-    def feed_run(self, tokens: list[int], pos: int) -> None:
-        """Feed a run of tokens of the single row at batch 1, in the spec's power-of-two chunks."""
+    def feed(self, pieces: dict[str, tuple[list[int], int]], all_ids=None) -> None:
+        """One forward over every live row: pieces[rid] = (tokens, position of the first). The width T is a
+        power of two >= the longest piece (shorter pieces are padded: the padding writes cache positions past
+        the row's end, which are overwritten before any query can see them; free rows write at position 0 and
+        are rewritten whole on insert). T == 1 is a plain decode step; all_ids: the (ids, valid) of
+        every-token-allowed rows, when every live row is unconstrained and greedy — the next greedy dense
+        choice is then computed in the same program (`next_greedy`)."""
+        width = pow2_at_least(max(len(p) for p, _ in pieces.values()))
+        need = max(start + width for _, start in pieces.values())
+        if need > self.seq_len:
+            self.ensure_seq_len(pow2_at_least(need))
+        tokens = np.zeros((self.batch, width), np.int32)
+        starts = np.zeros(self.batch, np.int32)
+        ends = np.ones(self.batch, np.int32)
+        for slot, rid in enumerate(self.slots):
+            if rid is None:
+                continue
+            piece, start = pieces[rid]
+            tokens[slot, : len(piece)] = piece
+            starts[slot], ends[slot] = start, len(piece)
+        self.row_end = ends
         self.next_greedy = None
-        i = 0
-        for size in self.spec.feed_chunks(len(tokens)):
-            start = jnp.asarray([pos + i], jnp.int32)
-            if size == 1:
-                self.hidden, self.cache = transformer.decode_step(
-                    self.params, self.cache, jnp.asarray(tokens[i : i + 1], jnp.int32), start, cfg=self.cfg)
-            else:
-                h, self.cache = transformer.forward_jit(self.params, self.cache,
-                                                        jnp.asarray([tokens[i : i + size]], jnp.int32), start,
-                                                        cfg=self.cfg)
-                self.hidden = h[:, -1]
-            i += size
+        if width > 1:
+            self.hidden, self.cache = transformer.forward_jit(self.params, self.cache, jnp.asarray(tokens),
+                                                              jnp.asarray(starts), cfg=self.cfg)
+        elif all_ids is None:
+            hidden, self.cache = transformer.decode_step(self.params, self.cache, jnp.asarray(tokens[:, 0]),
+                                                         jnp.asarray(starts), cfg=self.cfg)
+            self.hidden = hidden[:, None]
+        else:
+            hidden, self.cache, index, logprob = _decode_then_greedy(
+                self.params, self.engine.head, self.cache, jnp.asarray(tokens[:, 0]), jnp.asarray(starts),
+                *all_ids, cfg=self.cfg, plan=self.engine.plans[plans_mod.PlanKind.DENSE])
+            self.hidden = hidden[:, None]
+            self.next_greedy = (index, logprob)
+
+    def rows_hidden(self, rows: list[tuple[int, int]], padded: int):
+        """The hidden states at [(slot, offset from the row's end)] (offset 0: its last fed position), padded
+        to `padded` rows: (padded, d)."""
+        slots = np.zeros(padded, np.int32)
+        ts = np.zeros(padded, np.int32)
+        for j, (slot, back) in enumerate(rows):
+            slots[j], ts[j] = slot, self.row_end[slot] - 1 - back
+        if self.hidden.shape[1] == 1 and padded == self.batch and all(
+                slot == j and back == 0 for j, (slot, back) in enumerate(rows)) and len(rows) == padded:
+            return self.hidden[:, 0]
+        return _gather_rows(self.hidden, jnp.asarray(slots), jnp.asarray(ts))
 
     # ------------------------------------------------------------ scoring
-    def score(self, kind, ids, valid, seeds, steps, temps, top_ks, top_ps, union, greedy: bool,
+    def score(self, hidden, kind, ids, valid, seeds, steps, temps, top_ks, top_ps, union, greedy: bool,
               want_logits: bool):
-        """Score and sample every row of the batch with plan `kind` (a PlanKind). Returns numpy (index (B,),
-        logprob (B,), logits (B, K) or None)."""
+        """Score and sample the rows of `hidden` (R, d) with plan `kind` (a PlanKind). Returns numpy (index
+        (R,), logprob (R,), logits (R, K) or None)."""
         head = self.engine.head
         plan = self.engine.plans[kind]
         if want_logits:
             index, logprob, logits = plans_mod.score_select_logits(
-                head, self.hidden, ids, valid, seeds, steps, temps, top_ks, top_ps, union, plan=plan, greedy=greedy)
+                head, hidden, ids, valid, seeds, steps, temps, top_ks, top_ps, union, plan=plan, greedy=greedy)
             index, logprob, logits = jax.device_get((index, logprob, logits))
             return index, logprob, logits
-        index, logprob = plans_mod.score_and_select(head, self.hidden, ids, valid, seeds, steps, temps, top_ks,
+        index, logprob = plans_mod.score_and_select(head, hidden, ids, valid, seeds, steps, temps, top_ks,
                                                     top_ps, union, plan=plan, greedy=greedy)
         index, logprob = jax.device_get((index, logprob))
         return index, logprob, None

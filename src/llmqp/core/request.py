@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from llmqp.core.drafts import DRAFT_MODES
 from llmqp.errors import PromptError
 from llmqp.sampling import InvalidArgument, SamplingParams
 
@@ -30,7 +31,9 @@ class Request:
     plan: "auto" | "dense" | "sparse" | "sparse_union" (every plan gives the same tokens). forced: emit tokens
     the constraint forces without scoring them. compiled: True / "auto" runs regular constraints in the fused
     on-device loop when the request has the scheduler to itself. top_logprobs: how many alternatives (over
-    the allowed set) to report per token, 0..20."""
+    the allowed set) to report per token, 0..20. draft: "auto" (the planner chooses a draft length per step),
+    "none" (no drafts beyond the forced runs) or "lookup" (always draft by prompt lookup); drafts are verified,
+    so the tokens are the same whatever the choice."""
 
     prompt: Any
     max_tokens: int = 256
@@ -50,6 +53,7 @@ class Request:
     forced: bool = True
     compiled: bool | str = False
     top_logprobs: int = 0
+    draft: str = "auto"
     constraint: Any = None
 
     @classmethod
@@ -89,6 +93,8 @@ class Request:
             raise InvalidArgument(f"plan must be one of {', '.join(PLAN_NAMES)}; got {self.plan!r}")
         if self.compiled not in (False, True, "auto"):
             raise InvalidArgument(f"compiled must be False, True or 'auto', got {self.compiled!r}")
+        if self.draft not in DRAFT_MODES:
+            raise InvalidArgument(f"draft must be one of {', '.join(DRAFT_MODES)}; got {self.draft!r}")
         if self.whitespace not in ("compact", "flexible"):
             raise InvalidArgument(f"whitespace must be 'compact' or 'flexible', got {self.whitespace!r}")
         if self.stop is not None:

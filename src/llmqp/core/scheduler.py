@@ -30,8 +30,9 @@ from llmqp import plans as plans_mod
 from llmqp.core.events import FinishedEvent, TokenEvent
 from llmqp.core.executor import ModelExecutor
 from llmqp.core.request import Request
-from llmqp.core.sequence import Sequence, Status
-from llmqp.core.spec import DecodeSpec, FinishReason
+from llmqp.core.sequence import DONE, SKIP, Sequence, Status
+from llmqp.core.spec import DecodeSpec, FinishReason, pow2_at_least
+from llmqp.planner.drafts import context_key
 from llmqp.planner import StepContext
 from llmqp.plans import PlanKind
 from llmqp.sampling import InvalidArgument
@@ -153,39 +154,27 @@ class Scheduler:
     # ------------------------------------------------------------ one decode tick
     def _decode_tick(self, events: list) -> None:
         seqs = list(self._running.values())
-        single = len(seqs) == 1 and self.executor.batch == 1
-        scoring = []
-        for seq in seqs:
-            try:
-                seq.plan_step()
-            except Exception as e:
-                seq.fail(e)
-            if seq.finish is not None:
-                continue
-            if seq.run is not None:
-                seq.take_run(single)
-            else:
-                scoring.append(seq)
+        batch = self.executor.batch
+        for seq in seqs:  # rows just inserted: their certain tokens, their first window
+            if seq.window is None and seq.finish is None:
+                self._prepare(seq, batch)
+        scoring = [s for s in seqs if s.finish is None and s.ready]
         chosen = self._score(scoring) if scoring else {}
         now = time.perf_counter()
-        for seq in seqs:
-            if seq.finish is not None:
-                continue
+        for seq in scoring:
             try:
-                if seq.run is not None:
-                    seq.apply(seq.run, [0.0] * len(seq.run), PlanKind.FORCED.value, 1, now)
-                else:
-                    token, logprob, plan, k, top = chosen[seq.rid]
-                    seq.apply([token], [logprob], plan, k, now, top)
-            except Exception as e:
+                seq.verify(chosen[seq.rid], now)
+                if seq.draft_ctx is not None and seq.draft_ms_since is not None:
+                    self._learn_draft(seq, now)
+                self._prepare(seq, batch)
+            except Exception as e:  # this request's own failure (its constraint): it alone ends
                 seq.fail(e)
         self._feed(seqs)
         for seq in seqs:
-            if seq.new_tokens:
-                delta = seq.text_delta(seq.new_tokens)
-                start = len(seq.out) - len(seq.new_tokens)
+            start, delta = seq.take_events()
+            if start < len(seq.out) or delta:
                 events.append(TokenEvent(
-                    seq.rid, list(seq.new_tokens), delta, seq.logprobs[start:], seq.steps[start:],
+                    seq.rid, seq.out[start:], delta, seq.logprobs[start:], seq.steps[start:],
                     seq.top_logprobs[start:] if seq.request.top_logprobs else None))
             if seq.finish is not None:
                 if seq.rid in self._running:
@@ -193,59 +182,91 @@ class Scheduler:
                     self.executor.free_slot(seq.rid)
                 events.extend(self._finish_events(seq))
 
+    def _prepare(self, seq: Sequence, batch: int) -> None:
+        """The row's next certain tokens and draft (its length from the request's draft mode)."""
+        mode = seq.request.draft
+        seq.draft_ctx = None
+
+        def choose_k() -> int:
+            if mode == "lookup":
+                return self.spec.draft_lookup_len
+            key = context_key("lookup", seq.constraint_kind, seq.accept_rate, batch)
+            seq.draft_ctx = key
+            return self.engine.draft_planner.choose(key)
+        try:
+            seq.prepare(choose_k)
+        except Exception as e:
+            seq.fail(e)
+            return
+        seq.draft_ms_since = time.perf_counter() if seq.draft_ctx is not None else None
+
+    def _learn_draft(self, seq: Sequence, now: float) -> None:
+        """Latency per emitted token of the step that verified a planner-chosen draft length."""
+        trace = seq.drafts[-1] if seq.drafts and seq.drafts[-1].length == seq.draft_k else None
+        emitted = (trace.accepted if trace is not None else 0) + 1
+        if not seq.draft_compiled:  # a new forward width compiled in this step: its time says nothing
+            self.engine.draft_planner.update(seq.draft_ctx, seq.draft_k, (now - seq.draft_ms_since) * 1e3 / emitted)
+
     def _feed(self, seqs: list[Sequence]) -> None:
-        """Send the new tokens of the rows still live to the trunk (asynchronously)."""
+        """Send every live row's next piece to the trunk (one forward, asynchronously)."""
         for seq in seqs:
             if seq.finish is not None and seq.rid in self._running:
                 del self._running[seq.rid]
                 self.executor.free_slot(seq.rid)
         live = [s for s in seqs if s.finish is None]
-        self.executor.compact()
+        ex = self.executor
+        ex.compact()
         if not live:
             return
-        ex = self.executor
-        if len(live) == 1 and ex.batch == 1 and len(live[0].new_tokens) > 1:
-            seq = live[0]
-            ex.feed_run(seq.new_tokens, seq.pos)
-            seq.pos += len(seq.new_tokens)
-            self.stats["feeds"] += 1
-            ex.hidden.block_until_ready()
-            seq.charge_feed(time.perf_counter())
-            return
-        tokens = np.zeros(ex.batch, np.int32)
-        positions = np.zeros(ex.batch, np.int32)
+        pieces = {seq.rid: seq.next_piece(ex.batch) for seq in live}
+        width = max(len(p) for p, _ in pieces.values())
+        shape = (ex.batch, pow2_at_least(width), ex.seq_len)
+        seen = self.engine.feed_shapes
+        new_shape = shape not in seen
+        seen.add(shape)
         for seq in live:
-            slot = ex.slots.index(seq.rid)
-            tokens[slot], positions[slot] = seq.new_tokens[0], seq.pos
-            seq.pos += 1
-        fast = all(s.matcher is None and s.sampling.greedy and not s.request.top_logprobs for s in live)
-        ex.decode(tokens, positions, self._all_ids_for(ex.batch) if fast else None)
-        self.stats["decode_steps"] += 1
+            seq.draft_compiled = new_shape
+        fast = width == 1 and all(s.matcher is None and s.sampling.greedy and not s.request.top_logprobs
+                                  and not s.feed_queue for s in live)
+        ex.feed(pieces, self._all_ids_for(ex.batch) if fast else None)
+        self.stats["decode_steps" if width == 1 else "feeds"] += 1
 
     def _score(self, scoring: list[Sequence]) -> dict:
-        """One head call for every scoring row. Returns {rid: (token, logprob, plan, K, top alternatives)}."""
+        """One head call for every window position to score. Returns {rid: {position: (token, logprob, plan,
+        K, top alternatives)}}."""
         engine, ex = self.engine, self.executor
         vocab = engine.vocab_size
-        batch = ex.batch
+        rows = []  # (seq, position in its window, allowed ids or None)
+        for seq in scoring:
+            for i, entry in enumerate(seq.window):
+                if entry is SKIP or entry is DONE:
+                    continue
+                rows.append((seq, i, entry))
+        out: dict = {seq.rid: {} for seq in scoring}
+        if not rows:
+            return out
+        batch = pow2_at_least(len(rows))
         slot_of = {seq.rid: ex.slots.index(seq.rid) for seq in scoring}
-        allowed = {slot_of[s.rid]: s.allowed for s in scoring}
-        unconstrained = all(a is None for a in allowed.values())
-        ks = [vocab if a is None else len(a) for a in allowed.values()]
+        unconstrained = all(a is None for _, _, a in rows)
+        ks = [vocab if a is None else len(a) for _, _, a in rows]
         k_max = max(ks)
         limit = self.spec.sparse_limit(vocab)
         if batch == 1 or k_max > limit:
             k_union = k_max  # the union plan is not applicable: skip the O(B*K) union
         else:
-            k_union = len(np.unique(np.concatenate([engine.all_ids if a is None else a for a in allowed.values()])))
+            k_union = len(np.unique(np.concatenate([engine.all_ids if a is None else a for _, _, a in rows])))
         arms = [PlanKind(a) for a in self.spec.applicable_plans(k_max, k_union, batch, vocab)]
-        if (ex.next_greedy is not None and unconstrained and arms == [PlanKind.DENSE]
-                and all(s.sampling.greedy and not s.request.top_logprobs for s in scoring)):
-            # computed with the trunk step that produced `hidden` (see ModelExecutor.decode)
+        all_greedy = all(seq.sampling.greedy and not seq.request.top_logprobs for seq in scoring)
+        if (ex.next_greedy is not None and unconstrained and arms == [PlanKind.DENSE] and all_greedy
+                and batch == ex.batch and all(len(seq.window) == 1 for seq in scoring)):
+            # computed with the trunk step that produced `hidden` (see ModelExecutor.feed)
             index, logprob = jax.device_get(ex.next_greedy)
             ex.next_greedy = None
-            return {s.rid: (int(index[slot_of[s.rid]]), float(logprob[slot_of[s.rid]]), PlanKind.DENSE.value, vocab,
-                            None) for s in scoring}
-        requested = {s.request.plan for s in scoring}
+            for seq in scoring:
+                slot = slot_of[seq.rid]
+                out[seq.rid][0] = (int(index[slot]), float(logprob[slot]), PlanKind.DENSE.value, vocab, None)
+            return out
+        requested = {seq.request.plan for seq, _, _ in rows}
         ctx = None
         if len(arms) == 1:
             kind = arms[0]
@@ -260,9 +281,9 @@ class Scheduler:
         if unconstrained:
             ids, valid = self._all_ids_for(batch)
         else:
-            # Rows that do not score this tick get a one-id placeholder; their choice is ignored.
-            rows_ids = [engine.all_ids[:1] if slot not in allowed else
-                        engine.all_ids if allowed[slot] is None else allowed[slot] for slot in range(batch)]
+            # Padding rows get a one-id placeholder; their choice is ignored.
+            rows_ids = [engine.all_ids if a is None else a for _, _, a in rows]
+            rows_ids += [engine.all_ids[:1]] * (batch - len(rows))
             ids, valid = plans_mod.pad_allowed(rows_ids, vocab)
         union = None
         if kind is PlanKind.SPARSE_UNION:
@@ -272,31 +293,30 @@ class Scheduler:
         temps = np.zeros(batch, np.float32)
         top_ks = np.zeros(batch, np.int32)
         top_ps = np.ones(batch, np.float32)
-        for seq in scoring:
-            slot, sp = slot_of[seq.rid], seq.sampling
-            seeds[slot], steps[slot], temps[slot] = sp.seed, len(seq.out), sp.temperature
-            top_ks[slot], top_ps[slot] = sp.top_k, sp.top_p
+        for j, (seq, i, _) in enumerate(rows):
+            sp = seq.sampling
+            seeds[j], steps[j], temps[j] = sp.seed, len(seq.out) + i, sp.temperature
+            top_ks[j], top_ps[j] = sp.top_k, sp.top_p
         greedy = all(seq.sampling.greedy for seq in scoring)
         want_logits = any(seq.request.top_logprobs for seq in scoring)
-        ex.hidden.block_until_ready()  # the trunk is shared by every plan: time only what the plan changes
+        hidden = ex.rows_hidden([(slot_of[seq.rid], seq.window_len - 1 - i) for seq, i, _ in rows], batch)
+        hidden.block_until_ready()  # the trunk is shared by every plan: time only what the plan changes
         t0 = time.perf_counter()
-        index, logprob, logits = ex.score(kind, ids, valid, seeds, steps, temps, top_ks, top_ps, union,
+        index, logprob, logits = ex.score(hidden, kind, ids, valid, seeds, steps, temps, top_ks, top_ps, union,
                                           greedy, want_logits)
         head_ms = (time.perf_counter() - t0) * 1e3
         if ctx is not None:
             engine.planner.update(ctx, kind, head_ms)
-        out = {}
-        for seq in scoring:
-            slot = slot_of[seq.rid]
-            row_ids = engine.all_ids if seq.allowed is None else seq.allowed
+        for j, (seq, i, allowed) in enumerate(rows):
+            row_ids = engine.all_ids if allowed is None else allowed
             k = len(row_ids)
             top = None
             if seq.request.top_logprobs:
-                row = np.asarray(logits[slot][:k], np.float64)
+                row = np.asarray(logits[j][:k], np.float64)
                 lp = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
                 best = np.argsort(-lp, kind="stable")[: seq.request.top_logprobs]
-                top = [(int(row_ids[j]), float(lp[j])) for j in best]
-            out[seq.rid] = (int(row_ids[index[slot]]), float(logprob[slot]), kind.value, k, top)
+                top = [(int(row_ids[b]), float(lp[b])) for b in best]
+            out[seq.rid][i] = (int(row_ids[index[j]]), float(logprob[j]), kind.value, k, top)
         return out
 
     def _all_ids_for(self, batch: int):

@@ -9,10 +9,15 @@ import time
 import numpy as np
 
 from llmqp.core.detok import IncrementalDetokenizer
+from llmqp.core.drafts import PromptLookup
 from llmqp.core.request import Request
 from llmqp.core.spec import DecodeSpec, FinishReason
 from llmqp.errors import LLMQPError
-from llmqp.results import GenerationResult, StepTrace
+from llmqp.results import DraftTrace, GenerationResult, StepTrace
+
+SKIP = "skip"  # a window position whose draft token is certain (forced): not scored
+DONE = "done"  # the window's last position when the constraint allows nothing after the draft
+PlanKind_FORCED = "forced"
 
 
 class Status(enum.Enum):
@@ -23,8 +28,8 @@ class Status(enum.Enum):
 
 
 class Sequence:
-    """Mutable per-request state. The scheduler drives it: `plan_step` (what this tick does: finish, a
-    forced run, or scoring over `allowed`), `apply` (take the chosen tokens), `result`."""
+    """Mutable per-request state. The scheduler drives it: `prepare` (the constraint's certain tokens, a
+    draft, the window to score), `next_piece` (what to feed), `verify` (take the scores), `result`."""
 
     def __init__(self, rid: str, request: Request, spec: DecodeSpec):
         self.rid = rid
@@ -52,9 +57,24 @@ class Sequence:
         self.steps: list[StepTrace] = []
         self.finish: FinishReason | None = None
         self.error: BaseException | None = None
-        self.run: list[int] | None = None  # forced tokens chosen this tick
-        self.allowed: np.ndarray | None = None  # None: every token
-        self.new_tokens: list[int] = []
+        # drafts and feeding (see "one tick")
+        self.lookup: PromptLookup | None = None
+        self.feed_queue: list[int] = []
+        self.segments: list[int] = []  # lengths of the confirmed segments at the head of feed_queue
+        self.window: list | None = None
+        self.window_len = 1
+        self.draft: list[int] = []
+        self.certain: list[bool] = []
+        self.draft_k = 0
+        self.drafts: list[DraftTrace] = []
+        self.accept_rate = 0.5
+        self.delta_parts: list[str] = []
+        self.emitted = 0
+        self.t_tick = 0.0
+        self.constraint_kind = "none"
+        self.draft_ctx: str | None = None  # the draft planner's context key when it chose this draft's length
+        self.draft_ms_since: float | None = None
+        self.draft_compiled = False
         self.t_added = time.perf_counter()
         self.t_start = self.t_last = 0.0
         self.prefill_ms = 0.0
@@ -83,78 +103,245 @@ class Sequence:
         elif r.constraint_kinds():
             self.compiled = engine.constraint(**r.constraint_kw())
         self.matcher = self.compiled.matcher() if self.compiled is not None else None
+        if self.compiled is not None:
+            kind = getattr(getattr(self.compiled, "spec", None), "kind", None)
+            self.constraint_kind = getattr(kind, "value", "other")
         self.prompt_ids = np.asarray(ids, np.int32)
         self.eos = frozenset(engine.tokenizer.eos_ids)
         self.detok = IncrementalDetokenizer(engine.tokenizer, r.stop)
         self.pos = len(ids)
+        if r.draft != "none":
+            self.lookup = PromptLookup(ids)
         self.chunks = self.spec.prefill_chunks(len(ids))
         self.row_seq_len = self.spec.cache_len(len(ids), r.max_tokens)
 
     # ------------------------------------------------------------ one tick
-    def plan_step(self) -> None:
-        """Decide this tick: finish (the constraint is complete), a forced run, or scoring over `allowed`."""
-        self.run, self.allowed, self.new_tokens = None, None, []
-        if self.matcher is None:
+    # A row's life between ticks: `feed_queue` holds tokens the trunk has not seen yet — confirmed ones (a
+    # sampled token, a forced run) then the draft; the scheduler feeds it in pieces (`next_piece`), one forward
+    # per tick. Once it is empty, the last `len(window)` fed positions hold the hidden states that predict
+    # each draft token and the token after the draft: `window[i]` is the allowed set to score position i over
+    # (None: every token), SKIP when draft[i] is certain (forced: not scored), DONE when the constraint
+    # allows nothing after the draft. `verify` takes the scores, keeps the longest agreeing prefix plus the
+    # sampler's token at the first disagreement, and rolls the matcher and `pos` back past the rest.
+
+    @property
+    def ready(self) -> bool:
+        """Prepared and fully fed: its window can be scored this tick."""
+        return self.window is not None and not self.feed_queue
+
+    def prepare(self, choose_k) -> None:
+        """After the confirmed tokens: emit the constraint's certain run (fed with them), then draft up to
+        choose_k() speculative tokens (lookup + the forced runs between them) and set the window the next
+        scoring verifies. choose_k is called only when a draft is possible."""
+        self.window, self.draft, self.certain = None, [], []
+        self.draft_k = 0
+        if self.finish is not None:
             return
-        if self.matcher.is_done():
-            self.finish = FinishReason.STOP
-            return
-        forced = self.request.forced
-        run = self.matcher.forced() if forced else []
-        if not run:
-            allowed = self.matcher.allowed()
+        m = self.matcher
+        if m is not None:
+            self._emit_certain()
+            if self.finish is not None:
+                return
+        room = min(self.request.max_tokens - len(self.out) - 1, self.spec.feed_max - 1)
+        window: list = []
+        # A fresh row (nothing to feed) is scored on its prefill hidden state: no draft then.
+        if room > 0 and self.feed_queue and self.lookup is not None:
+            tail = self.lookup.context[-self.lookup.n_max :]
+            first = self.lookup.propose(tail)
+            if first is not None and first not in self.eos:
+                self.draft_k = k = min(choose_k(), room)
+                n_spec = 0
+                while n_spec < k and len(self.draft) < room:
+                    t = first if n_spec == 0 else self.lookup.propose(tail + self.draft)
+                    if t is None or t in self.eos:
+                        break
+                    allowed = None
+                    if m is not None:
+                        allowed = m.allowed()
+                        i = int(np.searchsorted(allowed, t))
+                        if i >= len(allowed) or allowed[i] != t:
+                            break
+                        m.accept(t)
+                    window.append(allowed)
+                    self.draft.append(t)
+                    self.certain.append(False)
+                    n_spec += 1
+                    if m is not None:
+                        if m.is_done():
+                            break
+                        for r in self._certain_tokens(room - len(self.draft)):
+                            m.accept(r)
+                            window.append(SKIP)
+                            self.draft.append(r)
+                            self.certain.append(True)
+                        if m.is_done():
+                            break
+        if m is None:
+            window.append(None)
+        elif m.is_done():
+            window.append(DONE)
+        else:
+            allowed = m.allowed()
             if len(allowed) == 0:  # cannot happen with a consistent backend; never emit garbage
                 raise LLMQPError("the constraint allows no token at this point")
-            if len(allowed) == 1 and forced:
+            window.append(allowed)
+        self.window = window
+        self.feed_queue.extend(self.draft)
+        self.window_len = len(window)
+
+    def _certain_tokens(self, limit: int) -> list[int]:
+        """The constraint's forced run from here (forced=True), at most `limit` tokens; not accepted yet."""
+        if not self.request.forced or limit <= 0 or self.matcher.is_done():
+            return []
+        run = list(self.matcher.forced())
+        if not run:
+            allowed = self.matcher.allowed()
+            if len(allowed) == 1 and int(allowed[0]) not in self.eos:
                 run = [int(allowed[0])]
-            else:
-                self.allowed = allowed
+        return run[:limit]
+
+    def _emit_certain(self) -> None:
+        """Emit the constraint's forced runs from the current state (they go to the trunk with the
+        confirmed tokens before them)."""
+        m = self.matcher
+        while self.finish is None:
+            if m.is_done():
+                self.finish = FinishReason.STOP
                 return
-        self.run = list(run)
+            run = self._certain_tokens(self.request.max_tokens - len(self.out))
+            if not run:
+                return
+            for t in run:
+                m.accept(t)
+            self._emit(run, [0.0] * len(run), [PlanKind_FORCED] * len(run), [1] * len(run), None, drafted=False)
 
-    def take_run(self, single: bool) -> None:
-        """Keep the whole forced run when this row decodes alone (fed in one multi-token forward), else its
-        first token (every row of a shared batch advances one token per step)."""
-        if not single:
-            self.run = self.run[:1]
+    def next_piece(self, batch: int) -> tuple[list[int], int]:
+        """The tokens to feed this tick (one forward per tick). Without a draft, the confirmed tokens go as
+        before drafts existed: each segment (a sampled token, a forced run) in the power-of-two pieces of
+        `DecodeSpec.feed_chunks` at batch 1, one token per tick in a shared batch. With a draft, the queue is
+        cut from its end: the last piece holds the whole window (the last confirmed token and the draft)."""
+        q = self.feed_queue
+        if self.draft:
+            cap = max(1, self.spec.feed_max // batch)
+            tail = max(len(self.draft) + 1, min(cap, len(q)))
+            head = len(q) - tail
+            n = len(q) if head <= 0 else min(self.spec.feed_chunks(head)[0], cap)
+        else:
+            n = 1 if batch > 1 else self.spec.feed_chunks(self.segments[0])[0]
+        piece, self.feed_queue = q[:n], q[n:]
+        left = n
+        while left and self.segments:
+            take = min(left, self.segments[0])
+            left -= take
+            self.segments[0] -= take
+            if self.segments[0] == 0:
+                self.segments.pop(0)
+        start = self.pos
+        self.pos += n
+        return piece, start
 
-    def apply(self, tokens: list[int], logprobs: list[float], plan: str, k: int, now: float,
-              top: list[tuple[int, float]] | None = None) -> None:
-        """Take this tick's tokens (a forced run, or one scored token): EOS, the constraint and max_tokens
-        may end the request. `new_tokens` are the ones the trunk must still see."""
-        tokens = tokens[: self.request.max_tokens - len(self.out)]
-        stop_at = next((i for i, t in enumerate(tokens) if t in self.eos), None)
-        kept = tokens if stop_at is None else tokens[:stop_at]
-        per_token_ms = (now - self.t_last) * 1e3 / max(len(kept), 1)
-        if self.matcher is not None:
-            for t in tokens if stop_at is None else tokens[: stop_at + 1]:
-                self.matcher.accept(t)
-        self.out.extend(kept)
-        self.logprobs.extend(logprobs[: len(kept)])
-        if self.request.top_logprobs:
-            self.top_logprobs.extend([top or []] * len(kept) if plan != "forced" else [[(t, 0.0)] for t in kept])
-        self.steps.extend(StepTrace(plan, k, per_token_ms) for _ in kept)
-        self.new_tokens = list(kept)
+    def verify(self, chosen: dict, now: float) -> None:
+        """Take the scores of the window's positions ({i: (token, logprob, plan, k, top)}): accept the draft's
+        longest prefix the sampler agrees with (certain tokens need no score), then the sampler's own token at
+        the first disagreement (or after the whole draft); roll back the rest."""
+        draft, certain, window = self.draft, self.certain, self.window
+        accepted, bonus = 0, None
+        for i, entry in enumerate(window):
+            if i < len(draft):
+                if certain[i] or chosen[i][0] == draft[i]:
+                    accepted += 1
+                    continue
+                bonus = i
+                break
+            if entry is not DONE:
+                bonus = i
+        rejected = len(draft) - accepted
+        if rejected and self.matcher is not None:
+            self.matcher.rollback(rejected)
+        self.pos -= rejected
+        n_spec = sum(1 for c in certain if not c)
+        if n_spec:
+            acc_spec = sum(1 for i in range(accepted) if not certain[i])
+            self.drafts.append(DraftTrace(n_spec, acc_spec, self.draft_k))
+            self.accept_rate = 0.7 * self.accept_rate + 0.3 * (acc_spec / n_spec)
+        self.window, self.draft, self.certain = None, [], []
+        self.feed_queue = []
+        self.t_tick = now
+        tokens, logprobs, plans, ks, tops, drafted = [], [], [], [], [], []
+        for i in range(accepted):
+            tokens.append(draft[i])
+            if certain[i]:
+                logprobs.append(0.0), plans.append(PlanKind_FORCED), ks.append(1), tops.append(None)
+            else:
+                tok, lp, plan, k, top = chosen[i]
+                logprobs.append(lp), plans.append(plan), ks.append(k), tops.append(top)
+            drafted.append(not certain[i])
+        # the tokens of the draft are in the matcher already; the sampler's own token is not
+        n_drafted = len(tokens)
+        if bonus is not None:
+            tok, lp, plan, k, top = chosen[bonus]
+            tokens.append(tok), logprobs.append(lp), plans.append(plan), ks.append(k), tops.append(top)
+            drafted.append(False)
+        self._emit(tokens, logprobs, plans, ks, tops, drafted=drafted, in_matcher=n_drafted,
+                   fed=n_drafted)
+        if bonus is None and self.finish is None:
+            self.finish = self.spec.finish_after(sampled_eos=False, constraint_done=True, stop_string=False,
+                                                 n_out=len(self.out), max_tokens=self.request.max_tokens)
+
+    def _emit(self, tokens, logprobs, plans, ks, tops, *, drafted, in_matcher: int = None, fed: int = 0) -> None:
+        """Append tokens to the output one at a time, as step-by-step decoding would: EOS, a stop string or
+        max_tokens end the request at that token. The first `in_matcher` tokens are in the matcher already
+        (default: all of them), the first `fed` ones in the KV cache; the others are queued for the trunk."""
+        if in_matcher is None:
+            in_matcher = len(tokens)
+        if isinstance(drafted, bool):
+            drafted = [drafted] * len(tokens)
+        now = time.perf_counter()
+        per_token_ms = (now - self.t_last) * 1e3 / max(len(tokens), 1)
         self.t_last = now
-        self.finish = self.spec.finish_after(
-            sampled_eos=stop_at is not None,
-            constraint_done=self.matcher is not None and self.matcher.is_done(),
-            stop_string=False, n_out=len(self.out), max_tokens=self.request.max_tokens)
+        new_segment = True
+        for j, t in enumerate(tokens):
+            if self.finish is not None:
+                break
+            if t in self.eos:
+                if self.matcher is not None and j >= in_matcher:
+                    self.matcher.accept(t)
+                self.finish = FinishReason.STOP
+                break
+            if self.matcher is not None and j >= in_matcher:
+                self.matcher.accept(t)
+            self.out.append(t)
+            self.logprobs.append(logprobs[j])
+            if self.request.top_logprobs:
+                self.top_logprobs.append([(t, 0.0)] if plans[j] == PlanKind_FORCED else (tops[j] or []))
+            self.steps.append(StepTrace(plans[j], ks[j], per_token_ms, drafted[j]))
+            self.lookup_extend(t)
+            if j >= fed:
+                self.feed_queue.append(t)
+                if new_segment:
+                    self.segments.append(0)
+                    new_segment = False
+                self.segments[-1] += 1
+            self.delta_parts.append(self.detok.add([t]))
+            if self.detok.stopped:
+                self.finish = FinishReason.STOP
+                break
+            self.finish = self.spec.finish_after(
+                sampled_eos=False,
+                constraint_done=self.matcher is not None and j == len(tokens) - 1 and self.matcher.is_done(),
+                stop_string=False, n_out=len(self.out), max_tokens=self.request.max_tokens)
 
-    def charge_feed(self, now: float) -> None:
-        """Attribute a multi-token forward to the tokens of the run it fed."""
-        n = len(self.new_tokens)
-        if n > 1:
-            extra = (now - self.t_last) * 1e3 / n
-            self.steps[-n:] = [StepTrace(s.plan, s.k, s.latency_ms + extra) for s in self.steps[-n:]]
-            self.t_last = now
+    def lookup_extend(self, t: int) -> None:
+        if self.lookup is not None:
+            self.lookup.extend((t,))
 
-    def text_delta(self, tokens: list[int]) -> str:
-        """Detokenize this tick's tokens; a matched stop string ends the request."""
-        delta = self.detok.add(tokens)
-        if self.detok.stopped and self.finish is None:
-            self.finish = FinishReason.STOP
-        return delta
+    def take_events(self):
+        """(tokens, text delta, first index) emitted since the last call."""
+        start = self.emitted
+        self.emitted = len(self.out)
+        delta = "".join(self.delta_parts)
+        self.delta_parts = []
+        return start, delta
 
     # ------------------------------------------------------------ the end
     def fail(self, exc: BaseException) -> None:
@@ -178,7 +365,8 @@ class Sequence:
             prompt_tokens=0 if self.prompt_ids is None else len(self.prompt_ids), prefill_ms=self.prefill_ms,
             decode_ms=max(decode_ms, 0.0), compiled_reason=self.compiled_reason,
             error=None if self.error is None else str(self.error),
-            top_logprobs=list(self.top_logprobs) if self.request.top_logprobs else None)
+            top_logprobs=list(self.top_logprobs) if self.request.top_logprobs else None,
+            drafts=list(self.drafts))
 
     def _constraint_holds(self, text: str) -> bool:
         if self.detok is not None and self.detok.stopped:  # cut at a stop string: check the text itself

@@ -45,7 +45,8 @@ class DecodeSpec:
     most one chunk). min_cache: smallest KV cache length per row. sparse_max_fraction: steps whose allowed
     set exceeds this share of the vocabulary only consider the dense plan — gathering that many rows never
     beats the full head and would materialise B x K x d floats. feed_max: the largest multi-token chunk a
-    forced run is fed in."""
+    forced run is fed in (and the longest window a draft is verified in). draft_lookup_len: the draft length of
+    draft="lookup" (draft="auto" lets the planner choose among `planner.drafts.DRAFT_ARMS`)."""
 
     prefill_chunk: int = 256
     prefill_min_bucket: int = 16
@@ -54,6 +55,7 @@ class DecodeSpec:
     k_growth: int = 4
     sparse_max_fraction: float = 0.25
     feed_max: int = 32
+    draft_lookup_len: int = 8
 
     def __post_init__(self):
         for name in ("prefill_chunk", "prefill_min_bucket", "min_cache", "feed_max"):
