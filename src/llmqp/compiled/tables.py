@@ -160,7 +160,14 @@ _VOCABS: "weakref.WeakKeyDictionary[object, Any]" = weakref.WeakKeyDictionary()
 
 
 def token_bytes(tokenizer) -> dict[int, bytes] | Fallback:
-    """Bytes of every non-special token id of a byte-level BPE `llmqp` tokenizer."""
+    """Bytes of every non-special token id of an `llmqp` tokenizer: a byte-level BPE one (GPT-2 byte map)
+    or a SentencePiece one with byte fallback (▁ is a space, ``<0xNN>`` one byte: its `token_bytes`)."""
+    from llmqp.model.sp_tokenizer import SentencePieceTokenizer
+
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        skip = set(tokenizer.special_ids) | set(tokenizer.eos_ids)
+        return {i: tokenizer.token_bytes(i) for i in range(min(tokenizer.vocab_size, len(tokenizer.token_types)))
+                if i not in skip}
     hf = tokenizer.hf
     added = hf.get_added_tokens_decoder()
     specials = set(tokenizer.special_ids) | set(tokenizer.eos_ids)
