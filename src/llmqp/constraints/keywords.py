@@ -174,7 +174,14 @@ class _Rewriter:
                         extra.append({"anyOf": [absent, {"required": [name, *dep]}]})
                     else:
                         extra.append({"anyOf": [absent, {"allOf": [{"required": [name]}, dep]}]})
+        split = None
         if self.one_of and isinstance(node.get("oneOf"), list) and not _provably_disjoint(node["oneOf"], self.plain):
+            split = _split_objects(node["oneOf"], self.plain)
+        if split is not None:
+            self._at("oneOf", f"{path}/oneOf")
+            node.pop("oneOf")
+            extra.append(self.node(split, f"{path}/oneOf"))
+        elif self.one_of and isinstance(node.get("oneOf"), list) and not _provably_disjoint(node["oneOf"], self.plain):
             self._at("oneOf", f"{path}/oneOf")
             options = node.pop("oneOf")
             branches = []
@@ -642,6 +649,54 @@ def _patterns_disjoint(a: str, b: str) -> bool:
     return "Regex is empty" in (error or "")
 
 
+_OBJECT_ONLY = {"properties", "required", "additionalProperties", "patternProperties", "minProperties",
+                "maxProperties", "propertyNames", "dependencies", "dependentRequired", "dependentSchemas"}
+
+
+def _split_objects(options: list, plain) -> dict | None:
+    """oneOf `options` as an anyOf, when no object matches two of them (a discriminator: a property
+    both require with disjoint schemas; or one is closed and the other requires a key it lacks) and
+    every option either admits objects only (`type: object`) or constrains objects only (then it admits
+    every other value: with two or more such options no other value matches exactly one). None when
+    this does not hold (or is not proven)."""
+    resolved = [plain(o) for o in options]
+    if len(resolved) < 2 or not all(isinstance(o, dict) for o in resolved):
+        return None
+    vacuous = 0
+    for o in resolved:
+        keys = set(o) - _ANNOTATIONS
+        if _types_of(o) == frozenset({"object"}):
+            continue
+        if "type" in keys or not keys <= _OBJECT_ONLY:
+            return None
+        vacuous += 1
+    if not all(_objects_disjoint(resolved[i], resolved[j], plain) for i in range(len(resolved))
+               for j in range(i + 1, len(resolved))):
+        return None
+    branches = [_all([{"type": "object"}, o]) for o in options]
+    if vacuous == 1:  # the one option that constrains objects only is the only one other values match
+        branches.append({"type": [t for t in TYPES if t != "object"]})
+    return {"anyOf": branches}
+
+
+def _objects_disjoint(a: dict, b: dict, plain) -> bool:
+    """No object matches both `a` and `b` (conservative)."""
+    for x, y in ((a, b), (b, a)):
+        px, py = x.get("properties"), y.get("properties")
+        rx, ry = x.get("required"), y.get("required")
+        if not isinstance(rx, list):
+            continue
+        if isinstance(py, dict) and any(isinstance(n, str) and py.get(n) is False for n in rx):
+            return True  # x requires a key y forbids
+        if _closed_keys(y) is not None and any(isinstance(n, str) and n not in _closed_keys(y) for n in rx):
+            return True  # x requires a key closed y cannot have
+        if isinstance(px, dict) and isinstance(py, dict) and isinstance(ry, list):
+            if any(isinstance(n, str) and n in px and n in py and _disjoint(px[n], py[n], plain)
+                   for n in set(rx) & set(ry) if isinstance(n, str)):
+                return True
+    return False
+
+
 def _values(node: dict) -> list | None:
     if "const" in node:
         return [node["const"]]
@@ -651,6 +706,16 @@ def _values(node: dict) -> list | None:
 
 
 # ------------------------------------------------------------------------------------ property order
+def _fit(option: Any, root: Any, value: dict) -> tuple[int, int]:
+    """(-required keys `value` lacks, keys of `value` declared) by `option` and its parts."""
+    declared, required = set(), set()
+    for part in _parts(option, root):
+        if isinstance(part.get("properties"), dict):
+            declared.update(part["properties"])
+        if isinstance(part.get("required"), list):
+            required.update(n for n in part["required"] if isinstance(n, str))
+    return -len(required - value.keys()), len(declared & value.keys())
+
 def reorder(value: Any, schema: Any, root: Any = None, depth: int = 0) -> Any:
     """`value` with the keys of every object put in the order `schema` declares them (declared names
     first, in the order of the schema's `properties` and then of its `allOf`/`anyOf`/`oneOf` parts and
@@ -668,7 +733,7 @@ def reorder(value: Any, schema: Any, root: Any = None, depth: int = 0) -> Any:
         return value
     declared: dict[str, Any] = {}
     extra = None
-    for part in _parts(schema, root):
+    for part in _parts(schema, root, value):
         if isinstance(part.get("properties"), dict):
             for name, sub in part["properties"].items():
                 declared.setdefault(name, sub)
@@ -678,9 +743,11 @@ def reorder(value: Any, schema: Any, root: Any = None, depth: int = 0) -> Any:
     return {k: reorder(value[k], declared.get(k, extra), root, depth + 1) for k in keys}
 
 
-def _parts(schema: Any, root: Any) -> list[dict]:
+def _parts(schema: Any, root: Any, value: Any = None) -> list[dict]:
     """`schema` and every schema merged into it or offered beside it (allOf, anyOf, oneOf, local $ref
-    targets), depth first, `schema` first."""
+    targets), depth first, `schema` first. Given an object `value`, of each anyOf/oneOf only the option
+    that declares most of its keys (and requires none it lacks) is taken: the grammar orders the keys
+    by the option the value matches."""
     out, stack, seen = [], [schema], set()
     while stack:
         node = stack.pop(0)
@@ -696,7 +763,10 @@ def _parts(schema: Any, root: Any) -> list[dict]:
                 pass
         for key in ("allOf", "anyOf", "oneOf"):
             if isinstance(node.get(key), list):
-                children.extend(node[key])
+                if key == "allOf" or not isinstance(value, dict) or len(node[key]) < 2:
+                    children.extend(node[key])
+                else:
+                    children.append(max(node[key], key=lambda option: _fit(option, root, value)))
         for key in ("then", "else"):
             if isinstance(node.get(key), dict):
                 children.append(node[key])

@@ -13,9 +13,10 @@ token that would
 so every prefix the engine sees can still be completed to a valid output, and every output that stops
 is valid. Exactly where the array is, and what its items are, must be decidable from the schema:
 
-  * the array is reached from the root through `properties` and `items` only (plain `$ref`s followed),
-    so its place in the output names it; a `uniqueItems: true` anywhere else (inside `anyOf`, `oneOf`,
-    `allOf`, `additionalProperties`, a recursive `$ref`, ...) is refused with ConstraintError;
+  * the array is reached from the root through `properties`, `items` and `anyOf`/`oneOf` options that
+    alone admit arrays (objects) at their place (plain `$ref`s followed), so its place in the output
+    names it; a `uniqueItems: true` anywhere else (in one of several options that admit arrays, `allOf`,
+    `additionalProperties`, a recursive `$ref`, ...) is refused with ConstraintError;
   * its items are scalars: an `enum`/`const` of scalars, `boolean`, `null`, a `string` with at most
     `minLength`/`maxLength`, or an unbounded `integer`/`number`. Items with a `pattern`, `format`, bounds,
     objects or arrays are refused (whether an unused completion exists would not be decidable here).
@@ -72,9 +73,9 @@ def extract(schema: Any) -> tuple[Any, dict[tuple, UniqueArray]]:
     for node, path in _every_unique(schema):
         if id(node) not in nodes:
             raise ConstraintError(f'json_schema: keyword "uniqueItems" at {path} is not supported here: only '
-                                  "arrays reached from the root through properties and items (not inside "
-                                  "anyOf/oneOf/allOf, additional or pattern properties, or a recursive $ref) "
-                                  "are enforced")
+                                  "arrays reached from the root through properties, items and the one anyOf/"
+                                  "oneOf option that admits arrays there (not allOf, additional or pattern "
+                                  "properties, options that share arrays, or a recursive $ref) are enforced")
     for node in nodes.values():
         del node["uniqueItems"]
     return schema, found
@@ -90,19 +91,53 @@ def _walk(root, node, path: tuple, refs: tuple, found: dict, nodes: dict) -> Non
     if not isinstance(node, dict):
         return
     if node.get("uniqueItems") is True:
-        found[path] = _item_kind(root, node, path)
+        kind = _item_kind(root, node, path)
+        if found.get(path, kind) != kind:  # two schemas (a node and its option) describe this array's items
+            raise ConstraintError('json_schema: keyword "uniqueItems" is not supported where two schemas give '
+                                  "the same unique array different items")
+        found[path] = kind
         nodes[id(node)] = node
     if isinstance(node.get("properties"), dict):
         for name, sub in node["properties"].items():
             _walk(root, sub, path + (name,), refs, found, nodes)
     if isinstance(node.get("items"), dict):
         _walk(root, node["items"], path + (ITEM,), refs, found, nodes)
+    for key in ("anyOf", "oneOf"):  # an option that alone admits arrays (or objects) owns this place's
+        options = node.get(key)    # arrays (objects): a valid output's array here must match it
+        if not isinstance(options, list):
+            continue
+        for kind in ("array", "object"):
+            owners = [o for o in options if _admits(root, o, kind)]
+            if len(owners) == 1:
+                _walk(root, owners[0], path, refs, found, nodes)
+
+
+def _admits(root, node, kind: str) -> bool:
+    """False only when `node` (a plain `$ref` followed) provably admits no value of JSON type `kind`."""
+    seen = 0
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and \
+            not (set(node) - _ANNOTATIONS - {"$ref"}) and seen < 32:
+        node, seen = _resolve(root, node["$ref"]), seen + 1
+    if node is False:
+        return False
+    if not isinstance(node, dict):
+        return True
+    t = node.get("type")
+    if isinstance(t, str):
+        return t == kind
+    if isinstance(t, list):
+        return kind in t
+    if "enum" in node or "const" in node:
+        values = [node["const"]] if "const" in node else node["enum"]
+        return isinstance(values, list) and any(isinstance(v, list if kind == "array" else dict) for v in values)
+    return True
 
 
 def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
     where = "#" + "".join("/items" if p == ITEM else f"/properties/{p}" for p in path)
     extra = set(node) - _ANNOTATIONS - {"type", "items", "minItems", "maxItems", "uniqueItems"}
-    if extra or node.get("type", "array") != "array":
+    types = node.get("type", "array")
+    if extra or not (types == "array" or (isinstance(types, list) and "array" in types)):
         raise ConstraintError(f'json_schema: keyword "uniqueItems" at {where} is not supported beside '
                               f'{sorted(extra) or "a type other than array"}')
     items = node.get("items")
