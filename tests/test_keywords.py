@@ -107,6 +107,12 @@ CASES = {
         {"properties": {"k": {"enum": ["a"]}, "v": {"type": "array", "items": {"type": "integer"}}}, "required": ["k"]},
         {"type": "object", "properties": {"c": {"type": "integer"}}, "required": ["c"], "additionalProperties": False}]},
         [{"k": "a", "v": [1]}, {"c": 1}, {"c": 1, "k": "a"}, {"k": "a", "v": ["x"]}, "str", 1, {}]),
+    "propertyNames pattern": ({"type": "object", "additionalProperties": {"type": "string"},
+                               "propertyNames": {"pattern": "^[a-z0-9_-]{1,3}$"}},
+                              [{"ab": "x"}, {"AB": "x"}, {"abcd": "x"}, {"a": 1}, {}]),
+    "propertyNames enum": ({"additionalProperties": {"type": "integer"}, "propertyNames": {"enum": ["N", "S"]}},
+                           [{"N": 1}, {"E": 1}, {"N": "x"}, "str", {"N": 1, "S": 2}]),
+    "propertyNames length": ({"type": "object", "propertyNames": {"maxLength": 2}}, [{"ab": 1}, {"abc": 1}, {}]),
     "uniqueItems false": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [[1, 1], [1, 2], ["a"]]),
 }
 
@@ -197,6 +203,7 @@ def test_unique_items_use_json_equality(tk, schema, text):
     ({"not": {"type": "integer"}}, "type"),  # "a number with a fraction" has no schema form
     ({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 10}]}, "type"),
     ({"type": "object", "not": {"additionalProperties": False}}, "additionalProperties"),
+    ({"type": "object", "properties": {"a": {}}, "propertyNames": {"pattern": "^a"}}, "propertyNames"),
     ({"type": "integer", "not": {"multipleOf": 3}}, "multipleOf"),
 ])
 def test_inexpressible_keywords_are_refused(tk, schema, keyword):

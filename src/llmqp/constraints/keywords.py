@@ -96,7 +96,7 @@ def rewrite(schema: Any, *, one_of: bool = False, unknown_formats: UnknownFormat
 
 
 def needs_rewrite(schema: Any, *, one_of: bool = False) -> bool:
-    keys = {"not", "if", "then", "else", "dependencies", "dependentRequired", "dependentSchemas"}
+    keys = {"not", "if", "then", "else", "dependencies", "dependentRequired", "dependentSchemas", "propertyNames"}
     if one_of:
         keys.add("oneOf")
     stack = [schema]
@@ -150,6 +150,8 @@ class _Rewriter:
         extra: list = []
         if "format" in node:
             self._format(node, path, extra)
+        if "propertyNames" in node:
+            self._property_names(node, path)
         types = _types_of(node)
         closed = _closed_keys(node)
         if "not" in node:
@@ -204,6 +206,39 @@ class _Rewriter:
             node["allOf"] = [*node.get("allOf", []), *extra]
         return node
 
+    def _property_names(self, node: dict, path: str) -> None:
+        """`propertyNames` of an object whose only other property keyword is `additionalProperties`:
+        names from an enum become `properties`, a `pattern` (or a length range) becomes the one
+        `patternProperties` regex (both unanchored searches), and other keys are closed."""
+        names = self.plain(node["propertyNames"])
+        if names is True or names == {}:
+            del node["propertyNames"]
+            return
+        self.where = f"{path}/propertyNames"
+        if node.get("properties") or node.get("patternProperties") or not isinstance(names, dict):
+            raise _Unsupported("propertyNames", "only beside additionalProperties (no properties or "
+                                                "patternProperties) is it rewritten exactly")
+        keys = set(names) - _ANNOTATIONS
+        value = node.get("additionalProperties", True)
+        if names.get("type", "string") != "string" or not keys <= {"type", "enum", "const", "pattern", "minLength",
+                                                                     "maxLength"}:
+            raise _Unsupported("propertyNames", "only names given by type string, enum/const, pattern or a "
+                                                "length range are rewritten")
+        if "enum" in keys or "const" in keys:
+            values = [names["const"]] if "const" in names else names["enum"]
+            if not isinstance(values, list) or keys & {"pattern", "minLength", "maxLength"}:
+                raise _Unsupported("propertyNames", "an enum beside other name keywords")
+            node["properties"] = {v: value for v in dict.fromkeys(values) if isinstance(v, str)}
+        elif "pattern" in keys:
+            if keys & {"minLength", "maxLength"}:
+                raise _Unsupported("propertyNames", "a pattern beside a length range")
+            node["patternProperties"] = {names["pattern"]: value}
+        else:
+            low, high = names.get("minLength", 0), names.get("maxLength", "")
+            node["patternProperties"] = {f"^[\\s\\S]{{{low},{high}}}$": value}
+        node["additionalProperties"] = False
+        del node["propertyNames"]
+
     def _format(self, node: dict, path: str, extra: list) -> None:
         """Replace `format` by the keywords that enforce it (see `formats`), or refuse it."""
         name = node["format"]
@@ -244,7 +279,7 @@ class _Rewriter:
             raise _Unsupported("not", f"{schema!r} is not a schema")
         branches: list = []
         names, context_props = keys, props if isinstance(props, dict) else {}
-        own_types = _types_of(schema)
+        own_types = _possible_types(schema, self.plain)
         if types is not None and own_types is not None and not _overlap(types, own_types):
             return True  # every instance of the surrounding schema has another type than `schema` allows
         # A keyword about one type holds for every other type: among `types`, only theirs can fail.
@@ -285,9 +320,7 @@ class _Rewriter:
                                 {"type": "object", "required": [k], "properties": {k: negated}}
                                 for k in names if k not in props)
             branches.append({"anyOf": [{"type": "object", "required": [name],
-                                        "properties": {name: self.negate(sub, _types_of(self.plain(
-                                            context_props.get(name))) if isinstance(self.plain(
-                                                context_props.get(name)), dict) else None, refs)}}
+                                        "properties": {name: self._negate_in(sub, context_props.get(name), refs)}}
                                        for name, sub in props.items() if sub is not True and sub != {}
                                        and (names is None or name in names)]})  # others cannot be present
             keys -= {"properties", "additionalProperties"}
@@ -295,8 +328,8 @@ class _Rewriter:
             mine, theirs = self.plain(schema["items"]), self.plain(items)
             if mine is True or mine == {}:
                 keys.discard("items")  # every array satisfies it
-            elif isinstance(mine, dict) and isinstance(theirs, dict) and _types_of(mine) is not None and \
-                    _types_of(theirs) is not None and not _overlap(_types_of(mine), _types_of(theirs)):
+            elif (mine_t := _possible_types(mine, self.plain)) is not None and \
+                    (theirs_t := _possible_types(theirs, self.plain)) is not None and not _overlap(mine_t, theirs_t):
                 # The surrounding schema's items never satisfy `mine`: any item is a counterexample.
                 branches.append({"type": "array", "minItems": 1})
                 keys.discard("items")
@@ -355,6 +388,14 @@ class _Rewriter:
             raise _Unsupported(left[0], f'negating "{left[0]}" has no exact schema form here')
         return _any(branches, types)
 
+    def _negate_in(self, schema: Any, context: Any, refs: tuple) -> Any:
+        """negate(schema) among the instances of `context` (a property's schema in the surrounding one)."""
+        context = self.plain(context)
+        if not isinstance(context, dict):
+            return self.negate(schema, None, refs)
+        return self.negate(schema, _possible_types(context, self.plain), refs, keys=_closed_keys(context),
+                           props=context.get("properties"), items=context.get("items"))
+
     def plain(self, node: Any) -> Any:
         """`node`, or the target of a plain `$ref` (one with nothing beside it)."""
         seen = 0
@@ -384,6 +425,35 @@ def _types_of(node: dict) -> frozenset | None:
     if not isinstance(t, list):
         return None
     return frozenset(x for x in t if isinstance(x, str))
+
+
+def _possible_types(node: Any, plain, depth: int = 0) -> frozenset | None:
+    """The JSON types an instance of `node` can have (plain `$ref`s followed; `type`, `enum`/`const`
+    values, the union over anyOf/oneOf options, the intersection over allOf parts), or None when
+    any type may be."""
+    node = plain(node)
+    if node is False:
+        return frozenset()
+    if not isinstance(node, dict) or depth > 16:
+        return None
+    found = [_types_of(node)]
+    values = _values(node)
+    if values is not None:
+        found.append(frozenset(_type_name(v) for v in values))
+    for key in ("anyOf", "oneOf"):
+        if isinstance(node.get(key), list):
+            options = [_possible_types(o, plain, depth + 1) for o in node[key]]
+            if all(o is not None for o in options):
+                found.append(frozenset().union(*options))
+    if isinstance(node.get("allOf"), list):
+        found.extend(_possible_types(o, plain, depth + 1) for o in node["allOf"])
+    known = [f for f in found if f is not None]
+    if not known:
+        return None
+    out = set(known[0])
+    for other in known[1:]:  # "integer" is a part of "number"
+        out = {t if t == u else "integer" for t in out for u in other if t == u or {t, u} == {"integer", "number"}}
+    return frozenset(out)
 
 
 def _overlap(a: frozenset | set, b: frozenset | set) -> bool:
@@ -615,7 +685,8 @@ def _disjoint(a: Any, b: Any, plain, depth: int = 0) -> bool:
     if not isinstance(a, dict) or not isinstance(b, dict) or depth > 8:
         return False
     ta, tb = _types_of(a), _types_of(b)
-    if ta is not None and tb is not None and not _overlap(ta, tb):
+    pa, pb = _possible_types(a, plain), _possible_types(b, plain)
+    if pa is not None and pb is not None and not _overlap(pa, pb):
         return True
     if ((ta is not None and ta <= {"string"}) or (tb is not None and tb <= {"string"})) and \
             isinstance(a.get("pattern"), str) and isinstance(b.get("pattern"), str) and \
