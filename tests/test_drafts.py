@@ -126,7 +126,7 @@ def test_drafts_never_change_outputs_at_batch_one(tiny, wrong_drafts):
     reqs = _requests(18, random.Random(7), "none")
     for r in reqs:
         off = tiny.generate_batch([r])[0]
-        for mode in ("lookup", "auto"):
+        for mode in ("forced", "lookup", "auto"):
             on = tiny.generate_batch([dataclasses.replace(r, draft=mode)])[0]
             assert _fields(on) == _fields(off), (mode, r)
             np.testing.assert_allclose(on.logprobs, off.logprobs, atol=1e-4)
@@ -141,7 +141,7 @@ def test_drafts_never_change_outputs_in_a_scheduler_batch(tiny, wrong_drafts):
     base = _requests(14, rng, "none")
     alone = [tiny.generate_batch([r])[0] for r in base]
     for seed in range(2):
-        mixed = [dataclasses.replace(r, draft=random.Random(seed * 100 + i).choice(["none", "lookup", "auto"]))
+        mixed = [dataclasses.replace(r, draft=random.Random(seed * 100 + i).choice(["none", "forced", "lookup", "auto"]))
                  for i, r in enumerate(base)]
         sched = llmqp.Scheduler(tiny, max_slots=4)
         order = list(range(len(mixed)))

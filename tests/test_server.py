@@ -544,6 +544,10 @@ def test_load_mixed_requests(server):
     m = server.wait_idle()
     assert m["llmqp_requests_running"] == 0 and m["llmqp_requests_waiting"] == 0
     assert m['llmqp_output_tokens_total{plan="forced"}'] > 0
+    # drafts (draft="auto" by default) are counted by outcome; accepted ones never exceed the output tokens
+    accepted, rejected = (m[f'llmqp_draft_tokens_total{{result="{r}"}}'] for r in ("accepted", "rejected"))
+    assert accepted >= 0 and rejected >= 0
+    assert accepted <= sum(v for k, v in m.items() if k.startswith("llmqp_output_tokens_total"))
     assert chat(server, max_tokens=3).choices[0].message.content  # still serving
 
 

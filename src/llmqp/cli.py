@@ -86,6 +86,8 @@ def add_generation_arguments(p) -> None:
     p.add_argument("--whitespace", choices=["compact", "flexible"], default="compact")
     p.add_argument("--plan", choices=["auto", "dense", "sparse"], default="auto")
     p.add_argument("--no-forced", action="store_true", help="score forced tokens one by one")
+    p.add_argument("--draft", choices=["auto", "none", "forced", "lookup"], default="auto",
+                   help="draft and verify (identical outputs): auto = the planner picks the draft length per step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +162,7 @@ def _generate(args) -> int:
                              top_p=args.top_p, top_k=args.top_k, seed=args.seed, raw=args.raw,
                              strict=not args.no_strict, whitespace=args.whitespace, plan=args.plan,
                              forced=not args.no_forced, compiled=args.compiled, stop=args.stop, on_text=emit,
+                             draft=args.draft,
                              **kw)
     sys.stdout.write("\n")
     if args.trace:

@@ -227,8 +227,8 @@ class Engine:
                  top_k: int = 0, seed: int = 0, raw: bool = False, json_schema=None, regex=None, choice=None,
                  grammar=None, strict: bool = True, whitespace: str = "compact", plan: str = "auto",
                  forced: bool = True, compiled: bool | str = False, stop: list[str] | None = None,
-                 top_logprobs: int = 0, draft: str = "auto",
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                 top_logprobs: int = 0, draft: str = "auto", amortize: str = "none", amortize_tau: float = 3.0,
+                 amortize_lambda: float = 0.5, on_text: Callable[[str], None] | None = None) -> GenerationResult:
         """Generate one completion (a scheduler with one slot, driven to the end).
 
         Constraints: at most one of json_schema (dict, JSON string or Pydantic model class), regex, choice
@@ -239,14 +239,18 @@ class Engine:
         to a finite automaton) in the fused on-device loop — one `lax.while_loop`, no host round trip per
         token, identical tokens — and otherwise falls back to the host loop with `compiled=False` and
         `compiled_reason` set in the result. draft: "auto" (default: the planner chooses how many tokens to
-        draft per step, by prompt lookup, verified in one multi-token forward), "none" or "lookup" — outputs are
-        identical whatever the choice; the result's `drafts` reports drafted and accepted tokens. stop: strings that end the generation (cut from the text).
+        draft per step, by prompt lookup, verified in one multi-token forward), "none", "forced" or "lookup"
+        (`llmqp.core.drafts`) — outputs are identical whatever the choice; the result's `drafts` reports drafted and accepted tokens.
+        amortize="margin" (lossy, opt-in; see `Request`) may emit confident lookup drafts without verification
+        (`result.unverified_tokens`, `result.disagreement_rate`). stop: strings that end the generation (cut from
+        the text).
         on_text receives text deltas as they are produced. Raises what went wrong (ConstraintError,
         PromptError, InvalidArgument...) instead of returning an error result."""
         request = Request(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, seed=seed, raw=raw, json_schema=json_schema, regex=regex, choice=choice,
                           grammar=grammar, strict=strict, whitespace=whitespace, plan=plan, forced=forced,
-                          compiled=compiled, stop=stop, top_logprobs=top_logprobs, draft=draft)
+                          compiled=compiled, stop=stop, top_logprobs=top_logprobs, draft=draft,
+                          amortize=amortize, amortize_tau=amortize_tau, amortize_lambda=amortize_lambda)
         for event in (events := _Single(self, request)):
             if on_text is not None and event.text:
                 on_text(event.text)

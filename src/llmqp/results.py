@@ -28,6 +28,9 @@ class DraftTrace:
     accepted: int
     length: int
     proposer: str = "lookup"
+    unverified: bool = False  # amortize="margin": emitted without verification (accepted == drafted)
+    checked: bool = False  # an unverified draft that was scored anyway, to measure disagreement
+    disagreed: int = 0  # checked: how many of its tokens exact decoding would not have emitted
 
     @property
     def rejected(self) -> int:
@@ -76,6 +79,20 @@ class GenerationResult:
     @property
     def rejected_tokens(self) -> int:
         return self.drafted_tokens - self.accepted_tokens
+
+    @property
+    def unverified_tokens(self) -> int:
+        """Tokens taken without verification (amortize="margin"); the only tokens that may differ from exact
+        decoding. Their StepTrace plan is "unverified"."""
+        return sum(d.drafted for d in self.drafts if d.unverified)
+
+    @property
+    def disagreement_rate(self) -> float | None:
+        """Measured on the checked unverified drafts: the share of their tokens exact decoding would not have
+        emitted at that position (None when nothing was checked)."""
+        checked = [d for d in self.drafts if d.checked]
+        n = sum(d.drafted for d in checked)
+        return sum(d.disagreed for d in checked) / n if n else None
 
     @property
     def tokens_per_second(self) -> float:

@@ -55,7 +55,7 @@ def config_from_args(args) -> BatchConfig:
     return BatchConfig(prompt_field=args.prompt_field, template=args.template, max_tokens=args.max_tokens,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                        raw=args.raw, strict=not args.no_strict, whitespace=args.whitespace, plan=args.plan,
-                       forced=not args.no_forced, max_batch=args.max_batch, **constraint)
+                       forced=not args.no_forced, draft=args.draft, max_batch=args.max_batch, **constraint)
 
 
 def cli_batch(args) -> int:

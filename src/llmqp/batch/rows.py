@@ -24,7 +24,7 @@ from llmqp.sampling import InvalidArgument
 CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "grammar")
 # Request options a whole run shares (the options of `llmqp generate`), with their defaults.
 GENERATION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "raw", "strict", "whitespace",
-                     "plan", "forced")
+                     "plan", "forced", "draft")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +53,7 @@ class BatchConfig:
     whitespace: str = "compact"
     plan: str = "auto"
     forced: bool = True
+    draft: str = "auto"
     max_batch: int = 8
 
     def __post_init__(self):

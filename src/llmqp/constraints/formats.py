@@ -37,8 +37,8 @@ __all__ = ["NATIVE", "PATTERNS", "UnknownFormats", "is_known", "is_standard", "p
 NATIVE = frozenset({"email", "hostname", "ipv4", "ipv6", "uuid", "uri", "duration"})
 # Standard formats (JSON Schema 2020-12 and earlier drafts) with no exact regular form here: refused
 # whatever the option says (a user who wrote them meant them).
-STANDARD_REFUSED = frozenset({"regex", "idn-hostname", "uri-template", "color", "utc-millisec", "ip-address",
-                              "host-name"})
+STANDARD_REFUSED = frozenset({"regex", "idn-hostname", "uri-template"})  # draft 3's (color, host-name, ...)
+#                                                                          count as non-standard
 EXTRA_KEYWORDS = {"hostname": {"maxLength": 253}}  # fqdn's total-length rule beside llguidance's regex
 
 # --------------------------------------------------------------------------------------- date / time

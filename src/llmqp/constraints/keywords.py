@@ -86,6 +86,14 @@ def rewrite(schema: Any, *, one_of: bool = False, unknown_formats: UnknownFormat
     rewriter = _Rewriter(root, one_of, UnknownFormats(unknown_formats))
     try:
         out = rewriter.node(root, "#")
+        # $ref targets the walk does not reach as schemas (`#/definitions/group/x`: `group` is no keyword)
+        done: set = set()
+        while todo := [r for r in _local_refs(out) if r not in done]:
+            for ref in todo:
+                done.add(ref)
+                target = walk_pointer(out, ref)
+                if isinstance(target, dict) and id(target) not in rewriter.visited:
+                    rewriter.node(target, ref)
     except _Unsupported as e:
         raise ConstraintError(f'json_schema: keyword "{e.keyword}" at {rewriter.where} is not supported: '
                               f"{e.why}") from None
@@ -93,6 +101,19 @@ def rewrite(schema: Any, *, one_of: bool = False, unknown_formats: UnknownFormat
         raise ConstraintError(f'json_schema: keyword "{rewriter.first_keyword}" at {rewriter.first_where} is '
                               "not supported here: its exact rewrite is too large")
     return out
+
+
+def _local_refs(schema: Any) -> list[str]:
+    refs, stack = [], [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+                refs.append(node["$ref"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return list(dict.fromkeys(refs))
 
 
 def needs_rewrite(schema: Any, *, one_of: bool = False) -> bool:
@@ -119,6 +140,7 @@ _NATIVE_AS_IS = formats.NATIVE - formats.EXTRA_KEYWORDS.keys()  # formats handed
 class _Rewriter:
     def __init__(self, root: dict, one_of: bool, unknown_formats: UnknownFormats = UnknownFormats.REFUSE):
         self.root, self.one_of, self.unknown_formats = root, one_of, unknown_formats
+        self.visited: set[int] = set()  # ids of the nodes walked
         self.where = "#"
         self.changed = False
         self.first_keyword = self.first_where = None
@@ -127,6 +149,7 @@ class _Rewriter:
     def node(self, node: Any, path: str) -> Any:
         if not isinstance(node, dict):
             return node
+        self.visited.add(id(node))
         for key in list(node):
             value = node[key]
             here = f"{path}/{_escape(key)}"
@@ -578,9 +601,33 @@ def _negate_values(values: list, types: frozenset | None) -> Any:
             branches.extend({"type": "number", "exclusiveMinimum": lo, "exclusiveMaximum": hi}
                             for lo, hi in zip(points, points[1:]))
             branches.append({"type": "number", "exclusiveMinimum": points[-1]})
+        elif t == "array":
+            branches.append(_all([_not_equal_array(v) for v in mine]))
         else:
-            raise _Unsupported("enum", f"negating an enum that holds {t}s")
+            branches.append(_all([_not_equal_object(v) for v in mine]))
     return _any(branches, None)
+
+
+def _not_equal_array(value: list) -> Any:
+    """Every array that is not JSON-equal to `value`: another length, or another item somewhere."""
+    n = len(value)
+    parts: list = [{"type": "array", "maxItems": n - 1}] if n else []
+    parts.append({"type": "array", "minItems": n + 1})
+    for i, item in enumerate(value):
+        parts.append({"type": "array", "minItems": i + 1, "prefixItems": [True] * i + [_negate_values([item], None)]})
+    return _any(parts, None)
+
+
+def _not_equal_object(value: dict) -> Any:
+    """Every object that is not JSON-equal to `value`: a key missing, another value at a key, or a key
+    more (its names are declared, so the extra key is another one)."""
+    names = list(value)
+    parts: list = [{"type": "object", "properties": {k: False}} for k in names]
+    parts.extend({"type": "object", "required": [k], "properties": {k: _negate_values([value[k]], None)}}
+                 for k in names)
+    parts.append({"type": "object", "required": names, "properties": dict.fromkeys(names, True),
+                  "minProperties": len(names) + 1})
+    return _any(parts, None)
 
 
 def _negate_bounds(schema: dict, keys: set) -> list:

@@ -11,11 +11,16 @@ constraint imposes after it, then the next lookup token, ...; it is cut at the f
 rejects, at EOS and at the draft length the planner chose. The proposers never decide what is emitted:
 verification scores every drafted position with the plan and the sampler a step-by-step decode would use
 and keeps the longest prefix it agrees with, so outputs are identical with drafts on or off.
+
+Modes (`draft=` on `generate` and `Request`): "none" feeds tokens as before drafts existed (a sampled token,
+then the forced run after it, each in its own forward); "forced" feeds a sampled token and the forced run
+after it in one forward; "lookup" adds a prompt-lookup draft of `DecodeSpec.draft_lookup_len` tokens at every
+step; "auto" (the default) lets the draft planner choose the lookup draft's length per step (0 included).
 """
 
 from __future__ import annotations
 
-DRAFT_MODES = ("auto", "none", "lookup")
+DRAFT_MODES = ("auto", "none", "forced", "lookup")
 
 
 class PromptLookup:

@@ -32,8 +32,12 @@ class Request:
     the constraint forces without scoring them. compiled: True / "auto" runs regular constraints in the fused
     on-device loop when the request has the scheduler to itself. top_logprobs: how many alternatives (over
     the allowed set) to report per token, 0..20. draft: "auto" (the planner chooses a draft length per step),
-    "none" (no drafts beyond the forced runs) or "lookup" (always draft by prompt lookup); drafts are verified,
-    so the tokens are the same whatever the choice."""
+    "none" (no drafts beyond the forced runs), "forced" (a sampled token and the forced run after it in one
+    forward) or "lookup" (always draft by prompt lookup); drafts are verified, so the tokens are the same
+    whatever the choice (`llmqp.core.drafts`). amortize="margin" (lossy, opt-in): when the last scored token's
+    top-2 log-prob margin is at least amortize_tau (nats), a lookup draft may be emitted *without
+    verification*; the draft planner then minimises amortize_lambda * latency + (1 - amortize_lambda) *
+    measured disagreement (sampled checks); results count the unverified tokens."""
 
     prompt: Any
     max_tokens: int = 256
@@ -54,6 +58,9 @@ class Request:
     compiled: bool | str = False
     top_logprobs: int = 0
     draft: str = "auto"
+    amortize: str = "none"
+    amortize_tau: float = 3.0
+    amortize_lambda: float = 0.5
     constraint: Any = None
 
     @classmethod
@@ -95,6 +102,14 @@ class Request:
             raise InvalidArgument(f"compiled must be False, True or 'auto', got {self.compiled!r}")
         if self.draft not in DRAFT_MODES:
             raise InvalidArgument(f"draft must be one of {', '.join(DRAFT_MODES)}; got {self.draft!r}")
+        if self.amortize not in ("none", "margin"):
+            raise InvalidArgument(f"amortize must be 'none' or 'margin', got {self.amortize!r}")
+        if self.amortize == "margin" and self.draft not in ("auto", "lookup"):
+            raise InvalidArgument("amortize='margin' takes lookup drafts: use draft='auto' or 'lookup'")
+        if not (isinstance(self.amortize_tau, (int, float)) and self.amortize_tau >= 0):
+            raise InvalidArgument(f"amortize_tau must be a number >= 0, got {self.amortize_tau!r}")
+        if not (isinstance(self.amortize_lambda, (int, float)) and 0 <= self.amortize_lambda <= 1):
+            raise InvalidArgument(f"amortize_lambda must be in [0, 1], got {self.amortize_lambda!r}")
         if self.whitespace not in ("compact", "flexible"):
             raise InvalidArgument(f"whitespace must be 'compact' or 'flexible', got {self.whitespace!r}")
         if self.stop is not None:

@@ -187,12 +187,18 @@ class Scheduler:
         mode = seq.request.draft
         seq.draft_ctx = None
 
+        r = seq.request
+        lossy = r.amortize == "margin" and seq.last_margin >= r.amortize_tau
+
         def choose_k() -> int:
             if mode == "lookup":
-                return self.spec.draft_lookup_len
+                return -self.spec.draft_lookup_len if lossy else self.spec.draft_lookup_len
             key = context_key("lookup", seq.constraint_kind, seq.accept_rate, batch)
             seq.draft_ctx = key
+            if lossy:
+                return self.engine.draft_planner.choose_lossy(key + "|lossy", r.amortize_lambda)
             return self.engine.draft_planner.choose(key)
+        seq.draft_lossy = lossy
         try:
             seq.prepare(choose_k)
         except Exception as e:
@@ -202,10 +208,14 @@ class Scheduler:
 
     def _learn_draft(self, seq: Sequence, now: float) -> None:
         """Latency per emitted token of the step that verified a planner-chosen draft length."""
-        trace = seq.drafts[-1] if seq.drafts and seq.drafts[-1].length == seq.draft_k else None
-        emitted = (trace.accepted if trace is not None else 0) + 1
+        emitted = seq.last_accepted + 1
+        arm = -seq.draft_k if seq.unverified else seq.draft_k
+        key = seq.draft_ctx + "|lossy" if seq.request.amortize == "margin" and seq.draft_lossy else seq.draft_ctx
+        planner = self.engine.draft_planner
         if not seq.draft_compiled:  # a new forward width compiled in this step: its time says nothing
-            self.engine.draft_planner.update(seq.draft_ctx, seq.draft_k, (now - seq.draft_ms_since) * 1e3 / emitted)
+            planner.update(key, arm, (now - seq.draft_ms_since) * 1e3 / emitted)
+        if seq.last_disagreement is not None:
+            planner.update_quality(key, arm, seq.last_disagreement)
 
     def _feed(self, seqs: list[Sequence]) -> None:
         """Send every live row's next piece to the trunk (one forward, asynchronously)."""
@@ -264,7 +274,7 @@ class Scheduler:
             ex.next_greedy = None
             for seq in scoring:
                 slot = slot_of[seq.rid]
-                out[seq.rid][0] = (int(index[slot]), float(logprob[slot]), PlanKind.DENSE.value, vocab, None)
+                out[seq.rid][0] = (int(index[slot]), float(logprob[slot]), PlanKind.DENSE.value, vocab, None, 0.0)
             return out
         requested = {seq.request.plan for seq, _, _ in rows}
         ctx = None
@@ -298,7 +308,7 @@ class Scheduler:
             seeds[j], steps[j], temps[j] = sp.seed, len(seq.out) + i, sp.temperature
             top_ks[j], top_ps[j] = sp.top_k, sp.top_p
         greedy = all(seq.sampling.greedy for seq in scoring)
-        want_logits = any(seq.request.top_logprobs for seq in scoring)
+        want_logits = any(seq.request.top_logprobs or seq.request.amortize != "none" for seq in scoring)
         hidden = ex.rows_hidden([(slot_of[seq.rid], seq.window_len - 1 - i) for seq, i, _ in rows], batch)
         hidden.block_until_ready()  # the trunk is shared by every plan: time only what the plan changes
         t0 = time.perf_counter()
@@ -310,13 +320,15 @@ class Scheduler:
         for j, (seq, i, allowed) in enumerate(rows):
             row_ids = engine.all_ids if allowed is None else allowed
             k = len(row_ids)
-            top = None
-            if seq.request.top_logprobs:
+            top, margin = None, 0.0
+            if seq.request.top_logprobs or seq.request.amortize != "none":
                 row = np.asarray(logits[j][:k], np.float64)
                 lp = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
-                best = np.argsort(-lp, kind="stable")[: seq.request.top_logprobs]
-                top = [(int(row_ids[b]), float(lp[b])) for b in best]
-            out[seq.rid][i] = (int(row_ids[index[j]]), float(logprob[j]), kind.value, k, top)
+                best = np.argsort(-lp, kind="stable")
+                if seq.request.top_logprobs:
+                    top = [(int(row_ids[b]), float(lp[b])) for b in best[: seq.request.top_logprobs]]
+                margin = float(lp[best[0]] - lp[best[1]]) if k > 1 else float("inf")
+            out[seq.rid][i] = (int(row_ids[index[j]]), float(logprob[j]), kind.value, k, top, margin)
         return out
 
     def _all_ids_for(self, batch: int):

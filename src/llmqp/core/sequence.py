@@ -18,6 +18,8 @@ from llmqp.results import DraftTrace, GenerationResult, StepTrace
 SKIP = "skip"  # a window position whose draft token is certain (forced): not scored
 DONE = "done"  # the window's last position when the constraint allows nothing after the draft
 PlanKind_FORCED = "forced"
+UNVERIFIED = "unverified"  # the StepTrace plan of a token emitted from a draft without verification
+UNVERIFIED_CHECK_EVERY = 4  # amortize="margin": every 4th unverified draft is scored to measure disagreement
 
 
 class Status(enum.Enum):
@@ -66,6 +68,13 @@ class Sequence:
         self.draft: list[int] = []
         self.certain: list[bool] = []
         self.draft_k = 0
+        self.unverified = False  # this draft is emitted without verification (amortize="margin")
+        self.check = False  # ... but scored anyway, to measure disagreement
+        self.n_unverified = 0
+        self.last_margin = 0.0  # top-2 log-prob margin of the last scored token (amortize="margin")
+        self.last_disagreement: float | None = None
+        self.last_accepted = 0  # speculative tokens the last verification accepted
+        self.draft_lossy = False
         self.drafts: list[DraftTrace] = []
         self.accept_rate = 0.5
         self.delta_parts: list[str] = []
@@ -110,7 +119,7 @@ class Sequence:
         self.eos = frozenset(engine.tokenizer.eos_ids)
         self.detok = IncrementalDetokenizer(engine.tokenizer, r.stop)
         self.pos = len(ids)
-        if r.draft != "none":
+        if r.draft in ("auto", "lookup"):
             self.lookup = PromptLookup(ids)
         self.chunks = self.spec.prefill_chunks(len(ids))
         self.row_seq_len = self.spec.cache_len(len(ids), r.max_tokens)
@@ -134,7 +143,7 @@ class Sequence:
         choose_k() speculative tokens (lookup + the forced runs between them) and set the window the next
         scoring verifies. choose_k is called only when a draft is possible."""
         self.window, self.draft, self.certain = None, [], []
-        self.draft_k = 0
+        self.draft_k, self.unverified, self.check = 0, False, False
         if self.finish is not None:
             return
         m = self.matcher
@@ -149,7 +158,10 @@ class Sequence:
             tail = self.lookup.context[-self.lookup.n_max :]
             first = self.lookup.propose(tail)
             if first is not None and first not in self.eos:
-                self.draft_k = k = min(choose_k(), room)
+                arm = choose_k()
+                self.unverified = arm < 0
+                self.draft_k = abs(arm)
+                k = min(abs(arm), room)
                 n_spec = 0
                 while n_spec < k and len(self.draft) < room:
                     t = first if n_spec == 0 else self.lookup.propose(tail + self.draft)
@@ -185,6 +197,14 @@ class Sequence:
             if len(allowed) == 0:  # cannot happen with a consistent backend; never emit garbage
                 raise LLMQPError("the constraint allows no token at this point")
             window.append(allowed)
+        if self.unverified:
+            if not any(not c for c in self.certain):
+                self.unverified = False
+            else:
+                self.n_unverified += 1
+                self.check = self.n_unverified % UNVERIFIED_CHECK_EVERY == 1
+                if not self.check:  # emitted without scoring
+                    window = [SKIP if not c else w for c, w in zip(self.certain, window)] + window[len(self.draft):]
         self.window = window
         self.feed_queue.extend(self.draft)
         self.window_len = len(window)
@@ -216,12 +236,14 @@ class Sequence:
             self._emit(run, [0.0] * len(run), [PlanKind_FORCED] * len(run), [1] * len(run), None, drafted=False)
 
     def next_piece(self, batch: int) -> tuple[list[int], int]:
-        """The tokens to feed this tick (one forward per tick). Without a draft, the confirmed tokens go as
+        """The tokens to feed this tick (one forward per tick). With draft="none" the confirmed tokens go as
         before drafts existed: each segment (a sampled token, a forced run) in the power-of-two pieces of
-        `DecodeSpec.feed_chunks` at batch 1, one token per tick in a shared batch. With a draft, the queue is
-        cut from its end: the last piece holds the whole window (the last confirmed token and the draft)."""
+        `DecodeSpec.feed_chunks` at batch 1, one token per tick in a shared batch. Otherwise the queue is cut
+        from its end: the last piece holds at least the whole window (the last confirmed token and the draft)
+        — a sampled token and the forced run after it go through one forward — and the earlier pieces at most
+        `feed_max / batch` tokens each."""
         q = self.feed_queue
-        if self.draft:
+        if self.request.draft != "none":
             cap = max(1, self.spec.feed_max // batch)
             tail = max(len(self.draft) + 1, min(cap, len(q)))
             head = len(q) - tail
@@ -245,10 +267,12 @@ class Sequence:
         longest prefix the sampler agrees with (certain tokens need no score), then the sampler's own token at
         the first disagreement (or after the whole draft); roll back the rest."""
         draft, certain, window = self.draft, self.certain, self.window
-        accepted, bonus = 0, None
+        accepted, bonus, disagreed = 0, None, 0
         for i, entry in enumerate(window):
             if i < len(draft):
-                if certain[i] or chosen[i][0] == draft[i]:
+                if certain[i] or self.unverified or chosen[i][0] == draft[i]:
+                    if self.unverified and not certain[i] and i in chosen and chosen[i][0] != draft[i]:
+                        disagreed += 1
                     accepted += 1
                     continue
                 bonus = i
@@ -260,10 +284,16 @@ class Sequence:
             self.matcher.rollback(rejected)
         self.pos -= rejected
         n_spec = sum(1 for c in certain if not c)
+        self.last_disagreement = None
+        self.last_accepted = sum(1 for i in range(accepted) if not certain[i])
         if n_spec:
             acc_spec = sum(1 for i in range(accepted) if not certain[i])
-            self.drafts.append(DraftTrace(n_spec, acc_spec, self.draft_k))
-            self.accept_rate = 0.7 * self.accept_rate + 0.3 * (acc_spec / n_spec)
+            self.drafts.append(DraftTrace(n_spec, acc_spec, self.draft_k, unverified=self.unverified,
+                                          checked=self.check, disagreed=disagreed))
+            if self.check:
+                self.last_disagreement = disagreed / n_spec
+            if not self.unverified:
+                self.accept_rate = 0.7 * self.accept_rate + 0.3 * (acc_spec / n_spec)
         self.window, self.draft, self.certain = None, [], []
         self.feed_queue = []
         self.t_tick = now
@@ -272,14 +302,16 @@ class Sequence:
             tokens.append(draft[i])
             if certain[i]:
                 logprobs.append(0.0), plans.append(PlanKind_FORCED), ks.append(1), tops.append(None)
+            elif self.unverified:
+                logprobs.append(0.0), plans.append(UNVERIFIED), ks.append(1), tops.append(None)
             else:
-                tok, lp, plan, k, top = chosen[i]
+                tok, lp, plan, k, top, _ = chosen[i]
                 logprobs.append(lp), plans.append(plan), ks.append(k), tops.append(top)
             drafted.append(not certain[i])
         # the tokens of the draft are in the matcher already; the sampler's own token is not
         n_drafted = len(tokens)
         if bonus is not None:
-            tok, lp, plan, k, top = chosen[bonus]
+            tok, lp, plan, k, top, self.last_margin = chosen[bonus]
             tokens.append(tok), logprobs.append(lp), plans.append(plan), ks.append(k), tops.append(top)
             drafted.append(False)
         self._emit(tokens, logprobs, plans, ks, tops, drafted=drafted, in_matcher=n_drafted,

@@ -24,6 +24,9 @@ from pathlib import Path
 from llmqp.planner.store import _locked, state_path
 
 DRAFT_ARMS = (0, 2, 4, 8)
+# With amortize="margin" (lossy, opt-in) the arms also include drafts taken without verification, written
+# as negative lengths (-4: draft 4 tokens and emit them unverified).
+LOSSY_ARMS = DRAFT_ARMS + (-2, -4, -8)
 FORMAT = 1
 
 
@@ -62,6 +65,26 @@ class DraftPlanner:
             spread = math.sqrt(max(sq - mean * mean, 0.0)) + 0.05 * mean
             return mean - self.explore * spread * math.sqrt(math.log(total + 1) / n)
         return min(arms, key=bound)
+
+    def choose_lossy(self, key: str, lam: float, arms=LOSSY_ARMS) -> int:
+        """amortize="margin": minimise lam * latency + (1 - lam) * quality_loss, latency per token relative to
+        arm 0 (no draft) in this context, quality_loss the measured rate at which unverified tokens disagree
+        with exact decoding (0 for verified arms)."""
+        table = self.stats.get(key, {})
+        for arm in arms:
+            if table.get(str(arm), (0,))[0] < self.min_tries - 0.5:
+                return arm
+        ref = max(table[str(0)][1], 1e-9)
+        quality = self.stats.get(key + "|quality", {})
+
+        def cost(arm):
+            q = quality.get(str(arm), (0, 0.0))[1] if arm < 0 else 0.0
+            return lam * table[str(arm)][1] / ref + (1 - lam) * q
+        return min(arms, key=cost)
+
+    def update_quality(self, key: str, arm: int, disagreement_rate: float) -> None:
+        """A sampled check of an unverified draft: the share of its tokens exact decoding would not emit."""
+        self.update(key + "|quality", arm, disagreement_rate)
 
     def update(self, key: str, arm: int, ms_per_token: float) -> None:
         if not (ms_per_token >= 0 and math.isfinite(ms_per_token)):

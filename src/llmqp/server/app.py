@@ -88,6 +88,9 @@ class ServerState:
         result = getattr(event, "result", None)
         if result is not None:
             self.metrics.finished.labels(finish_reason=result.finish_reason).inc()
+            if result.drafts:
+                self.metrics.draft_tokens.labels(result="accepted").inc(result.accepted_tokens)
+                self.metrics.draft_tokens.labels(result="rejected").inc(result.rejected_tokens)
             return
         for step in event.steps:
             self.metrics.tokens.labels(plan=step.plan).inc()

@@ -32,6 +32,11 @@ class Metrics:
         self.finished = Counter("llmqp_requests_finished", "Finished engine requests by finish reason",
                                 ["finish_reason"], registry=r)
         self.errors = Counter("llmqp_errors", "Error answers by type", ["type"], registry=r)
+        self.draft_tokens = Counter("llmqp_draft_tokens", "Drafted tokens by verification outcome (accepted: "
+                                    "emitted without a step of their own; rejected: rolled back)", ["result"],
+                                    registry=r)
+        for outcome in ("accepted", "rejected"):
+            self.draft_tokens.labels(result=outcome)
         for plan in PLANS:
             self.tokens.labels(plan=plan)
 

@@ -1,0 +1,195 @@
+"""Amortized queries: draft and verify on the JSON extraction workload, greedy, batch 1.
+
+Workload: benchmarks/data/extraction.json (12 chat prompts, each with a JSON schema; the outputs copy names,
+numbers and places from the prompt), plus a free-form workload where drafts mostly fail (unconstrained
+stories). Modes (`draft=` / `forced=` of `Engine.generate`):
+
+  none            constrained, draft="none", forced=True — the engine's behaviour before drafts (baseline)
+  forced          draft="forced": a sampled token and the forced run after it go through one forward
+  lookup_only     draft="lookup", forced=False: prompt lookup alone (compare with none_unforced: forced=False
+                  follows the model's own tokenization, not the constraint's canonical one)
+  none_unforced   draft="none", forced=False: the reference for lookup_only
+  both            draft="lookup", forced=True: forced runs and prompt lookup
+  auto            draft="auto" (the default): the draft planner chooses the length per step
+  unconstrained / unconstrained_lookup / unconstrained_auto: the same prompts without a schema
+  freeform_none / freeform_auto: free-form prompts, drafts off / auto
+
+Per mode and round: output tokens/s = generated tokens / decode time (prefill excluded), and tokens per trunk
+pass (generated tokens / forwards the scheduler ran after prefill). Rounds interleave the modes in rotating
+order; reported: median with IQR, ratio to the baseline paired by round with a bootstrap 95% CI, and whether
+every mode gave the same tokens as its reference. The draft planner starts from a fresh state file (a
+temporary cache directory), and warm-up rounds let it learn before timing (reported separately).
+
+    python benchmarks/drafts.py [--rounds 5] [--max-tokens 96] [--quick]
+Writes benchmarks/results/drafts.json (+ drafts.png) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, fmt_spread, interleaved_rounds, paired_ratio_summary, quick_mode, summary, write_result
+
+HERE = Path(__file__).parent
+MODES = {
+    "none": dict(constrained=True, draft="none", forced=True),
+    "forced": dict(constrained=True, draft="forced", forced=True),
+    "lookup_only": dict(constrained=True, draft="lookup", forced=False),
+    "none_unforced": dict(constrained=True, draft="none", forced=False),
+    "both": dict(constrained=True, draft="lookup", forced=True),
+    "auto": dict(constrained=True, draft="auto", forced=True),
+    "unconstrained": dict(constrained=False, draft="none", forced=True),
+    "unconstrained_lookup": dict(constrained=False, draft="lookup", forced=True),
+    "unconstrained_auto": dict(constrained=False, draft="auto", forced=True),
+    "freeform_none": dict(constrained=False, draft="none", forced=True, freeform=True),
+    "freeform_auto": dict(constrained=False, draft="auto", forced=True, freeform=True),
+}
+REFERENCE = {"forced": "none", "both": "none", "auto": "none", "lookup_only": "none_unforced",
+             "unconstrained_lookup": "unconstrained", "unconstrained_auto": "unconstrained",
+             "freeform_auto": "freeform_none"}
+FREEFORM = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
+            "Explain in a few paragraphs why the sky is blue.",
+            "Describe your ideal weekend in detail.",
+            "Write a poem about autumn leaves."]
+
+
+def run_one(engine, prompt: str, mode: dict, schema, max_tokens: int) -> dict:
+    import llmqp
+
+    sched = llmqp.Scheduler(engine, max_slots=1)
+    kw = {"json_schema": schema} if mode["constrained"] else {}
+    sched.add_request(dict(prompt=prompt, max_tokens=max_tokens, draft=mode["draft"], forced=mode["forced"], **kw))
+    result = None
+    while sched.has_work():
+        for e in sched.step():
+            if isinstance(e, llmqp.FinishedEvent):
+                result = e.result
+    engine.save_planner()
+    passes = sched.stats["decode_steps"] + sched.stats["feeds"]
+    return {"tokens": len(result.token_ids), "decode_ms": result.decode_ms, "passes": passes,
+            "drafted": result.drafted_tokens, "accepted": result.accepted_tokens, "ids": list(result.token_ids),
+            "valid": bool(result.valid)}
+
+
+def run_mode(engine, tasks, mode: dict, max_tokens: int) -> dict:
+    rows = ([run_one(engine, p, mode, None, max_tokens) for p in FREEFORM] if mode.get("freeform") else
+            [run_one(engine, t["prompt"], mode, t["schema"], max_tokens) for t in tasks])
+    tokens = sum(r["tokens"] for r in rows)
+    ms = sum(r["decode_ms"] for r in rows)
+    return {"tokens": tokens, "tokens_per_s": tokens / (ms / 1e3), "passes": sum(r["passes"] for r in rows),
+            "drafted": sum(r["drafted"] for r in rows), "accepted": sum(r["accepted"] for r in rows),
+            "valid": sum(r["valid"] for r in rows), "outputs": [r["ids"] for r in rows]}
+
+
+def plot(summaries: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'llmqp[bench]')")
+        return
+    names = list(summaries)
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax[0].barh(names, [summaries[n]["tokens_per_pass"] for n in names], color="tab:blue")
+    ax[0].set_xlabel("output tokens per trunk pass")
+    ax[1].barh(names, [summaries[n]["tokens_per_s"]["median"] for n in names], color="tab:green")
+    ax[1].set_xlabel("output tokens/s (median)")
+    for a in ax:
+        a.invert_yaxis()
+    fig.suptitle("Draft and verify, SmolLM2-135M, greedy, batch 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup-rounds", type=int, default=2, help="untimed rounds (compiles; the planner learns)")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--quick", action="store_true", help="CI-sized: 3 prompts, 32 tokens, 1+1 rounds")
+    args = ap.parse_args()
+    quick = quick_mode(args.quick)
+    n_prompts, max_tokens, rounds, warmup = ((3, 32, 1, 1) if quick else
+                                             (args.prompts, args.max_tokens, args.rounds, args.warmup_rounds))
+    # A fresh planner state, so the numbers do not depend on what earlier runs taught it (XLA's compile cache
+    # is kept: compiling is not what this measures).
+    xla_cache = None
+    try:
+        from llmqp.model.loader import cache_dir
+
+        xla_cache = cache_dir()
+    except ImportError:
+        pass
+    tmp = tempfile.mkdtemp(prefix="llmqp-drafts-")
+    os.environ["LLMQP_CACHE_DIR"] = tmp
+    if xla_cache is not None:
+        for sub in ("models", "xla"):
+            if (xla_cache / sub).exists() and not (Path(tmp) / sub).exists():
+                (Path(tmp) / sub).symlink_to(xla_cache / sub)
+    import llmqp
+
+    tasks = json.loads((HERE / "data" / "extraction.json").read_text())[:n_prompts]
+    engine = llmqp.Engine()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        for mode in MODES.values():
+            run_mode(engine, tasks, mode, max_tokens)
+    warm_s = time.perf_counter() - t0
+    runs: dict[str, list[dict]] = {name: [] for name in MODES}
+
+    def measure(name):
+        def one_round():
+            r = run_mode(engine, tasks, MODES[name], max_tokens)
+            runs[name].append(r)
+            return r["tokens_per_s"]
+        return one_round
+
+    tps = interleaved_rounds({n: measure(n) for n in MODES}, min_rounds=rounds, max_rounds=rounds)
+    summaries = {}
+    for name, rs in runs.items():
+        base = "freeform_none" if MODES[name].get("freeform") else (
+            "unconstrained" if not MODES[name]["constrained"] else "none")
+        ref = REFERENCE.get(name)
+        summaries[name] = {
+            **{k: v for k, v in MODES[name].items()},
+            "tokens_per_s": summary(tps[name]),
+            "vs_baseline": paired_ratio_summary(tps[name], tps[base]), "baseline": base,
+            "tokens": rs[0]["tokens"], "passes": rs[0]["passes"],
+            "tokens_per_pass": rs[0]["tokens"] / max(rs[0]["passes"], 1),
+            "drafted": rs[0]["drafted"], "accepted": rs[0]["accepted"],
+            "acceptance": rs[0]["accepted"] / max(rs[0]["drafted"], 1),
+            "valid": rs[0]["valid"],
+            "identical_to": ref, "identical": None if ref is None else all(
+                r["outputs"] == runs[ref][0]["outputs"] for r in rs),
+        }
+    drafted_planner = engine.draft_planner.stats
+    out = {"model": engine.config.name, "device": engine.device, "prompts": len(tasks), "max_tokens": max_tokens,
+           "rounds": rounds, "warmup_rounds": warmup, "warmup_seconds": warm_s, "modes": summaries,
+           "draft_planner_state": drafted_planner,
+           "auto_over_none": summaries["auto"]["vs_baseline"],
+           "freeform_auto_over_none": summaries["freeform_auto"]["vs_baseline"]}
+    write_result("drafts", out, quick=quick)
+    if not quick:
+        plot(summaries, RESULTS / "drafts.png")
+    print(f"| mode | tokens/s, median (IQR), {rounds} rounds | vs baseline (95% CI) | tokens per pass | "
+          f"drafted / accepted | same tokens as |")
+    print("|---|---|---|---|---|---|")
+    for name, s in summaries.items():
+        r = s["vs_baseline"]
+        same = "—" if s["identical_to"] is None else f"{s['identical_to']}: {'yes' if s['identical'] else 'NO'}"
+        print(f"| {name} | {fmt_spread(s['tokens_per_s'])} | {r['value']:.2f}x ({r['ci95'][0]:.2f}–"
+              f"{r['ci95'][1]:.2f}) vs {s['baseline']} | {s['tokens_per_pass']:.2f} | {s['drafted']} / "
+              f"{s['accepted']} | {same} |")
+
+
+if __name__ == "__main__":
+    main()
