@@ -190,3 +190,21 @@ def test_extraction_drafts_accept_copied_spans_with_identical_output(engine):
     for t in on.token_ids:
         m.accept(t)
     assert m.can_stop()
+
+
+def test_lossy_margin_mode_is_opt_in_and_reports_what_it_did_not_verify(tiny):
+    with pytest.raises(llmqp.InvalidArgument, match="amortize"):
+        tiny.generate("x", raw=True, amortize="margin", draft="none")
+    with pytest.raises(llmqp.InvalidArgument, match="amortize_lambda"):
+        tiny.generate("x", raw=True, amortize="margin", amortize_lambda=2)
+    prompt = "one two three four one two three four one two three four one two"
+    exact = tiny.generate(prompt, raw=True, max_tokens=40, draft="lookup")
+    assert exact.unverified_tokens == 0 and "unverified" not in {s.plan for s in exact.steps}
+    lossy = tiny.generate(prompt, raw=True, max_tokens=40, draft="lookup", amortize="margin", amortize_tau=0.0)
+    assert lossy.unverified_tokens > 0
+    assert sum(s.plan == "unverified" for s in lossy.steps) == lossy.unverified_tokens
+    checked = [d for d in lossy.drafts if d.checked]
+    assert checked and lossy.disagreement_rate is not None and 0 <= lossy.disagreement_rate <= 1
+    # an unreachable threshold never skips verification
+    strict = tiny.generate(prompt, raw=True, max_tokens=40, draft="lookup", amortize="margin", amortize_tau=1e9)
+    assert strict.unverified_tokens == 0 and strict.token_ids == exact.token_ids
