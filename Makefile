@@ -40,6 +40,7 @@ bench: setup
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/gemma.py
+	$(PY) benchmarks/limits.py
 
 # CI-sized: every benchmark end to end in minutes, a smoke test; results in benchmarks/results/*.quick.json.
 bench-quick: setup
@@ -52,6 +53,7 @@ bench-quick: setup
 	$(PY) benchmarks/batching.py --quick
 	$(PY) benchmarks/serve.py --quick
 	$(PY) benchmarks/gemma.py --quick
+	$(PY) benchmarks/limits.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache

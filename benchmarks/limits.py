@@ -1,0 +1,459 @@
+"""The trunk at the machine's limits: memory bandwidth, a BLAS GEMM rate, and the engine's trunk against both.
+
+Measured in one run, interleaved round by round (rotating order; within a round every variant is called
+`--cycles` times and keeps its fastest call, the least disturbed one on a shared machine):
+
+  bandwidth   STREAM-style kernels in numpy on arrays far bigger than the last-level cache: copy (b = a,
+              2 x 4 bytes per element), triad (b = a + 3 c, as two passes: 5 x 4 bytes) and read (a . c, numpy's
+              dot: 2 x 4 bytes), on 1 and 2 threads. The machine's bandwidth is the best median of these.
+  blas        numpy (OpenBLAS) on the trunk's matmul shapes alone — every layer's x @ w_qkv, w_o, w_gate_up,
+              w_down, f32, chained like the trunk — for M = 1, 2, 4, 8, 16, 32 rows: GFLOP/s = 2 M P / time
+              (P = the matmul weights' element count).
+  trunk       the engine's jitted `transformer.forward` on the real SmolLM2 params with a KV cache of S
+              positions (tokens (1, T), as the executor's prefill/feed calls), T = 1 ... 32, and
+              `transformer.decode_step` at batch B = 1 ... 16 (tokens (B,)); f32 and bf16 weights.
+  baseline    with --baseline PATH (a transformer.py of an older commit), the same trunk calls through that
+              module, in the same rounds.
+  flags       XLA:CPU compile options on the f32 forward at T = 1 and 8 (compiled with
+              `.lower().compile(options)`, so they are measured side by side in one process).
+
+Shares of the limits: at T = 1, bound = trunk weight bytes / bandwidth and share = bound / step time; at
+T >= 8, share = the BLAS chain's time at M = T / the forward's time (FLOPs / BLAS rate over the time). Also the
+bf16 format's logit error and perplexity change against f32 on tests/data/paragraph.txt.
+
+    python benchmarks/limits.py [--rounds 7] [--cycles 3] [--baseline OLD/transformer.py] [--quick]
+Writes benchmarks/results/limits.json (+ limits.png; .quick.* with --quick) and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from common import RESULTS, fastest_in_cycles, paired_ratio_summary, quick_mode, summary, write_result
+
+HERE = Path(__file__).parent
+T_VALUES = (1, 2, 4, 8, 16, 32)
+B_VALUES = (1, 2, 4, 8, 16)
+MATMULS = ("w_qkv", "w_o", "w_gate_up", "w_down")
+FLAG_VARIANTS = {
+    "default": {},
+    "ynn_off": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "ynn_dot_eltwise_reduce": {"xla_cpu_experimental_ynn_fusion_type":
+                               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE,"
+                               "LIBRARY_FUSION_TYPE_REDUCE"},
+    "ynn_fused_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "xnn_dot_ynn_off": {"xla_cpu_experimental_ynn_fusion_type": "",
+                        "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "single_thread_eigen": {"xla_cpu_multi_thread_eigen": False},
+}
+
+
+# ------------------------------------------------------------------ bandwidth
+
+def bandwidth_variants(mib: int) -> tuple[dict, dict]:
+    """name -> callable, name -> bytes moved per call (STREAM counting: reads + writes, no write-allocate)."""
+    n = mib * 2**20 // 4
+    a, b, c = (np.ones(n, np.float32) for _ in range(3))
+    pool = ThreadPoolExecutor(2)
+
+    def copy(lo, hi):
+        np.copyto(b[lo:hi], a[lo:hi])
+
+    def triad(lo, hi):
+        np.multiply(c[lo:hi], np.float32(3), out=b[lo:hi])
+        b[lo:hi] += a[lo:hi]
+
+    def read(lo, hi):
+        np.dot(a[lo:hi], c[lo:hi])
+
+    def threaded(fn, k):
+        if k == 1:
+            return lambda: fn(0, n)
+        return lambda: list(pool.map(lambda i: fn(i * n // k, (i + 1) * n // k), range(k)))
+
+    kernels = {"copy": (copy, 2), "triad": (triad, 5), "read": (read, 2)}
+    fns, nbytes = {}, {}
+    for name, (fn, words) in kernels.items():
+        for k in (1, 2):
+            fns[f"{name}_{k}t"] = threaded(fn, k)
+            nbytes[f"{name}_{k}t"] = words * 4 * n
+    return fns, nbytes
+
+
+# ------------------------------------------------------------------ BLAS
+
+def openblas_threads():
+    """numpy's OpenBLAS `set_num_threads`, or None when numpy is linked to another BLAS."""
+    import ctypes
+    import glob
+
+    libs = glob.glob(str(Path(np.__file__).parent.parent / "numpy.libs" / "libscipy_openblas*.so"))
+    for lib in libs:
+        try:
+            handle = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            if hasattr(handle, sym):
+                fn = getattr(handle, sym)
+                return lambda n: fn(ctypes.c_int(n))
+    return None
+
+
+def blas_chain(cfg, m: int, rng, threads: int):
+    """numpy's trunk matmul chain at M rows: per layer x @ w_qkv, attn @ w_o, x @ w_gate_up, act @ w_down
+    (linear, scaled so values stay finite), on `threads` OpenBLAS threads."""
+    d, f = cfg.hidden_size, cfg.ffn_size
+    shapes = {"w_qkv": (d, cfg.q_size + 2 * cfg.kv_size), "w_o": (cfg.q_size, d), "w_gate_up": (d, 2 * f),
+              "w_down": (f, d)}
+    layers = [{k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.3 / np.sqrt(s[0]))
+               for k, s in shapes.items()} for _ in range(cfg.n_layers)]
+    x0 = rng.standard_normal((m, d), dtype=np.float32)
+    set_threads = openblas_threads()
+
+    def run():
+        if set_threads is not None:
+            set_threads(threads)
+        x = x0
+        for w in layers:
+            qkv = x @ w["w_qkv"]
+            x = x + qkv[:, : cfg.q_size] @ w["w_o"]
+            gu = x @ w["w_gate_up"]
+            x = x + gu[:, :f] @ w["w_down"]
+        return x
+    return run, sum(int(np.prod(s)) for s in shapes.values()) * cfg.n_layers
+
+
+# ------------------------------------------------------------------ trunk
+
+def load_module(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def trunk_call(mod, params, cfg, batch: int, t: int, seq_len: int, *, decode: bool, options=None):
+    """A blocking callable running one jitted trunk call (cache donated and carried over calls)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(batch * 100 + t)
+    cache = mod.init_cache(cfg, batch, seq_len, params["embed"].dtype)
+    start = jnp.asarray(rng.integers(seq_len // 4, seq_len // 2, batch), jnp.int32)
+    if decode:
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, batch), jnp.int32)
+        fn = mod.decode_step
+    else:
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, t)), jnp.int32)
+        fn = mod.forward_jit
+    if options:
+        fn = jax.jit(mod.forward, static_argnames=("cfg",), donate_argnames=("cache",)).lower(
+            params, cache, tokens, start, cfg=cfg).compile(options)
+        call = lambda c: fn(params, c, tokens, start)  # noqa: E731
+    else:
+        call = lambda c: fn(params, c, tokens, start, cfg=cfg)  # noqa: E731
+    box = {"cache": cache}
+
+    def run():
+        hidden, box["cache"] = call(box["cache"])
+        hidden.block_until_ready()
+    run()  # compile
+    return run
+
+
+def trunk_bytes(params) -> int:
+    """Bytes of every trunk weight a step reads (matmuls and norms; not the embedding table)."""
+    return int(sum(v.nbytes for layer in params["layers"] for v in layer.values()) + params["final_norm"].nbytes)
+
+
+def format_accuracy(cfg, params32, params16, tokenizer) -> dict:
+    """bf16 weights against f32 on a fixed paragraph: logits through the same f32 head."""
+    import jax.numpy as jnp
+
+    from llmqp.model import transformer
+
+    ids = tokenizer.encode((HERE.parent / "tests" / "data" / "paragraph.txt").read_text())[:256]
+    tokens = jnp.asarray([ids], jnp.int32)
+    start = jnp.zeros((1,), jnp.int32)
+    out = {}
+    for name, p in (("float32", params32), ("bfloat16", params16)):
+        cache = transformer.init_cache(cfg, 1, 512, p["embed"].dtype)
+        hidden, _ = transformer.forward_jit(p, cache, tokens, start, cfg=cfg)
+        out[name] = np.asarray(transformer.dense_logits(params32, hidden[0]), np.float64)
+    ref, low = out["float32"], out["bfloat16"]
+
+    def ppl(logits):
+        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        nll = lse[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]
+        return float(np.exp(nll.mean()))
+    err = np.abs(ref - low)
+    return {"tokens": len(ids), "max_abs_logit_error": float(err.max()), "mean_abs_logit_error": float(err.mean()),
+            "logit_scale_std": float(ref.std()), "top1_agreement": float((ref.argmax(-1) == low.argmax(-1)).mean()),
+            "perplexity_float32": ppl(ref), "perplexity_bfloat16": ppl(low)}
+
+
+# ------------------------------------------------------------------ end to end, before / after
+
+_E2E_SNIPPET = r"""
+import json, sys, time
+import llmqp
+tasks, max_tokens, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+engine = llmqp.Engine()
+def one(constrained):
+    tokens, ms, outputs = 0, 0.0, []
+    for t in tasks:
+        r = engine.generate(t["prompt"], max_tokens=max_tokens, **({"json_schema": t["schema"]} if constrained else {}))
+        tokens += len(r.token_ids); ms += r.decode_ms; outputs.append(list(r.token_ids))
+    return tokens / (ms / 1e3), outputs
+def batch():
+    t0 = time.perf_counter()
+    rs = engine.generate_batch([{"prompt": t["prompt"], "max_tokens": max_tokens} for t in tasks * 2])
+    return sum(len(r.token_ids) for r in rs) / (time.perf_counter() - t0), [list(r.token_ids) for r in rs]
+one(False); one(True); batch()  # compile
+out = {"unconstrained": [], "constrained": [], "batch": [], "outputs": {}}
+for _ in range(rounds):
+    for name, fn in (("unconstrained", lambda: one(False)), ("constrained", lambda: one(True)), ("batch", batch)):
+        tps, outputs = fn()
+        out[name].append(tps); out["outputs"][name] = outputs
+print("E2E" + json.dumps(out))
+"""
+
+
+def e2e(before_src: str, after_src: str, rounds: int, inner_rounds: int, n_prompts: int, max_tokens: int) -> dict:
+    """Greedy generation tok/s of two source trees, each in its own processes, alternating process by process:
+    unconstrained and JSON-Schema-constrained at batch 1 (decode tokens / decode time), and generate_batch of
+    2 x n_prompts unconstrained requests (tokens / wall time, prefill included). Also whether the two trees
+    generate the same tokens."""
+    import json
+    import subprocess
+    import sys
+
+    tasks = json.loads((HERE / "data" / "extraction.json").read_text())[:n_prompts]
+    trees = {"before": before_src, "after": after_src}
+    samples = {tree: {"unconstrained": [], "constrained": [], "batch": []} for tree in trees}
+    outputs = {}
+    for r in range(rounds):
+        for tree in (("before", "after") if r % 2 == 0 else ("after", "before")):
+            env = dict(os.environ, PYTHONPATH=trees[tree])
+            proc = subprocess.run([sys.executable, "-c", _E2E_SNIPPET, json.dumps(tasks), str(max_tokens),
+                                   str(inner_rounds)], env=env, capture_output=True, text=True, check=True)
+            doc = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("E2E"))[3:])
+            for k in samples[tree]:
+                samples[tree][k].extend(doc[k])
+            outputs[tree] = doc["outputs"]
+            print(f"e2e round {r + 1}/{rounds}: {tree} done, load {os.getloadavg()[0]:.1f}", flush=True)
+    result = {"trees": trees, "prompts": len(tasks), "max_tokens": max_tokens, "processes_per_tree": rounds,
+              "rounds_per_process": inner_rounds,
+              "identical_tokens": {k: outputs["before"][k] == outputs["after"][k] for k in outputs["before"]}}
+    for k in ("unconstrained", "constrained", "batch"):
+        result[k] = {tree: summary(samples[tree][k]) for tree in trees}
+        result[k]["after_vs_before"] = paired_ratio_summary(samples["after"][k], samples["before"][k])
+    return result
+
+
+# ------------------------------------------------------------------ main
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--cycles", type=int, default=3, help="calls per variant per round (fastest kept)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--mib", type=int, default=512, help="STREAM array size, MiB each")
+    ap.add_argument("--baseline", default=None, help="transformer.py of an older commit to measure beside")
+    ap.add_argument("--no-flags", action="store_true", help="skip the XLA flag variants")
+    ap.add_argument("--quick", action="store_true", help="CI-sized: 2 rounds, small arrays, T<=8, B<=2, no flags")
+    ap.add_argument("--e2e-before", default=None, metavar="SRC",
+                    help="only the end-to-end comparison: this src/ directory (an older checkout) against --e2e-after")
+    ap.add_argument("--e2e-after", default=str(HERE.parent / "src"), metavar="SRC")
+    ap.add_argument("--e2e-processes", type=int, default=4, help="processes per tree (alternating)")
+    args = ap.parse_args()
+    quick = quick_mode(args.quick)
+    if args.e2e_before:
+        doc = e2e(args.e2e_before, args.e2e_after, 2 if quick else args.e2e_processes, 1 if quick else 2,
+                  2 if quick else 4, 24 if quick else 64)
+        write_result("limits_e2e", doc, quick=quick)
+        print("\n| greedy SmolLM2 | before: tok/s (IQR) | after: tok/s (IQR) | after / before (95% CI) | "
+              "same tokens |\n|---|---|---|---|---|")
+        for k in ("unconstrained", "constrained", "batch"):
+            b, a, ratio = doc[k]["before"], doc[k]["after"], doc[k]["after_vs_before"]
+            print(f"| {k} | {b['median']:.1f} ({b['q1']:.1f}–{b['q3']:.1f}) | {a['median']:.1f} "
+                  f"({a['q1']:.1f}–{a['q3']:.1f}) | {ratio['value']:.2f}x ({ratio['ci95'][0]:.2f}–"
+                  f"{ratio['ci95'][1]:.2f}) | {doc['identical_tokens'][k]} |")
+        return
+    rounds, cycles = (2, 1) if quick else (args.rounds, args.cycles)
+    t_values = tuple(t for t in T_VALUES if t <= 8) if quick else T_VALUES
+    b_values = tuple(b for b in B_VALUES if b <= 2) if quick else B_VALUES
+    mib = 64 if quick else args.mib
+
+    from llmqp.engine import device_params
+    from llmqp.model import loader, transformer
+
+    loaded = loader.load()
+    cfg = loaded.config
+    params = {"float32": device_params(loaded.params, "float32"), "bfloat16": device_params(loaded.params, "bfloat16")}
+    rng = np.random.default_rng(0)
+
+    bw_fns, bw_bytes = bandwidth_variants(mib)
+    blas = {}
+    for m in t_values:
+        for threads in (1, 2):
+            blas[f"{threads}t:M={m}"], matmul_params = blas_chain(cfg, m, rng, threads)
+
+    variants: dict[str, callable] = {}
+    variants.update({f"bw:{k}": f for k, f in bw_fns.items()})
+    variants.update({f"blas{k}": f for k, f in blas.items()})
+    modules = {"": transformer}
+    if args.baseline:
+        modules["baseline:"] = load_module(args.baseline, "baseline_transformer")
+    for prefix, mod in modules.items():
+        for fmt in (("float32",) if prefix else ("float32", "bfloat16")):
+            for t in t_values:
+                variants[f"{prefix}{fmt}:T={t}"] = trunk_call(mod, params[fmt], cfg, 1, t, args.seq_len, decode=False)
+            for b in b_values:
+                variants[f"{prefix}{fmt}:decode B={b}"] = trunk_call(mod, params[fmt], cfg, b, 1, args.seq_len,
+                                                                       decode=True)
+    if not (quick or args.no_flags):
+        for name, options in FLAG_VARIANTS.items():
+            for t in (1, 8):
+                variants[f"flags:{name}:T={t}"] = trunk_call(transformer, params["float32"], cfg, 1, t, args.seq_len,
+                                                            decode=False, options=options)
+
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        best = fastest_in_cycles({k: variants[k] for k in order}, cycles)
+        for k, v in best.items():
+            samples[k].append(v)
+        print(f"round {r + 1}/{rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
+
+    ms = {k: summary(v) for k, v in samples.items()}
+    med = {k: v["median"] for k, v in ms.items()}
+    bandwidth = {k: summary([bw_bytes[k] / (x / 1e3) / 1e9 for x in samples[f"bw:{k}"]]) for k in bw_fns}
+    best_bw_name = max(bandwidth, key=lambda k: bandwidth[k]["median"])
+    bw_gbs = bandwidth[best_bw_name]["median"]
+    for m in t_values:  # the BLAS rate at M: the thread count with the faster median
+        samples[f"blas:M={m}"] = min((samples[f"blas{k}t:M={m}"] for k in (1, 2)), key=np.median)
+        ms[f"blas:M={m}"] = summary(samples[f"blas:M={m}"])
+    blas_rate = {m: summary([2 * m * matmul_params / (x / 1e3) / 1e9 for x in samples[f"blas:M={m}"]])
+                 for m in t_values}
+
+    results = {"seq_len": args.seq_len, "rounds": rounds, "cycles": cycles, "stream_mib": mib,
+               "bandwidth_gbs": bandwidth, "bandwidth_best": {"kernel": best_bw_name, "gbs": bw_gbs},
+               "blas_gflops": {str(m): v for m, v in blas_rate.items()},
+               "matmul_params": matmul_params, "times_ms": ms, "formats": {}}
+    for prefix in modules:
+        for fmt in (("float32",) if prefix else ("float32", "bfloat16")):
+            key = f"{prefix}{fmt}"
+            nbytes = trunk_bytes(params[fmt])
+            bound_ms = nbytes / (bw_gbs * 1e9) * 1e3
+            one = samples[f"{key}:T=1"]
+            per_t = {}
+            for t in t_values:
+                s = samples[f"{key}:T={t}"]
+                entry = {"ms": ms[f"{key}:T={t}"], "ms_per_position": float(np.median(s)) / t,
+                         "vs_one_token": paired_ratio_summary(s, one)}
+                if t >= 8:
+                    entry["blas_share"] = paired_ratio_summary(samples[f"blas:M={t}"], s)
+                per_t[str(t)] = entry
+            results["formats"][key] = {
+                "weight_bytes": nbytes, "bandwidth_bound_ms": bound_ms,
+                "one_token_vs_bound": float(np.median(one)) / bound_ms,
+                "forward": per_t,
+                "decode": {str(b): {"ms": ms[f"{key}:decode B={b}"],
+                                    "ms_per_row": med[f"{key}:decode B={b}"] / b} for b in b_values},
+            }
+    if args.baseline:
+        results["baseline_path"] = args.baseline
+        results["speedup_vs_baseline"] = {
+            **{f"T={t}": paired_ratio_summary(samples[f"baseline:float32:T={t}"], samples[f"float32:T={t}"])
+               for t in t_values},
+            **{f"decode B={b}": paired_ratio_summary(samples[f"baseline:float32:decode B={b}"],
+                                                     samples[f"float32:decode B={b}"]) for b in b_values}}
+    if not (quick or args.no_flags):
+        results["flags"] = {name: {f"T={t}": {"ms": ms[f"flags:{name}:T={t}"],
+                                              "vs_default": paired_ratio_summary(samples[f"flags:{name}:T={t}"],
+                                                                                 samples[f"flags:default:T={t}"])}
+                                   for t in (1, 8)} | {"options": opts}
+                            for name, opts in FLAG_VARIANTS.items()}
+    results["format_accuracy"] = format_accuracy(cfg, params["float32"], params["bfloat16"], loaded.tokenizer)
+    try:
+        import llama_cpp  # noqa: F401
+        results["llama_cpp"] = "installed but not measured here (see benchmarks/foundation.py)"
+    except ImportError:
+        results["llama_cpp"] = "not installed"
+    write_result("limits", results, quick=quick)
+    plot(results, t_values, RESULTS / ("limits.quick.png" if quick else "limits.png"))
+    print_tables(results, t_values, b_values)
+
+
+def plot(results: dict, t_values, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'llmqp[bench]')")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ts = list(t_values)
+    for key, f in results["formats"].items():
+        ax.plot(ts, [f["forward"][str(t)]["ms_per_position"] for t in ts], marker="o", label=f"trunk, {key}")
+    blas_ms = [results["times_ms"][f"blas:M={t}"]["median"] / t for t in ts]
+    ax.plot(ts, blas_ms, marker="s", linestyle="--", label="numpy/OpenBLAS matmuls only, f32")
+    bound = results["formats"]["float32"]["bandwidth_bound_ms"]
+    ax.plot(ts, [bound / t for t in ts], linestyle=":", color="k", label="f32 weights / bandwidth")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("positions per forward (T)")
+    ax.set_ylabel("ms per position (median)")
+    ax.set_title("SmolLM2-135M trunk cost per position")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def print_tables(results: dict, t_values, b_values) -> None:
+    bw = results["bandwidth_best"]
+    print(f"\nbandwidth {bw['gbs']:.1f} GB/s ({bw['kernel']}); BLAS GFLOP/s: " + ", ".join(
+        f"M={m} {v['median']:.0f}" for m, v in results["blas_gflops"].items()))
+    print("\n| weights | T | ms (IQR) | ms / position | vs T=1 | share of limit |\n|---|---|---|---|---|---|")
+    for key, f in results["formats"].items():
+        for t in t_values:
+            e = f["forward"][str(t)]
+            if t == 1:
+                share = f"bound {f['bandwidth_bound_ms']:.1f} ms: {f['one_token_vs_bound']:.2f}x the bound"
+            elif "blas_share" in e:
+                share = f"BLAS {e['blas_share']['value']:.2f}"
+            else:
+                share = ""
+            print(f"| {key} | {t} | {e['ms']['median']:.1f} ({e['ms']['q1']:.1f}–{e['ms']['q3']:.1f}) | "
+                  f"{e['ms_per_position']:.1f} | {e['vs_one_token']['value']:.2f} | {share} |")
+    print("\n| weights | decode batch | ms (IQR) | ms / row |\n|---|---|---|---|")
+    for key, f in results["formats"].items():
+        for b in b_values:
+            e = f["decode"][str(b)]
+            print(f"| {key} | {b} | {e['ms']['median']:.1f} ({e['ms']['q1']:.1f}–{e['ms']['q3']:.1f}) | "
+                  f"{e['ms_per_row']:.1f} |")
+    if "speedup_vs_baseline" in results:
+        print("\nspeedup vs baseline: " + ", ".join(f"{k} {v['value']:.2f}x" for k, v in
+                                                   results["speedup_vs_baseline"].items()))
+    if "flags" in results:
+        print("\nflags (vs default, same rounds): " + "; ".join(
+            f"{n}: T=1 {v['T=1']['vs_default']['value']:.2f}, T=8 {v['T=8']['vs_default']['value']:.2f}"
+            for n, v in results["flags"].items()))
+    print("\nbf16 vs f32:", results["format_accuracy"])
+
+
+if __name__ == "__main__":
+    main()
