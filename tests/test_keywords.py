@@ -113,6 +113,11 @@ CASES = {
     "propertyNames enum": ({"additionalProperties": {"type": "integer"}, "propertyNames": {"enum": ["N", "S"]}},
                            [{"N": 1}, {"E": 1}, {"N": "x"}, "str", {"N": 1, "S": 2}]),
     "propertyNames length": ({"type": "object", "propertyNames": {"maxLength": 2}}, [{"ab": 1}, {"abc": 1}, {}]),
+    "not enum arrays and objects": ({"not": {"enum": [6, "foo", [], [False], True, {"a": 12}]}},
+                                    [6, 6.0, "foo", [], [False], [0], True, False, {"a": 12}, {"a": 12.0}, {"a": 1},
+                                     {"a": 12, "b": 1}, {}, None]),
+    "not const nested": ({"type": "object", "not": {"const": {"a": [1, {"b": None}]}}},
+                         [{"a": [1, {"b": None}]}, {"a": [1, {"b": 0}]}, {"a": [1]}, {"a": [1.0, {"b": None}]}, {}]),
     "uniqueItems false": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [[1, 1], [1, 2], ["a"]]),
 }
 
@@ -302,6 +307,15 @@ def test_standard_formats_without_exact_form_are_refused(tk, schema):
     for policy in ("refuse", "annotation"):
         with pytest.raises(ConstraintError, match='"format"'):
             compile_constraint(make_spec(json_schema=schema, unknown_formats=policy), tk)
+
+
+def test_formats_are_rewritten_where_only_a_ref_reaches(tk):
+    """`#/definitions/group/d`: `group` is no keyword, so only the reference reaches `d` as a schema."""
+    schema = {"definitions": {"group": {"d": {"type": "string", "format": "date"}}}, "$ref": "#/definitions/group/d"}
+    c = compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+    checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    for value in ("2024-02-29", "2023-02-29"):
+        assert c.accepts(json.dumps(value)) == checker.is_valid(value)
 
 
 def test_unknown_format_under_not_is_an_annotation(tk):
