@@ -100,7 +100,7 @@ def test_draft_planner_tries_every_arm_then_keeps_the_cheapest(tmp_path, monkeyp
     monkeypatch.setenv("LLMQP_CACHE_DIR", str(tmp_path))
     p = DraftPlanner("m", "cpu")
     key = context_key("lookup", "json_schema", 0.9, 1)
-    cost = {0: 30.0, 2: 20.0, 4: 12.0, 8: 16.0}
+    cost = {0: 30.0, 1: 20.0, 3: 12.0, 7: 16.0}
     rng = random.Random(0)
     picks = []
     for _ in range(200):
@@ -108,10 +108,10 @@ def test_draft_planner_tries_every_arm_then_keeps_the_cheapest(tmp_path, monkeyp
         picks.append(arm)
         p.update(key, arm, cost[arm] * (1 + 0.05 * rng.random()))
     assert set(picks[:2 * len(DRAFT_ARMS)]) == set(DRAFT_ARMS)  # each arm tried first
-    assert picks[-50:].count(4) > 40 and p.best(key) == 4
+    assert picks[-50:].count(3) > 40 and p.best(key) == 3
     p.save()
     q = DraftPlanner.load("m", "cpu")
-    assert q.best(key) == 4
+    assert q.best(key) == 3
     q.path.write_text("not json")
     with pytest.warns(UserWarning):
         assert DraftPlanner.load("m", "cpu").best(key) is None

@@ -11,7 +11,7 @@ import numpy as np
 from llmqp.core.detok import IncrementalDetokenizer
 from llmqp.core.drafts import PromptLookup
 from llmqp.core.request import Request
-from llmqp.core.spec import DecodeSpec, FinishReason
+from llmqp.core.spec import DecodeSpec, FinishReason, pow2_at_least
 from llmqp.errors import LLMQPError
 from llmqp.results import DraftTrace, GenerationResult, StepTrace
 
@@ -161,9 +161,12 @@ class Sequence:
                 arm = choose_k()
                 self.unverified = arm < 0
                 self.draft_k = abs(arm)
-                k = min(abs(arm), room)
+                # The forward's width is a power of two: a draft fills the width its length needs (the
+                # padding would be computed anyway), within the room max_tokens and feed_max leave.
+                queued = len(self.feed_queue)
+                target = min(pow2_at_least(queued + abs(arm)), queued + room) if arm else queued
                 n_spec = 0
-                while n_spec < k and len(self.draft) < room:
+                while queued + len(self.draft) < target:
                     t = first if n_spec == 0 else self.lookup.propose(tail + self.draft)
                     if t is None or t in self.eos:
                         break

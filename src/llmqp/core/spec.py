@@ -55,7 +55,7 @@ class DecodeSpec:
     k_growth: int = 4
     sparse_max_fraction: float = 0.25
     feed_max: int = 32
-    draft_lookup_len: int = 8
+    draft_lookup_len: int = 7
 
     def __post_init__(self):
         for name in ("prefill_chunk", "prefill_min_bucket", "min_cache", "feed_max"):

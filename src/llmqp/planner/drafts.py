@@ -1,6 +1,7 @@
 """`DraftPlanner`: how many tokens to draft at a step (`draft="auto"`), learned from measured latency.
 
-Arms are draft lengths (0 = no draft, 2, 4, 8). The context is what the scheduler can observe before it
+Arms are draft lengths (0 = no draft, 1, 3, 7: with the token fed before them, windows of 2, 4, 8 positions;
+a draft fills the power-of-two width of the forward it needs). The context is what the scheduler can observe before it
 drafts: the proposer ("lookup"), the constraint kind, the row's recent acceptance rate (an exponential
 average, in four buckets) and the decode batch (bucketed). The cost of a step is its wall time divided by
 the tokens it emitted — latency per accepted token, the quantity drafts exist to lower. Per (context, arm)
@@ -23,10 +24,10 @@ from pathlib import Path
 
 from llmqp.planner.store import _locked, state_path
 
-DRAFT_ARMS = (0, 2, 4, 8)
+DRAFT_ARMS = (0, 1, 3, 7)  # at least this many drafted tokens, filled up to the forward's power-of-two width
 # With amortize="margin" (lossy, opt-in) the arms also include drafts taken without verification, written
 # as negative lengths (-4: draft 4 tokens and emit them unverified).
-LOSSY_ARMS = DRAFT_ARMS + (-2, -4, -8)
+LOSSY_ARMS = DRAFT_ARMS + (-1, -3, -7)
 FORMAT = 1
 
 
