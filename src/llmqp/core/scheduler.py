@@ -193,7 +193,7 @@ class Scheduler:
         def choose_k() -> int:
             if mode == "lookup":
                 return -self.spec.draft_lookup_len if lossy else self.spec.draft_lookup_len
-            key = context_key("lookup", seq.constraint_kind, seq.accept_rate, batch)
+            key = context_key("lookup", seq.constraint_kind, seq.accept_rate, batch, seq.last_k)
             seq.draft_ctx = key
             if lossy:
                 return self.engine.draft_planner.choose_lossy(key + "|lossy", r.amortize_lambda)
@@ -208,6 +208,8 @@ class Scheduler:
 
     def _learn_draft(self, seq: Sequence, now: float) -> None:
         """Latency per emitted token of the step that verified a planner-chosen draft length."""
+        if seq.draft_k and not seq.last_drafted:
+            return  # the constraint cut the draft before its first token: no draft was measured
         emitted = seq.last_accepted + 1
         arm = -seq.draft_k if seq.unverified else seq.draft_k
         key = seq.draft_ctx + "|lossy" if seq.request.amortize == "margin" and seq.draft_lossy else seq.draft_ctx

@@ -74,6 +74,8 @@ class Sequence:
         self.last_margin = 0.0  # top-2 log-prob margin of the last scored token (amortize="margin")
         self.last_disagreement: float | None = None
         self.last_accepted = 0  # speculative tokens the last verification accepted
+        self.last_drafted = 0  # ... of how many drafted
+        self.last_k = 0  # allowed-set size of the last scored token
         self.draft_lossy = False
         self.drafts: list[DraftTrace] = []
         self.accept_rate = 0.5
@@ -289,6 +291,7 @@ class Sequence:
         n_spec = sum(1 for c in certain if not c)
         self.last_disagreement = None
         self.last_accepted = sum(1 for i in range(accepted) if not certain[i])
+        self.last_drafted = sum(1 for c in certain if not c)
         if n_spec:
             acc_spec = sum(1 for i in range(accepted) if not certain[i])
             self.drafts.append(DraftTrace(n_spec, acc_spec, self.draft_k, unverified=self.unverified,
@@ -315,6 +318,7 @@ class Sequence:
         n_drafted = len(tokens)
         if bonus is not None:
             tok, lp, plan, k, top, self.last_margin = chosen[bonus]
+            self.last_k = k
             tokens.append(tok), logprobs.append(lp), plans.append(plan), ks.append(k), tops.append(top)
             drafted.append(False)
         self._emit(tokens, logprobs, plans, ks, tops, drafted=drafted, in_matcher=n_drafted,

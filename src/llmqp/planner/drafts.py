@@ -3,7 +3,7 @@
 Arms are draft lengths (0 = no draft, 1, 3, 7: with the token fed before them, windows of 2, 4, 8 positions;
 a draft fills the power-of-two width of the forward it needs). The context is what the scheduler can observe before it
 drafts: the proposer ("lookup"), the constraint kind, the row's recent acceptance rate (an exponential
-average, in four buckets) and the decode batch (bucketed). The cost of a step is its wall time divided by
+average, in four buckets), the decode batch and the allowed-set size K of the last scored token (bucketed). The cost of a step is its wall time divided by
 the tokens it emitted — latency per accepted token, the quantity drafts exist to lower. Per (context, arm)
 the planner keeps a discounted mean and count and picks the arm with the lowest lower confidence bound
 (UCB for costs); every arm is tried `min_tries` times first. Exploration never changes outputs (drafts are
@@ -35,8 +35,13 @@ def acceptance_bucket(rate: float) -> int:
     return min(3, int(rate * 4))
 
 
-def context_key(proposer: str, constraint: str, acceptance: float, batch: int) -> str:
-    return f"{proposer}|{constraint}|a{acceptance_bucket(acceptance)}|b{min(batch, 16)}"
+def k_bucket(k: int) -> str:
+    """The allowed-set size of the last scored token, coarsely: forced-like, small, large."""
+    return "k1" if k <= 1 else "k64" if k <= 64 else "k4k" if k <= 4096 else "kV"
+
+
+def context_key(proposer: str, constraint: str, acceptance: float, batch: int, k: int = 0) -> str:
+    return f"{proposer}|{constraint}|a{acceptance_bucket(acceptance)}|b{min(batch, 16)}|{k_bucket(k)}"
 
 
 class DraftPlanner:
