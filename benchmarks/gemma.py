@@ -10,12 +10,17 @@ most of a dense step and scoring only the allowed rows should pay most. Two part
      sparse_head_ms   the gathered-rows head over K random allowed ids + argmax, K in {8, 32, 128, 1024}
    and the Amdahl bound of a sparse step: (trunk + dense head) / (trunk + sparse head).
 2. The JSON extraction workload: raw prompts (a base model has no chat template) that end with an
-   instruction and the opening of a JSON block, greedy, `max_tokens` each; per round every prompt runs
-   unconstrained, constrained by its JSON schema with plan="auto", and constrained with plan="dense", in
-   rotating order. tok/s = generated tokens / wall time (prefill included), tokens counted for each side;
-   the ratio's CI resamples rounds.
-llama-cpp-python is measured on the same GGUF only when it is installed (it was not on the machine that
-produced results/gemma.json; no wheel on PyPI for it, the source build needs a C++ toolchain run).
+   instruction and the opening of a JSON block, greedy, `max_tokens` each; per round every prompt runs in
+   every mode, modes in rotating order: unconstrained; constrained by the JSON schema with plan="auto",
+   with plan="dense", and in the fused on-device loop (compiled=True); and, when llama-cpp-python is
+   installed (`pip install 'llmqp[llamacpp]'`), llama.cpp on the same GGUF file (its Q4_K_M weights,
+   2 threads like our XLA:CPU) without and with its JSON-schema grammar. Two rates, tokens counted for
+   each side: end to end = generated tokens / wall time (prefill included), and decode = generated tokens /
+   (wall time - prefill time) — the constrained outputs are about half as long as the unconstrained
+   ones, so prefill weighs twice as much on their end-to-end rate. Ratios' CIs resample rounds.
+3. The workload's bound: the decode-rate ratio its step mix allows (forced / sparse / dense tokens of the
+   constrained run, priced with the step split of part 1; `workload_bound`). Inside JSON string values
+   ~97% of the vocabulary is allowed, so those steps are dense whatever the plan.
 
     python benchmarks/gemma.py [--rounds N] [--quick]
 Writes benchmarks/results/gemma.json (gemma.quick.json with --quick) and prints Markdown tables.
@@ -24,7 +29,10 @@ Writes benchmarks/results/gemma.json (gemma.quick.json with --quick) and prints 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
+import json
+import os
 import time
 
 import jax
@@ -98,75 +106,137 @@ def step_split(engine, rounds: int) -> dict:
     return out
 
 
-def extraction(engine, rounds: int, max_tokens: int, n_prompts: int) -> dict:
-    prompts = [prompt_for(f) for f in FACTS[:n_prompts]]
-    modes = {"unconstrained": {}, "constrained_auto": {"json_schema": SCHEMA, "plan": "auto"},
-             "constrained_dense": {"json_schema": SCHEMA, "plan": "dense"}}
-    per_mode = {m: {"tokens": [], "seconds": [], "tok_s": [], "valid": 0, "outputs": []} for m in modes}
+def valid_extraction(text: str) -> bool:
+    """The output is one JSON object with exactly SCHEMA's keys and types (the same check for every side)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    types = {"string": str, "integer": int}
+    return (isinstance(value, dict) and set(value) == set(SCHEMA["required"])
+            and all(type(value[k]) is types[p["type"]] for k, p in SCHEMA["properties"].items()))
 
-    def run(mode, subset=None):
+
+def ours(engine, max_tokens: int, **kw):
+    """One prompt through `engine.generate` -> (tokens, wall s, prefill s, text, steps [(plan, K)])."""
+    def one(prompt: str):
+        t0 = time.perf_counter()
+        r = engine.generate(prompt, raw=True, max_tokens=max_tokens, temperature=0, **kw)
+        wall = time.perf_counter() - t0
+        if kw.get("compiled") and not r.compiled:
+            raise RuntimeError(f"the fused loop fell back: {r.compiled_reason}")
+        return len(r.token_ids), wall, r.prefill_ms / 1e3, r.text, [(s.plan, s.k) for s in r.steps]
+    return one
+
+
+def llama_cpp_runners(path: str, max_tokens: int) -> dict:
+    """llama-cpp-python on the same GGUF, 2 threads, greedy, without and with its JSON-schema grammar; {} when
+    it is not installed. Prefill time is llama.cpp's own prompt-eval time (`llama_perf_context`)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {}
+    # libgomp reads this when llama.cpp loads. Its default (spin at every barrier) collapses on a machine
+    # shared with other jobs: 2 spinning threads measured ~450 ms/token here, passive ~80 (1 thread ~75).
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=2, n_threads_batch=2, verbose=False)
+    grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(SCHEMA), verbose=False)
+
+    def runner(grammar):
+        def one(prompt: str):
+            llm.reset()  # no prompt reuse across calls: every prompt is prefilled, as ours are
+            llama_cpp.llama_perf_context_reset(llm.ctx)
+            t0 = time.perf_counter()
+            r = llm(prompt, max_tokens=max_tokens, temperature=0.0, grammar=grammar)
+            wall = time.perf_counter() - t0
+            prefill = llama_cpp.llama_perf_context(llm.ctx).t_p_eval_ms / 1e3
+            return r["usage"]["completion_tokens"], wall, prefill, r["choices"][0]["text"], []
+        return one
+
+    return {"llamacpp_unconstrained": runner(None), "llamacpp_grammar": runner(grammar)}
+
+
+def workload_bound(split: dict, steps: list[list[tuple[str, int]]]) -> dict:
+    """What this workload's step mix allows: every token goes through the trunk once (a forced run in one
+    forward, costed here as one trunk step), every scored token pays its head (dense, or sparse at its K
+    bucket); unconstrained, every token pays trunk + dense head. The bound is the decode-rate ratio if the
+    host cost nothing and a forced run cost one step."""
+    t, d = split["trunk"]["median"], split["dense_head"]["median"]
+
+    def sparse_ms(k):
+        return split[f"sparse_head_k{next((b for b in KS if k <= b), KS[-1])}"]["median"]
+
+    tokens = ms = 0.0
+    mix = {"forced": 0, "sparse": 0, "dense": 0, "forced_runs": 0}
+    for prompt_steps in steps:
+        previous = None
+        for plan, k in prompt_steps:
+            tokens += 1
+            mix[plan] = mix.get(plan, 0) + 1
+            if plan == "forced":
+                if previous != "forced":
+                    mix["forced_runs"] += 1
+                    ms += t
+            else:
+                ms += t + (d if plan == "dense" else sparse_ms(k))
+            previous = plan
+    return {"step_mix": mix, "predicted_ms_per_token": ms / tokens, "unconstrained_ms_per_token": t + d,
+            "decode_ratio_bound": (t + d) / (ms / tokens)}
+
+
+def extraction(engine, rounds: int, max_tokens: int, n_prompts: int, peers: dict) -> dict:
+    prompts = [prompt_for(f) for f in FACTS[:n_prompts]]
+    modes = {"unconstrained": ours(engine, max_tokens),
+             "constrained_auto": ours(engine, max_tokens, json_schema=SCHEMA, plan="auto"),
+             "constrained_dense": ours(engine, max_tokens, json_schema=SCHEMA, plan="dense"),
+             "constrained_fused": ours(engine, max_tokens, json_schema=SCHEMA, compiled=True), **peers}
+    keys = ("tokens", "seconds", "decode_seconds", "tok_s", "decode_tok_s")
+    per_mode = {m: {**{k: [] for k in keys}, "valid": 0, "outputs": [], "steps": []} for m in modes}
+
+    def run(mode):
         def once():
-            tokens, t0 = 0, time.perf_counter()
-            texts = []
-            for p in subset or prompts:
-                r = engine.generate(p, raw=True, max_tokens=max_tokens, temperature=0, **modes[mode])
-                tokens += len(r.token_ids)
-                per_mode[mode]["valid"] += int(bool(getattr(r, "valid", False)) and mode != "unconstrained")
-                texts.append(r.text)
-            seconds = time.perf_counter() - t0
             rec = per_mode[mode]
-            rec["tokens"].append(tokens), rec["seconds"].append(seconds), rec["tok_s"].append(tokens / seconds)
-            rec["outputs"] = texts
-            return seconds
+            tokens = wall = prefill = 0.0
+            rec["outputs"], rec["steps"] = [], []
+            for p in prompts:
+                n, seconds, prefill_s, text, steps = modes[mode](p)
+                tokens, wall, prefill = tokens + n, wall + seconds, prefill + prefill_s
+                rec["valid"] += int(valid_extraction(text))
+                rec["outputs"].append(text)
+                rec["steps"].append(steps)
+            for key, value in zip(keys, (tokens, wall, wall - prefill, tokens / wall, tokens / (wall - prefill))):
+                rec[key].append(value)
+            return wall
         return once
 
-    for mode in modes:  # compile the step shapes before timing
-        run(mode, prompts[:1])()
-    for rec in per_mode.values():
-        for key in ("tokens", "seconds", "tok_s"):
-            rec[key].clear()
-        rec["valid"] = 0
+    for mode in modes:  # compile the step shapes (and the fused loop's tables) before timing
+        for p in prompts[:1]:
+            modes[mode](p)
     interleaved_rounds({m: run(m) for m in modes}, min_rounds=rounds, max_rounds=rounds)
     out = {"prompts": len(prompts), "max_tokens": max_tokens, "rounds": rounds, "schema": SCHEMA,
            "prompt_example": prompts[0], "modes": {}}
     for mode, rec in per_mode.items():
-        out["modes"][mode] = {"tok_s": summary(rec["tok_s"]), "tokens_per_round": rec["tokens"],
-                              "seconds_per_round": rec["seconds"],
+        out["modes"][mode] = {"tok_s": summary(rec["tok_s"]), "decode_tok_s": summary(rec["decode_tok_s"]),
+                              "tokens_per_round": rec["tokens"], "seconds_per_round": rec["seconds"],
+                              "decode_seconds_per_round": rec["decode_seconds"],
                               "valid_outputs": rec["valid"], "outputs_last_round": rec["outputs"]}
-    unc = per_mode["unconstrained"]["tok_s"]
-    out["constrained_auto_over_unconstrained"] = paired_ratio_summary(per_mode["constrained_auto"]["tok_s"], unc)
-    out["constrained_dense_over_unconstrained"] = paired_ratio_summary(per_mode["constrained_dense"]["tok_s"], unc)
-    out["constrained_auto_over_dense"] = paired_ratio_summary(per_mode["constrained_auto"]["tok_s"],
-                                                              per_mode["constrained_dense"]["tok_s"])
-    return out
-
-
-def llama_cpp(path: str, max_tokens: int, n_prompts: int, rounds: int) -> dict | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
-    import json
-
-    from llama_cpp import Llama, LlamaGrammar
-
-    llm = Llama(model_path=path, n_ctx=1024, n_threads=2, verbose=False)
-    grammar = LlamaGrammar.from_json_schema(json.dumps(SCHEMA))
-    prompts = [prompt_for(f) for f in FACTS[:n_prompts]]
-    out = {}
-    for name, kw in (("unconstrained", {}), ("grammar", {"grammar": grammar})):
-        rates = []
-        for _ in range(rounds):
-            tokens, t0 = 0, time.perf_counter()
-            for p in prompts:
-                r = llm(p, max_tokens=max_tokens, temperature=0, **kw)
-                tokens += r["usage"]["completion_tokens"]
-            rates.append(tokens / (time.perf_counter() - t0))
-        out[name] = {"tok_s": summary(rates)}
+    ratios = {}
+    for num, den in [("constrained_auto", "unconstrained"), ("constrained_fused", "unconstrained"),
+                     ("constrained_dense", "unconstrained"), ("constrained_auto", "constrained_dense"),
+                     ("constrained_auto", "llamacpp_grammar"), ("constrained_fused", "llamacpp_grammar"),
+                     ("unconstrained", "llamacpp_unconstrained"), ("llamacpp_grammar", "llamacpp_unconstrained")]:
+        if num in per_mode and den in per_mode:
+            ratios[f"{num}_over_{den}"] = {
+                "end_to_end": paired_ratio_summary(per_mode[num]["tok_s"], per_mode[den]["tok_s"]),
+                "decode": paired_ratio_summary(per_mode[num]["decode_tok_s"], per_mode[den]["decode_tok_s"])}
+    out["ratios"] = ratios
+    out["steps_constrained_auto_last_round"] = per_mode["constrained_auto"]["steps"]
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=4, help=f"how many of the {len(FACTS)} prompts")
     ap.add_argument("--step-rounds", type=int, default=30)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -184,24 +254,34 @@ def main() -> None:
     print(f"loaded in {load_s:.1f} s", flush=True)
     split = step_split(engine, step_rounds)
     print({k: (v["median"] if isinstance(v, dict) and "median" in v else v) for k, v in split.items()}, flush=True)
-    work = extraction(engine, rounds, max_tokens, n_prompts)
     path = str(named.resolve(named.GEMMA_3_270M, llmqp.cache_dir()))
-    peer = llama_cpp(path, max_tokens, n_prompts, rounds)
+    peers = llama_cpp_runners(path, max_tokens)
+    work = extraction(engine, rounds, max_tokens, n_prompts, peers)
+    bound = workload_bound(split, work["steps_constrained_auto_last_round"])
     doc = {"model": "gemma-3-270m (Q4_K_M GGUF, dequantized to f32)", "load_seconds": load_s,
-           "step_split": split, "json_extraction": work,
-           "llama_cpp": peer if peer is not None else "llama-cpp-python not installed: not measured"}
+           "step_split": split, "json_extraction": work, "workload_bound": bound,
+           "llama_cpp": ({"version": importlib.metadata.version("llama-cpp-python"), "n_threads": 2,
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                          "grammar": "LlamaGrammar.from_json_schema(SCHEMA)", "weights": "the GGUF as is (Q4_K_M)"}
+                         if peers else "llama-cpp-python not installed (pip install 'llmqp[llamacpp]'): not measured")}
     write_result("gemma", doc, quick=quick)
 
     print("\n| part | median ms (IQR) |\n|---|---|")
     for name in ["trunk", "dense_head", *[f"sparse_head_k{k}" for k in KS]]:
         s = split[name]
         print(f"| {name} | {s['median']:.2f} ({s['q1']:.2f}–{s['q3']:.2f}) |")
-    print("\n| mode | tok/s median (IQR) | valid JSON outputs |\n|---|---|---|")
+    print("\n| mode | tokens / round | tok/s end to end, median (IQR) | decode tok/s, median (IQR) | valid |\n"
+          "|---|---|---|---|---|")
     for mode, rec in work["modes"].items():
-        s = rec["tok_s"]
-        print(f"| {mode} | {s['median']:.1f} ({s['q1']:.1f}–{s['q3']:.1f}) | {rec['valid_outputs']} |")
-    r = work["constrained_auto_over_unconstrained"]
-    print(f"\nconstrained (auto) / unconstrained: {r['value']:.2f}x (95% CI {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f})")
+        e, d = rec["tok_s"], rec["decode_tok_s"]
+        print(f"| {mode} | {int(np.median(rec['tokens_per_round']))} | {e['median']:.1f} ({e['q1']:.1f}–{e['q3']:.1f}) "
+              f"| {d['median']:.1f} ({d['q1']:.1f}–{d['q3']:.1f}) | {rec['valid_outputs']} / {rounds * n_prompts} |")
+    print("\n| ratio | end to end (95% CI) | decode (95% CI) |\n|---|---|---|")
+    for name, r in work["ratios"].items():
+        e, d = r["end_to_end"], r["decode"]
+        print(f"| {name} | {e['value']:.2f}x ({e['ci95'][0]:.2f}–{e['ci95'][1]:.2f}) "
+              f"| {d['value']:.2f}x ({d['ci95'][0]:.2f}–{d['ci95'][1]:.2f}) |")
+    print(f"\nstep mix {bound['step_mix']}: decode-ratio bound {bound['decode_ratio_bound']:.2f}x")
 
 
 if __name__ == "__main__":
