@@ -11,6 +11,7 @@ from __future__ import annotations
 import decimal
 import json
 import random
+import re
 
 import jsonschema
 import pytest
@@ -89,6 +90,10 @@ CASES = {
                                    ["abc", "a1f", "ab", "abcd", "abg", "", "x"]),
     "not pattern one class": ({"type": "string", "not": {"pattern": "[^a-z ]"}}, ["ab c", "", "aB", "a1", "zz"]),
     "not pattern plus": ({"type": "string", "not": {"pattern": "^\\s+$"}}, [" ", "  \t", "", "a ", " a"]),
+    "not pattern word": ({"type": "string", "not": {"pattern": "ab"}}, ["ab", "xaby", "a", "ba", ""]),
+    "not pattern prefix": ({"type": "string", "not": {"pattern": "^\\$[A-Z]+"}}, ["$A", "$Ab", "$", "A", "$a", ""]),
+    "not pattern literal": ({"type": "string", "not": {"pattern": "^configure$"}},
+                            ["configure", "configur", "configures", "x", ""]),
     "oneOf string or pattern": ({"oneOf": [{"type": "string", "pattern": "^[0-9]{2}$"}, {"type": "string"}]},
                                 ["12", "123", "1a", "", 12]),
     "oneOf disjoint patterns": ({"oneOf": [{"type": "string", "pattern": "^https?://.+$"},
@@ -214,6 +219,23 @@ def test_unique_items_use_json_equality(tk, schema, text):
 def test_inexpressible_keywords_are_refused(tk, schema, keyword):
     with pytest.raises(ConstraintError, match=f'"{keyword}"'):
         compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+
+
+@pytest.mark.parametrize("pattern", ["^ab?$", "^[a/]{2,3}$", "^a[ab]+$", "^\\d", "ab", "aab", "^[^ab]*$", "[^a]",
+                                     "^$", "^/b$"])
+def test_pattern_complement_is_exact(tk, pattern):
+    """Every string over a small alphabet (length <= 5): the complement matches exactly when the pattern,
+    searched as ECMA-262 does (`$` is the end), does not."""
+    from itertools import product
+
+    from llmqp.constraints.keywords import _complement_pattern
+
+    c = compile_constraint(make_spec(json_schema={"type": "string", "pattern": _complement_pattern(pattern)}), tk)
+    ecma = re.compile(pattern[:-1] + "\\Z" if pattern.endswith("$") else pattern)
+    for n in range(6):
+        for chars in product("ab/1", repeat=n):
+            text = "".join(chars)
+            assert c.accepts(json.dumps(text)) == (ecma.search(text) is None), text
 
 
 def test_flexible_whitespace_is_bounded(tk):

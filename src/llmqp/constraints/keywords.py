@@ -370,7 +370,8 @@ class _Rewriter:
             complement = _complement_pattern(schema["pattern"])
             if complement is None:
                 raise _Unsupported("pattern", f"the complement of /{str(schema['pattern'])[:60]}/ has no regex "
-                                              "form here (only a repeated character class or a contained one)")
+                                              "form here (only sequences of character classes, anchored at the start, or "
+                                              "one class or word anywhere)")
             branches.append({"type": "string", "pattern": complement})
             keys.discard("pattern")
         if "anyOf" in keys:
@@ -674,35 +675,158 @@ def _complement_regex(words: list[str]) -> str:
     return other(trie)
 
 
-# A pattern that is one character class (`[...]`, `\d`, a literal character; `.`, groups and alternations
-# are not recognised) repeated (`+`, `*`, `{n}`, `{m,}`, `{m,n}`) between ^ and $, or one class alone
-# (unanchored: "contains such a character").
-_CLASS = r"(?:\[\^?(?:[^\]\\\[]|\\.)+\]|\\[dDsSwW]|\\[^\w\s]|[A-Za-z0-9 _\-:;,/@#%&'=<>!\"~`])"
-_REPEATED_CLASS = re.compile(r"\^(" + _CLASS + r")(\+|\*|\{(\d+)(,(\d*))?\})\$")
-_ONE_CLASS = re.compile(_CLASS)
-
-
 def _complement_pattern(pattern: Any) -> str | None:
     """An anchored regex for the strings `pattern` does not match (ECMA-262 search semantics: `$` is the
-    end of the string), or None when `pattern` is not one of the shapes handled."""
-    if not isinstance(pattern, str) or any(op in pattern for op in ("&&", "--", "~~")):
-        return None  # Rust's class set operations, literal characters in other dialects
-    m = _REPEATED_CLASS.fullmatch(pattern)
-    if m:
-        cls, op = m.group(1), m.group(2)
-        low, high = {"+": (1, None), "*": (0, None)}.get(op, (None, None))
-        if low is None:
-            low = int(m.group(3))
-            high = low if m.group(4) is None else (int(m.group(5)) if m.group(5) else None)
-        if high is not None and high < low:
-            return "^[\\s\\S]*$"  # matches nothing: everything is the complement
-        outside = f"[\\s\\S]*{_negate_class(cls)}[\\s\\S]*"
-        shorter = [f"[\\s\\S]{{0,{low - 1}}}"] if low > 0 else []
-        longer = [f"[\\s\\S]{{{high + 1},}}"] if high is not None else []
-        return "^(?:" + "|".join(shorter + longer + [outside]) + ")$"
-    if _ONE_CLASS.fullmatch(pattern):
-        return f"^{_negate_class(pattern)}*$"
-    return None
+    end of the string, as in Rust's regex; Python's `$` would also match before a final newline), or
+    None when `pattern` is not one of the shapes handled: a sequence of character classes (literals,
+    `[...]`, `\\d`/`\\s`/`\\w`, no `.`) with fixed counts, the last one with any count, anchored at the
+    start (and maybe the end); or, unanchored, one class or one literal word."""
+    parsed = _linear(pattern)
+    if parsed is None:
+        return None
+    at_start, items, at_end = parsed
+    anything = "[\\s\\S]*"
+    if not at_start:
+        if at_end or not items:
+            return None
+        if len(items) == 1 and items[0][2] == 1:  # contains one character of the class
+            return f"^{items[0][1]}*$"
+        if len(items) <= 8 and all(low == high == 1 and cls.startswith("\\x{") for cls, _, low, high in items):
+            return "^" + _not_containing([cls for cls, _, _, _ in items]) + "$"  # <= ~12 kB of regex
+        return None
+    fixed, last = items, None
+    if items and (at_end or items[-1][2] != items[-1][3]):
+        fixed, last = items[:-1], items[-1]
+    if any(low != high for _, _, low, high in fixed):
+        return None
+    if not at_end and last is not None:  # a prefix: only the last class's minimum count matters
+        fixed, last = fixed + [(last[0], last[1], last[2], last[2])], None
+    singles = [(cls, neg) for cls, neg, low, _ in fixed for _ in range(low)]
+    if not at_end and not singles:
+        return None  # matches every string: the complement is empty
+    alts, prefix = [], ""
+    for cls, neg in singles:  # too short here, or another character here
+        alts.append(f"{prefix}(?:{neg}{anything})?")
+        prefix += cls
+    if at_end and last is None:
+        alts.append(f"{prefix}[\\s\\S]+")  # too long
+    elif at_end:
+        cls, neg, low, high = last
+        inner = ([f"[\\s\\S]{{0,{low - 1}}}"] if low > 0 else []) + \
+            ([f"[\\s\\S]{{{high + 1},}}"] if high is not None else []) + [f"{anything}{neg}{anything}"]
+        alts.append(prefix + "(?:" + "|".join(inner) + ")")
+    return "^(?:" + "|".join(alts) + ")$"
+
+
+def _linear(pattern: Any) -> tuple[bool, list, bool] | None:
+    """(anchored at the start, [(class, complement class, min count, max count or None)], anchored at
+    the end) for a pattern that is a plain sequence of character classes, or None."""
+    import re._parser as sre  # the parser of the `re` module, whose reading jsonschema's `pattern` follows
+
+    if not isinstance(pattern, str) or "(?" in pattern or any(op in pattern for op in ("&&", "--", "~~")):
+        return None  # flags, look-around; Rust's class set operations (literal characters elsewhere)
+    try:
+        tokens = list(sre.parse(pattern))
+    except (re.error, RecursionError, OverflowError):
+        return None
+    at_start = bool(tokens) and tokens[0] == (sre.AT, sre.AT_BEGINNING)
+    at_end = bool(tokens) and tokens[-1] == (sre.AT, sre.AT_END)
+    items = []
+    for op, arg in tokens[int(at_start):len(tokens) - int(at_end)]:
+        low = high = 1
+        if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
+            low, high, body = arg
+            high = None if high == sre.MAXREPEAT else high
+            if len(body) != 1:
+                return None
+            op, arg = body[0]
+        cls = _render_class(op, arg, sre)
+        if cls is None:
+            return None
+        items.append((cls[0], cls[1], low, high))
+    return at_start, items, at_end
+
+
+_CATEGORIES = {"CATEGORY_DIGIT": "\\d", "CATEGORY_NOT_DIGIT": "\\D", "CATEGORY_SPACE": "\\s",
+               "CATEGORY_NOT_SPACE": "\\S", "CATEGORY_WORD": "\\w", "CATEGORY_NOT_WORD": "\\W"}
+
+
+def _render_class(op, arg, sre) -> tuple[str, str] | None:
+    """(class, complement class) in Rust regex syntax, code points written out, or None."""
+    if op is sre.LITERAL:
+        return "\\x{%x}" % arg, "[^\\x{%x}]" % arg
+    if op is sre.NOT_LITERAL:
+        return "[^\\x{%x}]" % arg, "\\x{%x}" % arg
+    if op is sre.IN:
+        items, negated = list(arg), False
+    elif op is sre.CATEGORY:
+        items, negated = [(op, arg)], False
+    else:
+        return None
+    if items and items[0][0] is sre.NEGATE:
+        items, negated = items[1:], True
+    parts = []
+    for kind, value in items:
+        if kind is sre.LITERAL:
+            parts.append("\\x{%x}" % value)
+        elif kind is sre.RANGE:
+            parts.append("\\x{%x}-\\x{%x}" % value)
+        elif kind is sre.CATEGORY and str(value) in _CATEGORIES:
+            parts.append(_CATEGORIES[str(value)])
+        else:
+            return None
+    inner = "".join(parts)
+    if not inner:
+        return None
+    return ("[^" if negated else "[") + inner + "]", ("[" if negated else "[^") + inner + "]"
+
+
+def _not_containing(word: list[str]) -> str:
+    """A regex (to be anchored) for the strings without `word` (a list of one-character regexes, each
+    `\\x{..}`) as a substring: the states of its Knuth-Morris-Pratt automaton, eliminated one by one."""
+    n = len(word)
+    symbols = list(dict.fromkeys(word))
+    other = "[^" + "".join(symbols) + "]"
+
+    def step(state: int, sym: str) -> int:  # longest prefix of `word` that is a suffix of word[:state] + sym
+        text = word[:state] + [sym]
+        for k in range(min(len(text), n), -1, -1):
+            if text[len(text) - k:] == word[:k]:
+                return k
+        return 0
+
+    # edges[i][j]: regex for one step i -> j (states 0..n-1 live; n = the word was seen: dropped)
+    edges: dict = {(i, j): [] for i in range(n) for j in range(n)}
+    for i in range(n):
+        for sym in symbols:
+            j = step(i, sym)
+            if j < n:
+                edges[(i, j)].append(sym)
+        edges[(i, 0)].append(other)
+    label = {k: ("(?:" + "|".join(v) + ")" if len(v) > 1 else v[0]) if v else None for k, v in edges.items()}
+    start, final = "s", "f"
+    label[(start, 0)] = ""
+    for i in range(n):
+        label[(i, final)] = ""
+    states = list(range(n))
+    for q in states:
+        loop = label.get((q, q))
+        loop_re = f"(?:{loop})*" if loop else ""
+        sources = [a for a in [start, *states] if a != q and label.get((a, q)) is not None]
+        targets = [b for b in [*states, final] if b != q and label.get((q, b)) is not None]
+        for a in sources:
+            for b in targets:
+                path = f"{_group(label[(a, q)])}{loop_re}{_group(label[(q, b)])}"
+                old = label.get((a, b))
+                label[(a, b)] = path if old is None else f"(?:{old}|{path})"
+        for key in [k for k in label if q in k]:
+            del label[key]
+        states = [x for x in states if x != q]
+    return label.get((start, final)) or ""
+
+
+def _group(regex: str) -> str:
+    return regex if len(regex) <= 1 or regex.startswith("\\x{") and regex.count("\\x{") == 1 else f"(?:{regex})"
 
 
 def _negate_class(cls: str) -> str:
