@@ -8,9 +8,10 @@
     compiled.accepts(text) -> bool                       # is `text` a complete, valid output?
 
 JSON-Schema keywords llguidance lacks are enforced exactly: `keywords.py` rewrites `not`, `if`/`then`/
-`else`, `dependentRequired`/`dependentSchemas`/`dependencies` and overlapping `oneOf` into keywords the
-grammar has; `unique.py` enforces `uniqueItems` token by token above the grammar matcher. What neither
-can do exactly raises ConstraintError.
+`else`, `dependentRequired`/`dependentSchemas`/`dependencies`, `propertyNames`, overlapping `oneOf` and
+the string `format`s of `formats.py` into keywords the grammar has; `unique.py` enforces `uniqueItems`
+token by token above the grammar matcher. What neither can do exactly raises ConstraintError
+(`unknown_formats="annotation"` lets non-standard format names constrain nothing instead).
 
 Errors: `llmqp.ConstraintError` from `make_spec` / `compile_constraint` for anything wrong with the
 constraint (see `base.py` for the full contract). Departures from JSON-Schema semantics that remain
@@ -28,4 +29,5 @@ from llmqp.constraints.llguidance_backend import LLGuidanceBackend
 from llmqp.constraints.spec import make_spec
 
 __all__ = ["CompiledConstraint", "ConstraintBackend", "ConstraintKind", "ConstraintSpec", "LLGuidanceBackend",
-           "Matcher", "UnknownFormats", "Whitespace", "clear_cache", "compile_constraint", "default_backend", "make_spec"]
+           "Matcher", "UnknownFormats", "Whitespace", "clear_cache", "compile_constraint", "default_backend",
+           "make_spec"]

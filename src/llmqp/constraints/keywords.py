@@ -370,8 +370,8 @@ class _Rewriter:
             complement = _complement_pattern(schema["pattern"])
             if complement is None:
                 raise _Unsupported("pattern", f"the complement of /{str(schema['pattern'])[:60]}/ has no regex "
-                                              "form here (only sequences of character classes, anchored at the start, or "
-                                              "one class or word anywhere)")
+                                              "form here (only sequences of character classes, anchored at the "
+                                              "start, or one class or word anywhere)")
             branches.append({"type": "string", "pattern": complement})
             keys.discard("pattern")
         if "anyOf" in keys:

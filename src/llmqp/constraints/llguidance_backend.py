@@ -104,9 +104,11 @@ class LLGuidanceMatcher(Matcher):
     then rolled back past (measured: compute the mask inside `{"w":4`, roll back to the start, feed
     `{"r":7` -- the next mask misses `}`; tests/test_keywords.py replays such sequences). So a rollback
     past a position whose mask was computed restores a copy of the matcher taken at or before the
-    target (one every CHECKPOINT_EVERY tokens, taken when a mask is computed) and feeds the remaining
-    tokens again; other rollbacks use llguidance's. Cost: a `deep_copy` (~0.1-0.2 ms on long outputs)
-    per CHECKPOINT_EVERY tokens, and a replay of at most that many tokens per such rollback."""
+    target (one every CHECKPOINT_EVERY tokens, taken when a mask is computed once the matcher has been
+    used for drafts: after its first `try_accept` or `rollback`) and feeds the remaining tokens again;
+    other rollbacks use llguidance's. Cost for drafts: a `deep_copy` (~0.1-0.2 ms on long outputs) per
+    CHECKPOINT_EVERY tokens, and a replay of at most that many tokens per such rollback (the first one
+    may replay the whole output); none for a matcher that only `accept`s."""
 
     CHECKPOINT_EVERY = 32
 
@@ -126,13 +128,14 @@ class LLGuidanceMatcher(Matcher):
         self._eos_recorded = False
         self._checkpoints: list[tuple[int, llguidance.LLMatcher]] = []  # (position, copy), increasing
         self._masked_max = 0  # the furthest position whose mask this matcher object computed
+        self._drafting = False  # try_accept or rollback was called: keep checkpoints from now on
 
     def _computing_mask(self) -> None:
         pos = len(self._tokens)
         if pos > self._masked_max:
             self._masked_max = pos
         last = self._checkpoints[-1][0] if self._checkpoints else 0
-        if pos - last >= self.CHECKPOINT_EVERY:
+        if self._drafting and pos - last >= self.CHECKPOINT_EVERY:
             self._checkpoints.append((pos, self._m.deep_copy()))
 
     def allowed(self) -> np.ndarray:
@@ -201,6 +204,7 @@ class LLGuidanceMatcher(Matcher):
         self._tokens.append(token_id)
 
     def try_accept(self, token_ids) -> int:
+        self._drafting = True
         if self._ended:
             return 0
         tokens = [int(t) for t in token_ids]
@@ -221,6 +225,7 @@ class LLGuidanceMatcher(Matcher):
 
     def rollback(self, n: int) -> None:
         n = int(n)
+        self._drafting = True
         accepted = len(self._tokens) + self._ended
         if not 0 <= n <= accepted:
             raise ValueError(f"cannot roll back {n} tokens: {accepted} were accepted")
@@ -496,7 +501,8 @@ class LLGuidanceBackend(ConstraintBackend):
                                   "strict= and whitespace= instead")
         schema_tools.check_keywords(schema)
         if keywords.needs_rewrite(schema, one_of=one_of):
-            schema = keywords.rewrite(schema, one_of=one_of, unknown_formats=spec.unknown_formats)  # before closing: `not` must see the open schema
+            # before closing: `not` must see the open schema
+            schema = keywords.rewrite(schema, one_of=one_of, unknown_formats=spec.unknown_formats)
         if spec.strict:
             schema = schema_tools.close_objects(schema)
         schema_tools.check_min_properties(schema)
