@@ -42,6 +42,7 @@ HERE = Path(__file__).parent
 T_VALUES = (1, 2, 4, 8, 16, 32)
 B_VALUES = (1, 2, 4, 8, 16)
 MATMULS = ("w_qkv", "w_o", "w_gate_up", "w_down")
+FORMATS = ("float32", "bfloat16", "float32+bf16multi")
 FLAG_VARIANTS = {
     "default": {},
     "ynn_off": {"xla_cpu_experimental_ynn_fusion_type": ""},
@@ -170,8 +171,10 @@ def trunk_call(mod, params, cfg, batch: int, t: int, seq_len: int, *, decode: bo
 
 
 def trunk_bytes(params) -> int:
-    """Bytes of every trunk weight a step reads (matmuls and norms; not the embedding table)."""
-    return int(sum(v.nbytes for layer in params["layers"] for v in layer.values()) + params["final_norm"].nbytes)
+    """Bytes of every trunk weight a one-token step reads (matmuls and norms; not the embedding table, nor the
+    multi-token copy of `transformer.with_multi_token_weights`)."""
+    return int(sum(v.nbytes for layer in params["layers"] for k, v in layer.items() if k != "multi_token")
+               + params["final_norm"].nbytes)
 
 
 def format_accuracy(cfg, params32, params16, tokenizer) -> dict:
@@ -293,12 +296,15 @@ def main() -> None:
     b_values = tuple(b for b in B_VALUES if b <= 2) if quick else B_VALUES
     mib = 64 if quick else args.mib
 
-    from llmqp.engine import device_params
+    from llmqp.engine import _enable_compile_cache, device_params
     from llmqp.model import loader, transformer
 
+    _enable_compile_cache()  # the engine's persistent XLA cache: a rerun skips most of the ~50 compiles
     loaded = loader.load()
     cfg = loaded.config
     params = {"float32": device_params(loaded.params, "float32"), "bfloat16": device_params(loaded.params, "bfloat16")}
+    # f32 one-token steps, bf16 weights for multi-token chunks (transformer.with_multi_token_weights)
+    params["float32+bf16multi"] = transformer.with_multi_token_weights(params["float32"])
     rng = np.random.default_rng(0)
 
     bw_fns, bw_bytes = bandwidth_variants(mib)
@@ -314,7 +320,11 @@ def main() -> None:
     if args.baseline:
         modules["baseline:"] = load_module(args.baseline, "baseline_transformer")
     for prefix, mod in modules.items():
-        for fmt in (("float32",) if prefix else ("float32", "bfloat16")):
+        for fmt in (("float32",) if prefix else FORMATS):
+            if fmt == "float32+bf16multi":  # one-token steps are float32's programs: measured there
+                for t in t_values[1:]:
+                    variants[f"{fmt}:T={t}"] = trunk_call(mod, params[fmt], cfg, 1, t, args.seq_len, decode=False)
+                continue
             for t in t_values:
                 variants[f"{prefix}{fmt}:T={t}"] = trunk_call(mod, params[fmt], cfg, 1, t, args.seq_len, decode=False)
             for b in b_values:
@@ -335,6 +345,8 @@ def main() -> None:
             samples[k].append(v)
         print(f"round {r + 1}/{rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
 
+    for k in [k for k in samples if k.startswith("float32:") and (k.endswith(":T=1") or "decode" in k)]:
+        samples["float32+bf16multi:" + k.split(":", 1)[1]] = samples[k]
     ms = {k: summary(v) for k, v in samples.items()}
     med = {k: v["median"] for k, v in ms.items()}
     bandwidth = {k: summary([bw_bytes[k] / (x / 1e3) / 1e9 for x in samples[f"bw:{k}"]]) for k in bw_fns}
@@ -351,7 +363,7 @@ def main() -> None:
                "blas_gflops": {str(m): v for m, v in blas_rate.items()},
                "matmul_params": matmul_params, "times_ms": ms, "formats": {}}
     for prefix in modules:
-        for fmt in (("float32",) if prefix else ("float32", "bfloat16")):
+        for fmt in (("float32",) if prefix else FORMATS):
             key = f"{prefix}{fmt}"
             nbytes = trunk_bytes(params[fmt])
             bound_ms = nbytes / (bw_gbs * 1e9) * 1e3

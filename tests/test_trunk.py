@@ -119,3 +119,19 @@ def test_bf16_trunk_within_documented_tolerance(loaded_model):
     assert abs(acc["perplexity_bfloat16"] / acc["perplexity_float32"] - 1) < BF16_MAX_PERPLEXITY_CHANGE
     assert acc["top1_agreement"] >= BF16_MIN_TOP1_AGREEMENT
     assert math.isfinite(acc["perplexity_float32"])
+
+
+def test_multi_token_weights_are_used_only_for_multi_token_chunks():
+    cfg = _tiny_cfg()
+    params = _params(cfg)
+    mixed = transformer.with_multi_token_weights(params)
+    bf16 = dict(params, layers=[dict(l, **mixed["layers"][i]["multi_token"]) for i, l in enumerate(params["layers"])])
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 4)), jnp.int32)
+    start = jnp.asarray([0, 3], jnp.int32)
+
+    def run(p, toks):
+        return np.asarray(transformer.forward(p, transformer.init_cache(cfg, 2, 16), toks, start, cfg=cfg)[0])
+    np.testing.assert_array_equal(run(mixed, tokens[:, :1]), run(params, tokens[:, :1]))  # one token: f32
+    np.testing.assert_array_equal(run(mixed, tokens), run(bf16, tokens))  # a chunk: the bf16 copy
+    assert not np.array_equal(run(mixed, tokens), run(params, tokens))

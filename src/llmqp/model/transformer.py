@@ -15,7 +15,8 @@ Params pytree::
     unembed      (d, V)          the same matrix transposed, for the dense head
     final_norm   (d,)
     layers[i]:   attn_norm (d,), w_qkv (d, q+2kv), b_qkv (q+2kv,) [qkv_bias only], w_o (q, d),
-                 ffn_norm (d,), w_gate_up (d, 2F), w_down (F, d)
+                 ffn_norm (d,), w_gate_up (d, 2F), w_down (F, d),
+                 multi_token [optional, `with_multi_token_weights`]: {w_qkv, w_o, w_gate_up, w_down} in bf16
 
 KV cache pytree: ``{"k": [ (B, S, KV, hd) per layer ], "v": [...]}`` — fixed size S, written in place
 (the cache argument is donated).
@@ -76,11 +77,12 @@ def _write_rows(cache_layer, new, start):
     return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))(cache_layer, new, start)
 
 
-# Up to this many query positions per row, attention is `_attention_small` (multiply + reduce over the cache
-# where it lies); above it, `_attention` (two einsums, which XLA:CPU lowers to dots after copying K and V of the
-# whole cache into a (B, KV)-major layout, every layer). Measured in one run on the real model (S=512, 2 loaded
-# cores, median of 31 interleaved calls): T=1: 64 vs 77 ms at B=1, 125 vs 134 ms at B=2; T=2: 109 vs 116 ms;
-# T=4: 207 vs 158 ms (the einsums win). Decode at B=8: 149 vs 255 ms (fastest call).
+# Rows of B >= 2 with up to this many query positions each use `_attention_small` (multiply + reduce over the
+# cache where it lies); everything else `_attention` (two einsums, which XLA:CPU lowers to dots after copying
+# K and V of the whole cache into a (B, KV)-major layout, every layer). Measured on 2 loaded cores (30 layers,
+# S=512, the cache write included, fastest of 15 interleaved calls): decode at B=8 47 vs 347 ms and 58 vs 276 ms
+# in two runs; at B=1 the two are within the noise (8.9 vs 16.8 and 12.2 vs 11.0 ms), so B=1 keeps the
+# einsums and its results stay bit-identical to the trunk before this change; at T=4, B=1 the einsums win.
 SMALL_ATTENTION_MAX_T = 2
 
 
@@ -113,6 +115,25 @@ def _attention_small(q, k_all, v_all, q_pos, cfg: ModelConfig):
     scores = jnp.where(visible[..., None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=2).astype(v_all.dtype)
     return jnp.sum(probs[..., None] * v_all[:, None, :, :, None, :], axis=2)  # (B, T, KV, G, hd)
+
+
+# A params pytree made by `with_multi_token_weights` carries a second copy of the matmul weights (bf16) that
+# forwards of at least this many positions per row use; one-token steps keep the f32 weights.
+MULTI_TOKEN_MIN_T = 2
+
+
+def with_multi_token_weights(params, dtype=jnp.bfloat16) -> dict:
+    """params plus every layer's matmul weights converted to `dtype` under ``layer["multi_token"]``.
+
+    `forward` then runs chunks of >= MULTI_TOKEN_MIN_T positions per row (prefill, forced runs, verify
+    forwards) on those weights and one-token steps (decode, at any batch) on the f32 ones: the format that is
+    faster at each shape (benchmarks/limits.py). Costs the copy's memory (+212 MB for SmolLM2 in bf16). Lossy
+    where it is used — logit error and perplexity change in the README — and it breaks the equality of a
+    T-position forward with T one-token steps that draft-and-verify and forced runs rely on for identical
+    outputs, so no engine default uses it."""
+    layers = [dict(layer, multi_token={k: layer[k].astype(dtype) for k in ("w_qkv", "w_o", "w_gate_up", "w_down")})
+              for layer in params["layers"]]
+    return dict(params, layers=layers)
 
 
 def _linear(x, w):
@@ -148,8 +169,9 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
     cos, sin = rope_angles(q_pos, cfg.head_dim, cfg.rope_theta)
     new_k, new_v = [], []
     for i, layer in enumerate(params["layers"]):
+        mats = layer["multi_token"] if t >= MULTI_TOKEN_MIN_T and "multi_token" in layer else layer
         h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
-        qkv = _linear(h, layer["w_qkv"])
+        qkv = _linear(h, mats["w_qkv"])
         if cfg.qkv_bias:
             qkv = qkv + layer["b_qkv"]
         q = qkv[..., : cfg.q_size].reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -163,17 +185,17 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
         v_all = _write_rows(cache["v"][i], v, start)
         new_k.append(k_all)
         new_v.append(v_all)
-        if t <= SMALL_ATTENTION_MAX_T:
+        if b > 1 and t <= SMALL_ATTENTION_MAX_T:
             groups = cfg.n_heads // cfg.n_kv_heads
             attn = _attention_small(q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim), k_all, v_all, q_pos,
                                     cfg).reshape(b, t, cfg.q_size)
         else:
             attn = _attention(q, k_all, v_all, q_pos, cfg)
-        x = x + _linear(attn, layer["w_o"])
+        x = x + _linear(attn, mats["w_o"])
         h = rms_norm(x, layer["ffn_norm"], cfg.rms_eps)
-        gate_up = _linear(h, layer["w_gate_up"])
+        gate_up = _linear(h, mats["w_gate_up"])
         gate, up = gate_up[..., : cfg.ffn_size], gate_up[..., cfg.ffn_size :]
-        x = x + _linear(jax.nn.silu(gate) * up, layer["w_down"])
+        x = x + _linear(jax.nn.silu(gate) * up, mats["w_down"])
     hidden = rms_norm(x, params["final_norm"], cfg.rms_eps)
     return hidden, {"k": new_k, "v": new_v}
 
