@@ -43,7 +43,8 @@ def test_rows_ids_prompts_and_malformed_lines(tmp_path):
     assert [(r.line, r.id) for r in rows] == [(1, 1), (2, "b"), (4, 4), (5, 5), (6, 6), (7, "c"), (8, "d")]
     assert rows[0].request == {"prompt": "first", "json_schema": {"type": "object"}, "max_tokens": 7,
                                "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0, "raw": False,
-                               "strict": True, "whitespace": "compact", "plan": "auto", "forced": True}
+                               "strict": True, "whitespace": "compact", "plan": "auto", "forced": True,
+                               "draft": "auto"}
     assert rows[2].error.startswith("input line 4: invalid JSON")
     assert rows[3].error == "input line 5: expected a JSON object, got list"
     assert rows[4].error == "input line 6: id must be a string or an integer, got 2.5"
