@@ -94,6 +94,8 @@ CASES = {
     "not pattern prefix": ({"type": "string", "not": {"pattern": "^\\$[A-Z]+"}}, ["$A", "$Ab", "$", "A", "$a", ""]),
     "not pattern literal": ({"type": "string", "not": {"pattern": "^configure$"}},
                             ["configure", "configur", "configures", "x", ""]),
+    "pattern with a negative look-ahead": ({"type": "string", "pattern": "^(?!@@|no)[@a-z]+$"},
+                                           ["@a", "@@a", "nope", "n", "ab", "A", ""]),
     "oneOf string or pattern": ({"oneOf": [{"type": "string", "pattern": "^[0-9]{2}$"}, {"type": "string"}]},
                                 ["12", "123", "1a", "", 12]),
     "oneOf disjoint patterns": ({"oneOf": [{"type": "string", "pattern": "^https?://.+$"},

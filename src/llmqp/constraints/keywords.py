@@ -125,6 +125,7 @@ def needs_rewrite(schema: Any, *, one_of: bool = False) -> bool:
         node = stack.pop()
         if isinstance(node, dict):
             if keys & node.keys() or node.get("uniqueItems") is False or \
+                    (isinstance(node.get("pattern"), str) and node["pattern"].startswith(_LOOKAHEAD)) or \
                     ("format" in node and (_formats_cannot_apply(node) or (isinstance(node["format"], str)
                                             and node["format"] not in _NATIVE_AS_IS))):
                 return True
@@ -175,6 +176,13 @@ class _Rewriter:
             self._format(node, path, extra)
         if "propertyNames" in node:
             self._property_names(node, path)
+        if isinstance(node.get("pattern"), str) and node["pattern"].startswith(_LOOKAHEAD):
+            parts = _split_lookahead(node["pattern"])
+            if parts is not None:  # ^(?!X)Y: ^Y, and not ^X (each alternative of X)
+                node["pattern"], excluded = parts
+                extra.extend({"pattern": p} for p in excluded)
+                if node["pattern"] == "^":
+                    del node["pattern"]
         types = _types_of(node)
         closed = _closed_keys(node)
         if "not" in node:
@@ -779,6 +787,46 @@ def _render_class(op, arg, sre) -> tuple[str, str] | None:
     if not inner:
         return None
     return ("[^" if negated else "[") + inner + "]", ("[" if negated else "[^") + inner + "]"
+
+
+_LOOKAHEAD = "^(?!"
+
+
+def _split_lookahead(pattern: str) -> tuple[str, list[str]] | None:
+    """For `^(?!X)Y`: ("^Y", [complement of ^A for each alternative A of X]), or None when X has an
+    alternative whose complement `_complement_pattern` cannot build (the pattern is then left to
+    llguidance, which refuses look-around)."""
+    depth, i, in_class = 1, len(_LOOKAHEAD), False
+    cuts, start = [], len(_LOOKAHEAD)
+    while i < len(pattern) and depth:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "]":
+                i += 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 1:
+            cuts.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    if depth:
+        return None
+    cuts.append(pattern[start:i - 1])
+    rest = "^" + pattern[i:]
+    if rest.startswith(_LOOKAHEAD) or any(op in rest for op in ("[[", "&&", "--", "~~")):
+        return None  # a second look-ahead; Rust's nested classes and set operations read differently
+    excluded = [_complement_pattern("^" + alt) for alt in cuts]
+    if any(e is None for e in excluded):
+        return None
+    return rest, excluded
 
 
 def _not_containing(word: list[str]) -> str:
