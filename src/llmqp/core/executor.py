@@ -7,7 +7,8 @@ request decodes at batch 1 as cheaply as before), S a power of two from `DecodeS
 doubling when a longer request joins). Every row has its own position. A joining request is prefilled into
 its own one-row cache, one chunk per call, then inserted into a free row between decode steps; no shape
 depends on the batch composition, so the compiled programs are bounded by
-(log2 max_slots + 1) x (number of S buckets) x {decode, insert, gather} plus the prefill chunk widths.
+(log2 max_slots + 1) x (number of S buckets) x ({decode, insert, resize} + multi-token feed widths 2..feed_max)
+plus the prefill chunk widths, and the gather of scored positions per (B, width, row bucket).
 """
 
 from __future__ import annotations

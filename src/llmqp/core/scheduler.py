@@ -6,12 +6,16 @@ One tick:
   1. admission: the next waiting request is tokenized and its constraint compiled (a failure ends that
      request alone), then prefilled one chunk per tick into its own cache; after its last chunk it is
      inserted into a free row of the slot cache and takes part in this tick's scoring;
-  2. host work for every running row — the constraint's forced run or allowed set — while the device still
-     runs the previous tick's trunk step (JAX dispatch is asynchronous);
-  3. one scoring call for every row that needs one (plan: the planner's, or the rows' common fixed plan),
-     copying back only the chosen ids and their log-probs;
-  4. the new tokens go to the trunk (one batched decode step; a lone row feeds a whole forced run in one
-     multi-token forward) and are dispatched before the host detokenizes and builds events.
+  2. one scoring call for every window position of every row whose tokens are all fed (plan: the
+     planner's, or the rows' common fixed plan), copying back only the chosen ids and their log-probs; a row
+     verifies its draft (`Sequence.verify`: the longest prefix the sampler agrees with, plus the sampler's
+     token; the rest rolled back);
+  3. host work for every such row — the constraint's forced run, the next draft (its length from the draft
+     planner), the allowed sets of the drafted positions — while the device still finishes (JAX dispatch is
+     asynchronous);
+  4. one forward feeds every live row's next piece (its sampled token, forced run and draft; width the next
+     power of two of the longest piece; a plain decode step when every piece is one token) and is dispatched
+     before the host detokenizes and builds events.
 Rows that finish or are aborted free their row at once; the batch halves when at most half of it is live.
 Not thread-safe: one thread owns a scheduler.
 """
