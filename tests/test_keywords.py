@@ -125,6 +125,12 @@ CASES = {
                                      {"a": 12, "b": 1}, {}, None]),
     "not const nested": ({"type": "object", "not": {"const": {"a": [1, {"b": None}]}}},
                          [{"a": [1, {"b": None}]}, {"a": [1, {"b": 0}]}, {"a": [1]}, {"a": [1.0, {"b": None}]}, {}]),
+    "min/maxProperties closed": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
+                                                                   "c": {"type": "integer"}, "d": {"type": "integer"}},
+                                  "required": ["a"], "additionalProperties": False, "minProperties": 2,
+                                  "maxProperties": 3},
+                                 [{"a": 1}, {"a": 1, "b": 1}, {"a": 1, "b": 1, "c": 1}, {"a": 1, "b": 1, "c": 1, "d": 1},
+                                  {"b": 1, "c": 1}]),
     "uniqueItems false": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [[1, 1], [1, 2], ["a"]]),
 }
 

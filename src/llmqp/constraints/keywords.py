@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
+import math
 import re
 from typing import Any
 
@@ -40,6 +42,7 @@ from llmqp.constraints.schema import MISSING, _escape, walk_pointer
 from llmqp.errors import ConstraintError
 
 TYPES = ("null", "boolean", "object", "array", "number", "string")  # "integer" is a part of "number"
+_MAX_CHOICES = 64  # min/maxProperties of a closed object: at most this many choices of present properties
 MAX_REWRITTEN_CHARS = 400_000  # a rewrite that grows the schema past this is refused (llguidance would choke)
 
 _ANNOTATIONS = {"$schema", "$id", "id", "$anchor", "$comment", "$defs", "definitions", "title",
@@ -117,7 +120,8 @@ def _local_refs(schema: Any) -> list[str]:
 
 
 def needs_rewrite(schema: Any, *, one_of: bool = False) -> bool:
-    keys = {"not", "if", "then", "else", "dependencies", "dependentRequired", "dependentSchemas", "propertyNames"}
+    keys = {"not", "if", "then", "else", "dependencies", "dependentRequired", "dependentSchemas", "propertyNames",
+            "minProperties", "maxProperties"}
     if one_of:
         keys.add("oneOf")
     stack = [schema]
@@ -185,6 +189,8 @@ class _Rewriter:
                     del node["pattern"]
         types = _types_of(node)
         closed = _closed_keys(node)
+        if closed is not None and ("minProperties" in node or "maxProperties" in node):
+            self._count_properties(node, closed, extra)
         if "not" in node:
             self._at("not", f"{path}/not")
             extra.append(self.node(self.negate(node.pop("not"), types, keys=closed), f"{path}/not"))
@@ -236,6 +242,34 @@ class _Rewriter:
         if extra:
             node["allOf"] = [*node.get("allOf", []), *extra]
         return node
+
+    def _count_properties(self, node: dict, names: list, extra: list) -> None:
+        """min/maxProperties of a closed object, as choices of which optional properties are present
+        (llguidance counts only where every listed property is required). Left in place when the
+        choices would be too many (then llguidance decides)."""
+        required = {n for n in node.get("required", []) if isinstance(n, str)}
+        if not required <= set(names):
+            return
+        optional = [n for n in names if n not in required]
+        low = node.get("minProperties", 0)
+        high = node.get("maxProperties", len(names))
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
+            return
+        need, allow = low - len(required), high - len(required)
+        parts = []
+        if need > 0:
+            if need > len(optional) or math.comb(len(optional), need) > _MAX_CHOICES:
+                return
+            parts.append({"anyOf": [{"required": list(c)} for c in itertools.combinations(optional, need)]})
+        if allow < len(optional):
+            absent = len(optional) - max(allow, 0)
+            if allow < 0 or math.comb(len(optional), absent) > _MAX_CHOICES:
+                return
+            parts.append({"anyOf": [{"properties": dict.fromkeys(c, False)}
+                                    for c in itertools.combinations(optional, absent)]})
+        node.pop("minProperties", None)
+        node.pop("maxProperties", None)
+        extra.extend(parts)
 
     def _property_names(self, node: dict, path: str) -> None:
         """`propertyNames` of an object whose only other property keyword is `additionalProperties`:
