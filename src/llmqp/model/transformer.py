@@ -109,12 +109,13 @@ def _attention_small(q, k_all, v_all, q_pos, cfg: ModelConfig):
     (einsums) over it would need a (B, KV)-major copy of K and V first, and XLA:CPU makes one every layer,
     either as a transpose or, when a dot reads the updated cache directly, as a copy of the donated buffer
     to keep it alive beside the in-place update."""
-    scores = jnp.sum(q[:, :, None] * k_all[:, None, :, :, None, :], axis=-1)  # (B, T, S, KV, G)
+    k32, v32 = k_all.astype(jnp.float32), v_all.astype(jnp.float32)  # a bf16 cache is summed in f32
+    scores = jnp.sum(q.astype(jnp.float32)[:, :, None] * k32[:, None, :, :, None, :], axis=-1)  # (B, T, S, KV, G)
     scores = scores * (1.0 / math.sqrt(cfg.head_dim))
     visible = jnp.arange(k_all.shape[1])[None, None, :] <= q_pos[:, :, None]  # (B, T, S)
     scores = jnp.where(visible[..., None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=2).astype(v_all.dtype)
-    return jnp.sum(probs[..., None] * v_all[:, None, :, :, None, :], axis=2)  # (B, T, KV, G, hd)
+    probs = jax.nn.softmax(scores, axis=2)
+    return jnp.sum(probs[..., None] * v32[:, None, :, :, None, :], axis=2).astype(v_all.dtype)  # (B, T, KV, G, hd)
 
 
 # A params pytree made by `with_multi_token_weights` carries a second copy of the matmul weights (bf16) that
