@@ -22,6 +22,11 @@ most of a dense step and scoring only the allowed rows should pay most. Two part
    constrained run, priced with the step split of part 1; `workload_bound`). Inside JSON string values
    ~97% of the vocabulary is allowed, so those steps are dense whatever the plan.
 
+llama-cpp-python has no wheel on PyPI: `pip install 'llmqp[llamacpp]'` builds it (10-30 min on 2 cores). On a
+VM whose CPUID lists AMX but which does not enable it, GGML_NATIVE=ON dies with SIGILL (`tilezero`) on the
+first forward; build without AMX, e.g. CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF".
+
     python benchmarks/gemma.py [--rounds N] [--quick]
 Writes benchmarks/results/gemma.json (gemma.quick.json with --quick) and prints Markdown tables.
 """
