@@ -316,7 +316,8 @@ class Scheduler:
         greedy = all(seq.sampling.greedy for seq in scoring)
         want_logits = any(seq.request.top_logprobs or seq.request.amortize != "none" for seq in scoring)
         hidden = ex.rows_hidden([(slot_of[seq.rid], seq.window_len - 1 - i) for seq, i, _ in rows], batch)
-        hidden.block_until_ready()  # the trunk is shared by every plan: time only what the plan changes
+        if ctx is not None:  # the planner measures: time only what the plan changes (the trunk is shared)
+            hidden.block_until_ready()
         t0 = time.perf_counter()
         index, logprob, logits = ex.score(hidden, kind, ids, valid, seeds, steps, temps, top_ks, top_ps, union,
                                           greedy, want_logits)
