@@ -21,6 +21,7 @@ every mode gave the same tokens as its reference. The draft planner starts from 
 temporary cache directory), and warm-up rounds let it learn before timing (reported separately).
 
     python benchmarks/drafts.py [--rounds 5] [--max-tokens 96] [--quick]
+    python benchmarks/drafts.py --lossy [--rounds 3]   # amortize="margin" at tau 1 and 4: speed vs disagreement
 Writes benchmarks/results/drafts.json (+ drafts.png) and prints a Markdown table.
 """
 
@@ -63,7 +64,9 @@ def run_one(engine, prompt: str, mode: dict, schema, max_tokens: int) -> dict:
 
     sched = llmqp.Scheduler(engine, max_slots=1)
     kw = {"json_schema": schema} if mode["constrained"] else {}
-    sched.add_request(dict(prompt=prompt, max_tokens=max_tokens, draft=mode["draft"], forced=mode["forced"], **kw))
+    extra = {k: mode[k] for k in ("amortize", "amortize_tau", "amortize_lambda") if k in mode}
+    sched.add_request(dict(prompt=prompt, max_tokens=max_tokens, draft=mode["draft"], forced=mode["forced"], **kw,
+                           **extra))
     result = None
     while sched.has_work():
         for e in sched.step():
@@ -73,7 +76,9 @@ def run_one(engine, prompt: str, mode: dict, schema, max_tokens: int) -> dict:
     passes = sched.stats["decode_steps"] + sched.stats["feeds"]
     return {"tokens": len(result.token_ids), "decode_ms": result.decode_ms, "passes": passes,
             "drafted": result.drafted_tokens, "accepted": result.accepted_tokens, "ids": list(result.token_ids),
-            "valid": bool(result.valid)}
+            "valid": bool(result.valid), "unverified": result.unverified_tokens,
+            "checked": sum(d.drafted for d in result.drafts if d.checked),
+            "disagreed": sum(d.disagreed for d in result.drafts if d.checked)}
 
 
 def run_mode(engine, tasks, mode: dict, max_tokens: int) -> dict:
@@ -83,7 +88,64 @@ def run_mode(engine, tasks, mode: dict, max_tokens: int) -> dict:
     ms = sum(r["decode_ms"] for r in rows)
     return {"tokens": tokens, "tokens_per_s": tokens / (ms / 1e3), "passes": sum(r["passes"] for r in rows),
             "drafted": sum(r["drafted"] for r in rows), "accepted": sum(r["accepted"] for r in rows),
-            "valid": sum(r["valid"] for r in rows), "outputs": [r["ids"] for r in rows]}
+            "valid": sum(r["valid"] for r in rows), "outputs": [r["ids"] for r in rows],
+            "unverified": sum(r["unverified"] for r in rows), "checked": sum(r["checked"] for r in rows),
+            "disagreed": sum(r["disagreed"] for r in rows)}
+
+
+def measure_modes(engine, tasks, modes: dict, max_tokens: int, rounds: int):
+    """Interleaved rounds over `modes`: ({mode: [run_mode result per round]}, {mode: [tokens/s per round]})."""
+    runs: dict[str, list[dict]] = {name: [] for name in modes}
+
+    def measure(name):
+        def one_round():
+            r = run_mode(engine, tasks, modes[name], max_tokens)
+            runs[name].append(r)
+            return r["tokens_per_s"]
+        return one_round
+
+    tps = interleaved_rounds({n: measure(n) for n in modes}, min_rounds=rounds, max_rounds=rounds)
+    return runs, tps
+
+
+LOSSY_MODES = {
+    "none": MODES["none"],
+    "exact_lookup": dict(constrained=True, draft="lookup", forced=True),
+    "lossy_tau1": dict(constrained=True, draft="lookup", forced=True, amortize="margin", amortize_tau=1.0),
+    "lossy_tau4": dict(constrained=True, draft="lookup", forced=True, amortize="margin", amortize_tau=4.0),
+}
+
+
+def run_lossy(engine, tasks, max_tokens: int, rounds: int, quick: bool) -> None:
+    """The lossy amortized query (amortize="margin") at two thresholds: speed beside measured disagreement —
+    the sampled checks' rate and, against exact decoding, the share of outputs and of token positions that
+    differ."""
+    for mode in LOSSY_MODES.values():
+        run_mode(engine, tasks, mode, max_tokens)
+    runs, tps = measure_modes(engine, tasks, LOSSY_MODES, max_tokens, rounds)
+    exact = runs["none"][0]["outputs"]
+    out = {}
+    for name, rs in runs.items():
+        outs = rs[0]["outputs"]
+        diff_pos = sum(sum(a != b for a, b in zip(o, e)) + abs(len(o) - len(e)) for o, e in zip(outs, exact))
+        out[name] = {**LOSSY_MODES[name], "tokens_per_s": summary(tps[name]),
+                     "vs_none": paired_ratio_summary(tps[name], tps["none"]), "tokens": rs[0]["tokens"],
+                     "unverified_tokens": rs[0]["unverified"],
+                     "checked_disagreement_rate": rs[0]["disagreed"] / rs[0]["checked"] if rs[0]["checked"] else None,
+                     "outputs_differing_from_exact": sum(o != e for o, e in zip(outs, exact)),
+                     "token_positions_differing": diff_pos / max(sum(len(e) for e in exact), 1),
+                     "valid": rs[0]["valid"]}
+    write_result("drafts_lossy", {"model": engine.config.name, "prompts": len(tasks), "max_tokens": max_tokens,
+                                  "rounds": rounds, "modes": out}, quick=quick)
+    print("| mode | tokens/s | vs none (95% CI) | unverified tokens | checked disagreement | outputs differing "
+          "from exact | valid |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in out.items():
+        r = s["vs_none"]
+        rate = "—" if s["checked_disagreement_rate"] is None else f"{s['checked_disagreement_rate']:.0%}"
+        print(f"| {name} | {fmt_spread(s['tokens_per_s'])} | {r['value']:.2f}x ({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f})"
+              f" | {s['unverified_tokens']} | {rate} | {s['outputs_differing_from_exact']} / {len(tasks)} | "
+              f"{s['valid']} |")
 
 
 def plot(summaries: dict, path: Path) -> None:
@@ -116,6 +178,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--quick", action="store_true", help="CI-sized: 3 prompts, 32 tokens, 1+1 rounds")
+    ap.add_argument("--lossy", action="store_true", help="only the lossy amortize='margin' comparison "
+                    "(results/drafts_lossy.json)")
     args = ap.parse_args()
     quick = quick_mode(args.quick)
     n_prompts, max_tokens, rounds, warmup = ((3, 32, 1, 1) if quick else
@@ -139,21 +203,15 @@ def main() -> None:
 
     tasks = json.loads((HERE / "data" / "extraction.json").read_text())[:n_prompts]
     engine = llmqp.Engine()
+    if args.lossy:
+        run_lossy(engine, tasks, max_tokens, rounds, quick)
+        return
     t0 = time.perf_counter()
     for _ in range(warmup):
         for mode in MODES.values():
             run_mode(engine, tasks, mode, max_tokens)
     warm_s = time.perf_counter() - t0
-    runs: dict[str, list[dict]] = {name: [] for name in MODES}
-
-    def measure(name):
-        def one_round():
-            r = run_mode(engine, tasks, MODES[name], max_tokens)
-            runs[name].append(r)
-            return r["tokens_per_s"]
-        return one_round
-
-    tps = interleaved_rounds({n: measure(n) for n in MODES}, min_rounds=rounds, max_rounds=rounds)
+    runs, tps = measure_modes(engine, tasks, MODES, max_tokens, rounds)
     summaries = {}
     for name, rs in runs.items():
         base = "freeform_none" if MODES[name].get("freeform") else (

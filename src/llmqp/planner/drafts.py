@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
-from llmqp.planner.store import _locked, state_path
+from llmqp.planner.store import _locked, state_path, write_json_atomic
 
 DRAFT_ARMS = (0, 1, 3, 7)  # at least this many drafted tokens, filled up to the forward's power-of-two width
 # With amortize="margin" (lossy, opt-in) the arms also include drafts taken without verification, written
@@ -148,14 +146,7 @@ class DraftPlanner:
                         current[key][arm] = [total, (old[0] * old[1] + n * mean) / total,
                                              (old[0] * old[2] + n * sq) / total]
             doc = {"format": FORMAT, "key": [self.model_name, self.device_kind, self.dtype], "stats": current}
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_json_atomic(path, doc)
             self.stats = {k: {a: list(v) for a, v in t.items()} for k, t in current.items()}
             self._dirty = {}
         return path

@@ -86,6 +86,19 @@ def _read_state(path: Path, key: tuple[str, str, str]) -> dict | None:
     return doc
 
 
+def write_json_atomic(path: Path, doc) -> None:
+    """Write `doc` as JSON to a temporary file beside `path`, then move it into place (readers never see a
+    partial file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive lock on ``<path>.lock`` for the duration of the block (a no-op without fcntl)."""
@@ -202,14 +215,7 @@ class Planner(Policy):
                 "config": dataclasses.asdict(self.policy.config),
                 "state": merged,
             }
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_json_atomic(path, doc)
             self._base_state, self._base_revision = merged, revision
             self._warned_unusable = False
         return path
