@@ -167,7 +167,7 @@ class Scheduler:
         now = time.perf_counter()
         for seq in scoring:
             try:
-                seq.verify(chosen[seq.rid], now)
+                seq.verify(chosen[seq.rid])
                 if seq.draft_ctx is not None and seq.draft_ms_since is not None:
                     self._learn_draft(seq, now)
                 self._prepare(seq, batch)

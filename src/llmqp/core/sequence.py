@@ -17,7 +17,7 @@ from llmqp.results import DraftTrace, GenerationResult, StepTrace
 
 SKIP = "skip"  # a window position whose draft token is certain (forced): not scored
 DONE = "done"  # the window's last position when the constraint allows nothing after the draft
-PlanKind_FORCED = "forced"
+FORCED = "forced"
 UNVERIFIED = "unverified"  # the StepTrace plan of a token emitted from a draft without verification
 UNVERIFIED_CHECK_EVERY = 4  # amortize="margin": every 4th unverified draft is scored to measure disagreement
 
@@ -81,7 +81,6 @@ class Sequence:
         self.accept_rate = 0.5
         self.delta_parts: list[str] = []
         self.emitted = 0
-        self.t_tick = 0.0
         self.constraint_kind = "none"
         self.draft_ctx: str | None = None  # the draft planner's context key when it chose this draft's length
         self.draft_ms_since: float | None = None
@@ -238,7 +237,7 @@ class Sequence:
                 return
             for t in run:
                 m.accept(t)
-            self._emit(run, [0.0] * len(run), [PlanKind_FORCED] * len(run), [1] * len(run), None, drafted=False)
+            self._emit(run, [0.0] * len(run), [FORCED] * len(run), [1] * len(run), None, drafted=False)
 
     def next_piece(self, batch: int) -> tuple[list[int], int]:
         """The tokens to feed this tick (one forward per tick). With draft="none" the confirmed tokens go as
@@ -267,10 +266,10 @@ class Sequence:
         self.pos += n
         return piece, start
 
-    def verify(self, chosen: dict, now: float) -> None:
-        """Take the scores of the window's positions ({i: (token, logprob, plan, k, top)}): accept the draft's
-        longest prefix the sampler agrees with (certain tokens need no score), then the sampler's own token at
-        the first disagreement (or after the whole draft); roll back the rest."""
+    def verify(self, chosen: dict) -> None:
+        """Take the scores of the window's positions ({i: (token, logprob, plan, K, top alternatives, top-2
+        margin)}): accept the draft's longest prefix the sampler agrees with (certain tokens need no score), then
+        the sampler's own token at the first disagreement (or after the whole draft); roll back the rest."""
         draft, certain, window = self.draft, self.certain, self.window
         accepted, bonus, disagreed = 0, None, 0
         for i, entry in enumerate(window):
@@ -302,12 +301,11 @@ class Sequence:
                 self.accept_rate = 0.7 * self.accept_rate + 0.3 * (acc_spec / n_spec)
         self.window, self.draft, self.certain = None, [], []
         self.feed_queue = []
-        self.t_tick = now
         tokens, logprobs, plans, ks, tops, drafted = [], [], [], [], [], []
         for i in range(accepted):
             tokens.append(draft[i])
             if certain[i]:
-                logprobs.append(0.0), plans.append(PlanKind_FORCED), ks.append(1), tops.append(None)
+                logprobs.append(0.0), plans.append(FORCED), ks.append(1), tops.append(None)
             elif self.unverified:
                 logprobs.append(0.0), plans.append(UNVERIFIED), ks.append(1), tops.append(None)
             else:
@@ -352,7 +350,7 @@ class Sequence:
             self.out.append(t)
             self.logprobs.append(logprobs[j])
             if self.request.top_logprobs:
-                self.top_logprobs.append([(t, 0.0)] if plans[j] == PlanKind_FORCED else (tops[j] or []))
+                self.top_logprobs.append([(t, 0.0)] if plans[j] == FORCED else (tops[j] or []))
             self.steps.append(StepTrace(plans[j], ks[j], per_token_ms, drafted[j]))
             self.lookup_extend(t)
             if j >= fed:
