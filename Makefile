@@ -36,6 +36,8 @@ bench: setup
 	$(PY) benchmarks/e2e.py
 	$(PY) benchmarks/maskbench.py
 	$(PY) benchmarks/compiled.py
+	$(PY) benchmarks/drafts.py
+	$(PY) benchmarks/drafts.py --lossy
 	$(PY) benchmarks/batching.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/batch.py
@@ -50,6 +52,7 @@ bench-quick: setup
 	$(PY) benchmarks/e2e.py --quick
 	$(PY) benchmarks/maskbench.py --limit 50 --no-mask-timing --out benchmarks/results/maskbench.quick.json
 	$(PY) benchmarks/compiled.py --quick
+	$(PY) benchmarks/drafts.py --quick
 	$(PY) benchmarks/batching.py --quick
 	$(PY) benchmarks/serve.py --quick
 	$(PY) benchmarks/gemma.py --quick
