@@ -188,14 +188,12 @@ class Scheduler:
 
     def _prepare(self, seq: Sequence, batch: int) -> None:
         """The row's next certain tokens and draft (its length from the request's draft mode)."""
-        mode = seq.request.draft
-        seq.draft_ctx = None
-
         r = seq.request
+        seq.draft_ctx = None
         lossy = r.amortize == "margin" and seq.last_margin >= r.amortize_tau
 
         def choose_k() -> int:
-            if mode == "lookup":
+            if r.draft == "lookup":
                 return -self.spec.draft_lookup_len if lossy else self.spec.draft_lookup_len
             key = context_key("lookup", seq.constraint_kind, seq.accept_rate, batch, seq.last_k)
             seq.draft_ctx = key
@@ -249,7 +247,8 @@ class Scheduler:
 
     def _score(self, scoring: list[Sequence]) -> dict:
         """One head call for every window position to score. Returns {rid: {position: (token, logprob, plan,
-        K, top alternatives)}}."""
+        K, top alternatives, top-2 log-prob margin)}} (the margin only when the request's amortize mode needs
+        it, else 0)."""
         engine, ex = self.engine, self.executor
         vocab = engine.vocab_size
         rows = []  # (seq, position in its window, allowed ids or None)
