@@ -100,6 +100,27 @@ def interleaved_rounds(variants: dict[str, Callable[[], float]], *, min_rounds: 
     return samples
 
 
+def interleaved_runs(run: Callable[[str], dict], names, *, rounds: int, key: str = "tokens_per_s"):
+    """`interleaved_rounds` over the variants `names`, keeping each run's whole result (`run(name)` returns
+    a dict): ({name: [result per round]}, {name: [result[key] per round]})."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+
+    def measure(name):
+        def one_round():
+            r = run(name)
+            runs[name].append(r)
+            return r[key]
+        return one_round
+
+    samples = interleaved_rounds({n: measure(n) for n in names}, min_rounds=rounds, max_rounds=rounds)
+    return runs, samples
+
+
+def fmt_ratio(r: dict) -> str:
+    """'1.23x (1.10–1.31)' for a `paired_ratio_summary` dict."""
+    return f"{r['value']:.2f}x ({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f})"
+
+
 def fmt_spread(s: dict, digits: int = 1) -> str:
     """'12.3 (IQR 11.9–12.8)' for a `summary` dict."""
     return f"{s['median']:.{digits}f} (IQR {s['q1']:.{digits}f}–{s['q3']:.{digits}f})"

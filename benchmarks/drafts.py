@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, fmt_spread, interleaved_rounds, paired_ratio_summary, quick_mode, summary, write_result
+from common import (RESULTS, fmt_ratio, fmt_spread, interleaved_runs, paired_ratio_summary, quick_mode, summary,
+                    write_result)
 
 HERE = Path(__file__).parent
 MODES = {
@@ -93,21 +94,6 @@ def run_mode(engine, tasks, mode: dict, max_tokens: int) -> dict:
             "disagreed": sum(r["disagreed"] for r in rows)}
 
 
-def measure_modes(engine, tasks, modes: dict, max_tokens: int, rounds: int):
-    """Interleaved rounds over `modes`: ({mode: [run_mode result per round]}, {mode: [tokens/s per round]})."""
-    runs: dict[str, list[dict]] = {name: [] for name in modes}
-
-    def measure(name):
-        def one_round():
-            r = run_mode(engine, tasks, modes[name], max_tokens)
-            runs[name].append(r)
-            return r["tokens_per_s"]
-        return one_round
-
-    tps = interleaved_rounds({n: measure(n) for n in modes}, min_rounds=rounds, max_rounds=rounds)
-    return runs, tps
-
-
 LOSSY_MODES = {
     "none": MODES["none"],
     "exact_lookup": dict(constrained=True, draft="lookup", forced=True),
@@ -122,7 +108,8 @@ def run_lossy(engine, tasks, max_tokens: int, rounds: int, quick: bool) -> None:
     differ."""
     for mode in LOSSY_MODES.values():
         run_mode(engine, tasks, mode, max_tokens)
-    runs, tps = measure_modes(engine, tasks, LOSSY_MODES, max_tokens, rounds)
+    runs, tps = interleaved_runs(lambda n: run_mode(engine, tasks, LOSSY_MODES[n], max_tokens), LOSSY_MODES,
+                                 rounds=rounds)
     exact = runs["none"][0]["outputs"]
     out = {}
     for name, rs in runs.items():
@@ -141,9 +128,8 @@ def run_lossy(engine, tasks, max_tokens: int, rounds: int, quick: bool) -> None:
           "from exact | valid |")
     print("|---|---|---|---|---|---|---|")
     for name, s in out.items():
-        r = s["vs_none"]
         rate = "—" if s["checked_disagreement_rate"] is None else f"{s['checked_disagreement_rate']:.0%}"
-        print(f"| {name} | {fmt_spread(s['tokens_per_s'])} | {r['value']:.2f}x ({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f})"
+        print(f"| {name} | {fmt_spread(s['tokens_per_s'])} | {fmt_ratio(s['vs_none'])}"
               f" | {s['unverified_tokens']} | {rate} | {s['outputs_differing_from_exact']} / {len(tasks)} | "
               f"{s['valid']} |")
 
@@ -211,7 +197,7 @@ def main() -> None:
         for mode in MODES.values():
             run_mode(engine, tasks, mode, max_tokens)
     warm_s = time.perf_counter() - t0
-    runs, tps = measure_modes(engine, tasks, MODES, max_tokens, rounds)
+    runs, tps = interleaved_runs(lambda n: run_mode(engine, tasks, MODES[n], max_tokens), MODES, rounds=rounds)
     summaries = {}
     for name, rs in runs.items():
         base = "freeform_none" if MODES[name].get("freeform") else (
@@ -242,10 +228,8 @@ def main() -> None:
           f"drafted / accepted | same tokens as |")
     print("|---|---|---|---|---|---|")
     for name, s in summaries.items():
-        r = s["vs_baseline"]
         same = "—" if s["identical_to"] is None else f"{s['identical_to']}: {'yes' if s['identical'] else 'NO'}"
-        print(f"| {name} | {fmt_spread(s['tokens_per_s'])} | {r['value']:.2f}x ({r['ci95'][0]:.2f}–"
-              f"{r['ci95'][1]:.2f}) vs {s['baseline']} | {s['tokens_per_pass']:.2f} | {s['drafted']} / "
+        print(f"| {name} | {fmt_spread(s['tokens_per_s'])} | {fmt_ratio(s['vs_baseline'])} vs {s['baseline']} | {s['tokens_per_pass']:.2f} | {s['drafted']} / "
               f"{s['accepted']} | {same} |")
 
 

@@ -22,7 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import fmt_spread, interleaved_rounds, paired_ratio_summary, quick_mode, summary, write_result
+from common import fmt_ratio, fmt_spread, interleaved_runs, paired_ratio_summary, quick_mode, summary, write_result
 
 import llmqp
 
@@ -64,16 +64,8 @@ def main() -> None:
     engine = llmqp.Engine()
     for variant in VARIANTS.values():  # compile every shape once before timing
         run_variant(engine, tasks[:2], variant, 16)
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-
-    def measure(name):
-        def one_round():
-            r = run_variant(engine, tasks, VARIANTS[name], max_tokens)
-            runs[name].append(r)
-            return r["tokens_per_s"]
-        return one_round
-
-    tps = interleaved_rounds({name: measure(name) for name in VARIANTS}, min_rounds=rounds, max_rounds=rounds)
+    runs, tps = interleaved_runs(lambda n: run_variant(engine, tasks, VARIANTS[n], max_tokens), VARIANTS,
+                                 rounds=rounds)
     # Greedy decoding is deterministic: every round of a variant must give the same tokens.
     deterministic = all(r["outputs"] == rs[0]["outputs"] for rs in runs.values() for r in rs)
     # Forced runs follow the constraint's canonical tokenization, so compare plans at equal `forced`.
@@ -95,9 +87,7 @@ def main() -> None:
           f"tokens per round | valid / stopped |")
     print("|---|---|---|---|---|")
     for name, s in summary_by_variant.items():
-        ratio = s["vs_unconstrained"]
-        print(f"| {name} | {fmt_spread(s['tokens_per_s'])} | {ratio['value']:.2f}x "
-              f"({ratio['ci95'][0]:.2f}–{ratio['ci95'][1]:.2f}) | {s['tokens']} | "
+        print(f"| {name} | {fmt_spread(s['tokens_per_s'])} | {fmt_ratio(s['vs_unconstrained'])} | {s['tokens']} | "
               f"{s['valid']} / {s['stopped']} of {len(tasks)} |")
     print(f"\nidentical tokens across plans (dense = sparse, sparse+forced = auto+forced): {same}; "
           f"same tokens in every round: {deterministic}")
