@@ -16,7 +16,7 @@ import pytest
 
 import llmqp
 from llmqp.core import drafts
-from llmqp.core.drafts import PromptLookup
+from llmqp.core.drafts import Lookup, PromptLookup, TextLookup
 from llmqp.planner.drafts import DRAFT_ARMS, DraftPlanner, context_key
 from tiny_gguf import write_tiny_gguf
 
@@ -48,15 +48,15 @@ def wrong_drafts(monkeypatch):
     (often allowed, rarely what the model picks), so drafts are cut by the constraint, rejected in verification
     and rolled back at random places."""
     rng = random.Random(1234)
-    real = PromptLookup.propose
+    real = Lookup.propose
 
-    def propose(self, tail):
-        t = real(self, tail)
+    def propose(self, draft):
+        t = real(self, draft)
         if t is None or rng.random() < 0.5:
-            return rng.choice(self.context)
+            return rng.choice(self.tokens.context)
         return t
 
-    monkeypatch.setattr(PromptLookup, "propose", propose)
+    monkeypatch.setattr(Lookup, "propose", propose)
 
 
 def _requests(n: int, rng: random.Random, draft: str) -> list[llmqp.Request]:
@@ -94,6 +94,46 @@ def test_prompt_lookup_continues_the_longest_most_recent_ngram():
     assert look.propose([42]) is None
     look.extend([7])
     assert look.propose(look.context) == 5  # (3, 7) -> 5
+
+
+class _Bytes:
+    """A toy tokenizer: one token per word piece of VOCAB, bytes as written (a leading space is part of it)."""
+    VOCAB = ["{", '"', ":", ",", " ", "Marie", " Marie", " Cur", "ie", " was", " born", " in", " 1867", "Text",
+             " Warsaw", "Warsaw", "name", "}"]
+
+    def token_bytes(self, i):
+        return self.VOCAB[i].encode()
+
+    def encode(self, text):
+        out = []
+        while text:  # greedy longest match, as a BPE would give here
+            i = max((i for i, w in enumerate(self.VOCAB) if text.startswith(w)), key=lambda i: len(self.VOCAB[i]))
+            out.append(i)
+            text = text[len(self.VOCAB[i]):]
+        return out
+
+
+def test_text_lookup_continues_a_copy_whose_first_token_differs_from_the_prompts():
+    tok = _Bytes()
+    ids = lambda *words: [tok.VOCAB.index(w) for w in words]  # noqa: E731
+    prompt = ids("Text", ":", " Marie", " Cur", "ie", " was", " born", " in", " 1867", " in", " Warsaw")
+    out = ids("{", '"', "name", '"', ":", '"', "Marie")  # "Marie" here, " Marie" in the prompt
+    ctx = prompt + out
+    assert PromptLookup(ctx).propose(ctx) is None or PromptLookup(ctx).propose(ctx) != ids(" Cur")[0]
+    look = TextLookup(ctx, tok.token_bytes, tok.encode)
+    assert look.propose([]) == ids(" Cur")[0]
+    assert look.propose(ids(" Cur")) == ids("ie")[0]  # served from the same continuation
+    assert look.propose(ids(" Cur", "ie")) == ids(" was")[0]
+    assert look.propose(ids(" Cur", "ie", " born")) == ids(" in")[0]  # left it: matched again (" born")
+    # the last token of a continuation cut by run_bytes is never proposed (it may be half a word)
+    short = TextLookup(ctx, tok.token_bytes, tok.encode, run_bytes=6)
+    assert short.propose([]) == ids(" Cur")[0]
+    assert short.cache[2] == ids(" Cur")  # " Curie" cut after 6 bytes: "ie" may be "ie..." in truth
+    assert TextLookup(ids("Text", ":"), tok.token_bytes, tok.encode).propose([]) is None
+    # the combined proposer: a token n-gram of length >= 2 first, else text, else a 1-gram
+    both = Lookup(ctx, tok.token_bytes, tok.encode)
+    assert both.propose([]) == ids(" Cur")[0]
+    assert both.propose(ids(" Cur")) == ids("ie")[0]
 
 
 def test_draft_planner_tries_every_arm_then_keeps_the_cheapest(tmp_path, monkeypatch):

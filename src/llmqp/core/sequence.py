@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from llmqp.core.detok import IncrementalDetokenizer
-from llmqp.core.drafts import PromptLookup
+from llmqp.core.drafts import Lookup
 from llmqp.core.request import Request
 from llmqp.core.spec import DecodeSpec, FinishReason, pow2_at_least
 from llmqp.errors import LLMQPError
@@ -60,7 +60,7 @@ class Sequence:
         self.finish: FinishReason | None = None
         self.error: BaseException | None = None
         # drafts and feeding (see "one tick")
-        self.lookup: PromptLookup | None = None
+        self.lookup: Lookup | None = None
         self.feed_queue: list[int] = []
         self.segments: list[int] = []  # lengths of the confirmed segments at the head of feed_queue
         self.window: list | None = None
@@ -121,7 +121,7 @@ class Sequence:
         self.detok = IncrementalDetokenizer(engine.tokenizer, r.stop)
         self.pos = len(ids)
         if r.draft in ("auto", "lookup"):
-            self.lookup = PromptLookup(ids)
+            self.lookup = Lookup(ids, engine.tokenizer.token_bytes, engine.tokenizer.encode)
         self.chunks = self.spec.prefill_chunks(len(ids))
         self.row_seq_len = self.spec.cache_len(len(ids), r.max_tokens)
 
@@ -156,8 +156,7 @@ class Sequence:
         window: list = []
         # A fresh row (nothing to feed) is scored on its prefill hidden state: no draft then.
         if room > 0 and self.feed_queue and self.lookup is not None:
-            tail = self.lookup.context[-self.lookup.n_max :]
-            first = self.lookup.propose(tail)
+            first = self.lookup.propose([])
             if first is not None and first not in self.eos:
                 arm = choose_k()
                 self.unverified = arm < 0
@@ -168,7 +167,7 @@ class Sequence:
                 target = min(pow2_at_least(queued + abs(arm)), queued + room) if arm else queued
                 n_spec = 0
                 while queued + len(self.draft) < target:
-                    t = first if n_spec == 0 else self.lookup.propose(tail + self.draft)
+                    t = first if n_spec == 0 else self.lookup.propose(self.draft)
                     if t is None or t in self.eos:
                         break
                     allowed = None
