@@ -76,6 +76,9 @@ CASES = {
         [{"tags": ["a", "b"]}, {"tags": ["a", "a"]}, {"tags": ["ab"]}, {"tags": []}]),
     "uniqueItems numbers": ({"type": "array", "items": {"type": "number"}, "uniqueItems": True},
                             [[1, 2], [1, 1.0], [0.5, 5e-1], [12, 1.2]]),
+    "uniqueItems strings or null": ({"type": "array", "items": {"type": ["string", "null"], "maxLength": 1},
+                                     "uniqueItems": True},
+                                    [["a", None], [None, None], ["a", "a"], [], [None, "b", None], ["ab"]]),
     "uniqueItems integers": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
                              [[0, 1], [0, 0], [-1, 1]]),
     "oneOf discriminated": ({"oneOf": [  # disjoint by "k" (a discriminator), though not by llguidance's proof
@@ -132,6 +135,101 @@ CASES = {
                                  [{"a": 1}, {"a": 1, "b": 1}, {"a": 1, "b": 1, "c": 1}, {"a": 1, "b": 1, "c": 1, "d": 1},
                                   {"b": 1, "c": 1}]),
     "uniqueItems false": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [[1, 1], [1, 2], ["a"]]),
+    # A finite node (enum, const, bounded integers, options of finite nodes) becomes the enum of the values
+    # jsonschema accepts, whatever the other keywords: here "not integer" and "not multipleOf".
+    "finite: enum beside not integer": ({"allOf": [{"enum": [1, 1.5, "a", [1], {"a": 1}, None]},
+                                                   {"not": {"type": "integer"}}]},
+                                        [1, 1.5, "a", [1], {"a": 1}, None, 2, "b"]),
+    "finite: bounded integers, not multipleOf": ({"type": "integer", "minimum": 3, "maximum": 9,
+                                                  "not": {"multipleOf": 2}}, [3, 4, 5, 9, 10, 1, 7]),
+    "finite: oneOf of enums": ({"type": "array", "oneOf": [{"enum": [[1], [2, 4]]}, {"enum": [[1], [1, 2]]}]},
+                               [[1], [2, 4], [1, 2], [3], []]),
+    "finite: $ref into a not": ({"allOf": [{"enum": [{"bar": 3}, {"bar": "x"}]}, {"not": {"not": {
+        "properties": {"bar": {"$ref": "#/allOf/1/not/not/properties/foo"}, "foo": {"type": "integer"}}}}}]},
+        [{"bar": 3}, {"bar": "x"}, {"bar": 4}]),
+    "finite node that a $ref points into": ({"properties": {  # not folded: b's target must stay
+        "a": {"allOf": [{"enum": [1, 2]}, {"not": {"const": 1}}]}, "b": {"$ref": "#/properties/a/allOf/1"}}},
+        [{"a": 2, "b": 5}, {"a": 1}, {"b": 1}, {"a": 3}, {}]),
+    # Patterns through an automaton (llmqp.constraints.regular): complements and look-arounds, exactly.
+    "not pattern (automaton)": ({"type": "string", "not": {"pattern": "^([a-z][0-9])+$"}},
+                                ["a1", "a1b2", "a", "1a", "", "a1b", "ab12"]),
+    "not pattern alternation": ({"type": "string", "not": {"pattern": ",,|^,|,$"}},
+                                ["a,b", ",a", "a,", "a,,b", "", "ab"]),
+    "look-ahead in patternProperties": ({"type": "object", "patternProperties": {"^(?!x)[a-z]+$": {"type": "integer"}},
+                                         "additionalProperties": False},
+                                        [{"ab": 1}, {"xa": 1}, {"ab": "s"}, {}, {"A": 1}]),
+    "look-ahead after a group": ({"type": "string", "pattern": "^(?!.*--)[a-z-]+$"}, ["a-b", "a--b", "--", "ab", ""]),
+    "look-ahead at the end": ({"type": "string", "maxLength": 4, "pattern": "[a-z]+(?=\\.j)"},
+                              ["a.j", ".j", "a.", "xa.js", "a.jsx"]),
+    "anchor inside a group": ({"type": "string", "pattern": "^(a|b$)c"}, ["ac", "bc", "b", "acx", "c"]),
+    # min/maxProperties beside optional properties, other keys open: one choice per set of present ones.
+    "minProperties 1, open keys": ({"type": "object",
+                                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                    "patternProperties": {"^x$": {"type": "string", "maxLength": 2}},
+                                    "additionalProperties": False, "minProperties": 1},
+                                   [{}, {"a": 1}, {"x": "s"}, {"x": 1}, {"a": 1, "b": 2}, {"b": 2}, {"y": "s"}]),
+    "maxProperties, open keys": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                  "required": ["a"], "maxProperties": 2},
+                                 [{"a": 1}, {"a": 1, "b": 2}, {"a": 1, "x": 1}, {"a": 1, "b": 2, "x": 3}, {}]),
+    "minProperties 2 beside one required": ({"type": "object", "properties": {"a": {"type": "integer"},
+                                                                              "b": {"type": "integer"}},
+                                             "patternProperties": {"^[xy]$": {"type": "integer"}},
+                                             "additionalProperties": False,
+                                             "required": ["a"], "minProperties": 2, "maxProperties": 3},
+                                            [{"a": 1}, {"a": 1, "b": 2}, {"a": 1, "x": 1}, {"a": 1, "b": 2, "x": 3},
+                                             {"a": 1, "b": 2, "x": 3, "y": 4}, {"b": 1, "x": 2}]),
+    "propertyNames enum beside properties": ({"type": "object", "properties": {"a": {"type": "integer"},
+                                                                               "z": {"type": "integer"}},
+                                              "additionalProperties": {"type": "string"},
+                                              "propertyNames": {"enum": ["a", "b"]}},
+                                             [{"a": 1}, {"b": "s"}, {"b": 1}, {"z": 1}, {"c": "s"}, {}]),
+    # oneOf whose options share schemas: the shared parts need no negation.
+    "oneOf sharing an open map": ({"oneOf": [
+        {"type": "object", "properties": {"k": {"const": "a"}, "n": {"type": "integer"}},
+         "additionalProperties": {"type": "string"}},
+        {"type": "object", "properties": {"k": {"const": "b"}}, "additionalProperties": {"type": "string"}}]},
+        [{"k": "a"}, {"k": "a", "n": 1}, {"n": "s"}, {}, {"x": "s"}, {"x": 1}, {"k": "b", "n": 1}]),
+    "oneOf sharing an item schema": ({"oneOf": [
+        {"type": "object", "properties": {"t": {"const": "a"}, "v": {"type": "array", "items": {"type": "integer"}}},
+         "required": ["t"]},
+        {"type": "object",
+         "properties": {"t": {"enum": ["a", "b"]}, "v": {"type": "array", "items": {"type": "integer"}}},
+         "required": ["t"]}]},
+        [{"t": "a"}, {"t": "b", "v": [1]}, {"t": "a", "v": [1]}, {"t": "c"}, {"t": "b", "v": ["x"]}]),
+    "oneOf with a $ref to a closed object": ({"$defs": {"A": {"type": "object", "properties": {"a": {"type": "integer"}},
+                                                              "additionalProperties": False}},
+                                              "oneOf": [{"$ref": "#/$defs/A"},
+                                                        {"type": "object", "properties": {"b": {"type": "integer"}},
+                                                         "additionalProperties": False}]},
+                                             [{}, {"a": 1}, {"b": 1}, {"a": 1, "b": 1}]),
+    "oneOf negating only the overlapping options": ({"oneOf": [{"type": "integer", "minimum": 0},
+                                                               {"type": "integer", "maximum": 10}, {"type": "string"}]},
+                                                    [-3, 5, 12, "x", None, 1.5]),
+    "oneOf of closed objects with a shared required key": ({"oneOf": [  # the negation keeps every property
+        {"type": "object", "properties": {"t": {"const": "a"}, "x": {"type": "string"}}, "required": ["x"],
+         "additionalProperties": False},
+        {"type": "object", "properties": {"t": {"const": "b"}, "x": {"type": "string"}}, "required": ["x"],
+         "additionalProperties": False}]},
+        [{"t": "a", "x": "s"}, {"x": "s"}, {"t": "b", "x": "s"}, {"t": "c", "x": "s"}, {"t": "a"}]),
+    "oneOf of a tagged union and a map": ({"oneOf": [  # disjoint: a required key's value the map rejects
+        {"type": "object", "oneOf": [{"properties": {"type": {"const": "a"}}, "required": ["type"]},
+                                     {"properties": {"type": {"const": "b"}}, "required": ["type"]}]},
+        {"type": "object", "additionalProperties": {"enum": [False]}, "minProperties": 1, "maxProperties": 1}]},
+        [{"type": "a"}, {"x": False}, {"type": False}, {}, {"type": "a", "x": False}, {"x": True}]),
+    "oneOf of arrays of disjoint enums": ({"oneOf": [{"type": "array", "items": {"enum": ["a", "b"]}},
+                                                     {"type": "array", "items": {"enum": ["c"]}}]},
+                                          [["a"], ["c"], [], ["a", "c"], "x", ["b", "a"]]),
+    "oneOf told apart type by type": ({"type": ["object", "null"], "required": ["k"], "oneOf": [
+        {"properties": {"k": {"const": "a"}, "x": {"type": "array", "items": {"minLength": 2}}}},
+        {"properties": {"k": {"const": "b"}, "x": {"type": "array", "items": {"maxLength": 1}}}}]},
+        [{"k": "a", "x": ["ab"]}, {"k": "b", "x": ["a"]}, None, {"k": "c"}, {"k": "a", "x": ["a"]}, {"k": "a"}]),
+    "optional property of an unsatisfiable definition": ({"$defs": {"U": {"type": "string", "oneOf": [
+        {"type": "string"}, {"type": "string"}]}}, "type": "object",
+        "properties": {"u": {"$ref": "#/$defs/U"}, "a": {"type": "integer"}}}, [{"a": 1}, {"u": "x"}, {}]),
+    "recursive definition merged with a sibling": ({"$defs": {
+        "A": {"type": "object", "properties": {"next": {"$ref": "#/$defs/B"}, "n": {"type": "integer"}}},
+        "B": {"type": "object", "required": ["n"], "anyOf": [{"$ref": "#/$defs/A"}]}}, "$ref": "#/$defs/A"},
+        [{"next": {"n": 1}}, {"next": {}}, {"next": {"n": 1, "next": {"n": "x"}}}, {"next": {"n": 1, "next": {"n": 2}}}]),
 }
 
 
@@ -209,7 +307,7 @@ def test_unique_items_use_json_equality(tk, schema, text):
 
 
 @pytest.mark.parametrize("schema, keyword", [
-    ({"type": "string", "not": {"pattern": "^(ab)+$"}}, "pattern"),  # only a repeated class is complemented
+    ({"type": "string", "not": {"pattern": "^(a)\\1$"}}, "pattern"),  # a back-reference: not regular
     ({"type": "string", "not": {"pattern": "^[a&&b]+$"}}, "pattern"),  # Rust class operators: refused
     ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems"),  # items: objects
     ({"type": "array", "items": {"type": "string", "pattern": "^a"}, "uniqueItems": True}, "uniqueItems"),
@@ -244,6 +342,93 @@ def test_pattern_complement_is_exact(tk, pattern):
         for chars in product("ab/1", repeat=n):
             text = "".join(chars)
             assert c.accepts(json.dumps(text)) == (ecma.search(text) is None), text
+
+
+@pytest.mark.parametrize("pattern", ["^([ab][1/])+$", "^a..$", "a$|^b", ",,|^,|,$", "^(?!ab)[ab1]+$",
+                                     "^(?!.*(a1|/b)).*1$", "^[^/]+/[^/]+$", "b(?=1)", "^(a|b$)1", "(^a|b)/",
+                                     "^\\d+\\s?$", "^(?=.{2,3}$)[ab]+1?$"])
+def test_regular_language_rewrites_are_exact(tk, pattern):
+    """`regular.complement` and `regular.without_lookaround` against Python's own search (ECMA-262's `$`:
+    the end), on every string over a small alphabet up to length 5."""
+    from itertools import product
+
+    from llmqp.constraints import regular
+
+    search = re.compile(pattern.replace("$", "\\Z"))
+    outs = [(False, regular.without_lookaround(pattern))]
+    if "(?" not in pattern:
+        outs.append((True, regular.complement(pattern)))
+    for negated, out in outs:
+        assert out is not None and out.startswith("^") and out.endswith("$"), (pattern, out)
+        # read by llguidance (Rust's regex syntax), as the grammar will
+        c = compile_constraint(make_spec(json_schema={"type": "string", "pattern": out}), tk)
+        for n in range(6):
+            for chars in product("ab1/ \n", repeat=n) if n < 5 else product("ab1/", repeat=n):
+                text = "".join(chars)
+                assert c.accepts(json.dumps(text)) == ((search.search(text) is None) == negated), (out, text)
+
+
+def test_regular_language_refusals():
+    from llmqp.constraints import regular
+
+    assert regular.complement("^(a)\\1$") is None  # back-reference
+    assert regular.complement("^[a&&b]$") is None  # read otherwise by Rust
+    assert regular.without_lookaround("a(?!b)c") is None  # a look-ahead not after the leading ^
+    assert regular.without_lookaround("(?<=a)b") is None  # look-behind
+    assert regular.needs_rewrite("^(?!x)y") and regular.needs_rewrite("^(a|b$)c")
+    assert not regular.needs_rewrite("^[^$]+$") and not regular.needs_rewrite("^a$|^b$")
+
+
+def test_finite_rewrite_needs_the_original_node(tk):
+    """A node the rewrite made (negations mix drafts' keywords) is never folded: only schema nodes as the
+    user wrote them are checked with jsonschema; and a `format` keeps the keyword-by-keyword path."""
+    from llmqp.constraints import keywords
+
+    schema = {"allOf": [{"enum": ["a", "b"]}, {"not": {"const": "a"}}]}
+    assert keywords.rewrite(schema) == {"enum": ["b"]}
+    with_format = {"allOf": [{"enum": ["2020-01-01", "x"]}, {"not": {"format": "date"}}]}
+    with pytest.raises(ConstraintError, match='"format"'):
+        compile_constraint(make_spec(json_schema=with_format), tk)
+
+
+def test_oneof_of_objects_is_an_anyof_inside_an_object_schema():
+    """The surrounding `type: object` makes a discriminator a proof even when the options say no type."""
+    from llmqp.constraints.keywords import _provably_disjoint
+
+    options = [{"properties": {"k": {"const": "a"}}, "required": ["k"]},
+               {"properties": {"k": {"const": "b"}}, "required": ["k"]}]
+    assert not _provably_disjoint(options)  # a string matches both
+    assert _provably_disjoint(options, context=frozenset({"object"}))
+    # values jsonschema rejects against a scalar-only option (formats checked) are disjoint from it
+    assert _provably_disjoint([{"format": "uri"}, {"enum": [".", "a b"]}])
+    assert not _provably_disjoint([{"format": "uri"}, {"enum": [".", "http://a"]}])
+    assert not _provably_disjoint([{"format": "color"}, {"enum": ["x"]}])  # not enforced here: no proof
+    tagged = {"type": "object", "oneOf": [{"properties": {"k": {"const": "a"}}, "required": ["k"]},
+                                          {"properties": {"k": {"const": "b"}}, "required": ["k"]}]}
+    assert _provably_disjoint([tagged, {"type": "object", "additionalProperties": {"type": "boolean"}}])
+    assert _provably_disjoint([tagged, {"type": "object", "properties": {"x": {}}, "additionalProperties": False}])
+    assert not _provably_disjoint([tagged, {"type": "object", "additionalProperties": {"type": "string"}}])
+
+
+def test_oneof_of_a_format_and_values_it_rejects(tk):
+    """Formats asserted (as jsonschema's FormatChecker does): "." is no URI, so the options are disjoint."""
+    schema = {"type": "string", "oneOf": [{"format": "uri"}, {"enum": ["."]}]}
+    checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    c = compile_constraint(make_spec(json_schema=schema), tk)
+    verdicts = {json.dumps(v): checker.is_valid(v) for v in ["http://a.b/c", ".", "x", "./a"]}
+    assert True in verdicts.values() and False in verdicts.values()
+    assert {text: c.accepts(text) for text in verdicts} == verdicts
+
+
+def test_recursive_merge_is_inlined(tk):
+    """llguidance alone refuses the schema ("circular references with sibling keys"); a copy of the
+    definition merged in its place compiles to the same instances."""
+    import llguidance
+
+    schema = CASES["recursive definition merged with a sibling"][0]
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides={"lenient": False})
+    assert "circular references" in (llguidance.LLMatcher.validate_grammar(grammar, None) or "")
+    assert compile_constraint(make_spec(json_schema=schema, strict=False), tk).accepts('{"next":{"n":1}}')
 
 
 def test_flexible_whitespace_is_bounded(tk):
@@ -400,6 +585,12 @@ def test_try_accept_and_rollback(tk):
      "required": ["ref", "ptr"]},
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10, "not": {"pattern": "^\\s*$"}}},
      "required": ["name"]},
+    {"type": "object", "properties": {"id": {"type": "string", "maxLength": 10, "pattern": "^(?!.*--)[a-z-]+$"},
+                                      "n": {"type": "integer", "minimum": 1, "maximum": 9, "not": {"multipleOf": 2}}},
+     "required": ["id", "n"]},
+    {"type": "object", "properties": {"a": {"type": "string", "maxLength": 6}, "b": {"type": "integer"}},
+     "additionalProperties": {"type": "integer"}, "minProperties": 1, "maxProperties": 2,
+     "propertyNames": {"enum": ["a", "b", "c"]}},
 ])
 def test_generation_validates(engine, schema):
     """Real model, few tokens: whenever it stops, the output validates (uniqueItems: a small model

@@ -14,9 +14,20 @@ schemas with *the same set of valid instances*:
     dependentSchemas a: S    -> allOf: [anyOf: [{properties: {a: false}}, allOf: [{required: [a]}, S]]]
     oneOf [A, B, C]          -> anyOf: [allOf: [A, negate(B), negate(C)], allOf: [negate(A), B, negate(C)], ...]
 
+Three more exact forms widen what can be negated or compiled:
+
+  * a node whose instances are a small finite set (an `enum`/`const` of its own or of an `allOf` part,
+    bounded integers, `anyOf`/`oneOf` of such nodes) and that needs a rewrite becomes the `enum` of the
+    values `jsonschema` accepts against the node as written (`_Rewriter._fold_finite`): any keyword
+    beside it, `not` of "integer" or `multipleOf` included, is then decided value by value;
+  * patterns go through finite automata (`llmqp.constraints.regular`): the complement of any regular
+    pattern, and look-aheads right after a leading `^` (or trailing), become plain regexes;
+  * `min/maxProperties` beside optional properties become choices of which of them are present.
+
 The grammar then enforces them exactly, token by token (valid by construction). A negation this module
-cannot express exactly (`not` of a `pattern`, a `format`, `multipleOf`, `items`, `contains`, an enum of
-objects, a recursive `$ref`, ...) raises `ConstraintError` naming the keyword and its place; nothing is
+cannot express exactly (`not` of a `format`, of `multipleOf` or "integer" over unbounded numbers, of
+`items`/`contains`/open `additionalProperties` -- "some item / some key" has no schema form -- a
+recursive `$ref`, ...) raises `ConstraintError` naming the keyword and its place; nothing is
 approximated. `oneOf` options are only rewritten when `rewrite(..., one_of=True)` is asked for (the
 backend asks after llguidance failed to prove them disjoint), so schemas that compiled before keep
 their grammar. `uniqueItems: false` (no constraint) is dropped, and so is a `format` on a schema that
@@ -36,7 +47,7 @@ from typing import Any
 
 import llguidance
 
-from llmqp.constraints import formats
+from llmqp.constraints import formats, regular
 from llmqp.constraints.base import UnknownFormats
 from llmqp.constraints.schema import MISSING, _escape, walk_pointer
 from llmqp.errors import ConstraintError
@@ -100,10 +111,31 @@ def rewrite(schema: Any, *, one_of: bool = False, unknown_formats: UnknownFormat
     except _Unsupported as e:
         raise ConstraintError(f'json_schema: keyword "{e.keyword}" at {rewriter.where} is not supported: '
                               f"{e.why}") from None
+    _inline_false_refs(out)
     if rewriter.changed and len(json.dumps(out)) > MAX_REWRITTEN_CHARS:
         raise ConstraintError(f'json_schema: keyword "{rewriter.first_keyword}" at {rewriter.first_where} is '
                               "not supported here: its exact rewrite is too large")
     return out
+
+
+def _inline_false_refs(schema: Any) -> None:
+    """Replace, in place, each local `$ref` to a schema the rewrite made unsatisfiable (`false`, or an
+    `allOf` holding `false`) by `allOf: [false]`: llguidance refuses a reference to an unsatisfiable
+    definition even where it is optional (a property that may be absent), but takes `false` there."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#"):
+                target = walk_pointer(schema, ref)
+                if target is False or (isinstance(target, dict) and isinstance(target.get("allOf"), list)
+                                       and any(x is False for x in target["allOf"])):
+                    del node["$ref"]
+                    node["allOf"] = [*node.get("allOf", []), False]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _local_refs(schema: Any) -> list[str]:
@@ -129,7 +161,9 @@ def needs_rewrite(schema: Any, *, one_of: bool = False) -> bool:
         node = stack.pop()
         if isinstance(node, dict):
             if keys & node.keys() or node.get("uniqueItems") is False or \
-                    (isinstance(node.get("pattern"), str) and node["pattern"].startswith(_LOOKAHEAD)) or \
+                    regular.needs_rewrite(node.get("pattern")) or \
+                    (isinstance(node.get("patternProperties"), dict) and
+                     any(regular.needs_rewrite(k) for k in node["patternProperties"])) or \
                     ("format" in node and (_formats_cannot_apply(node) or (isinstance(node["format"], str)
                                             and node["format"] not in _NATIVE_AS_IS))):
                 return True
@@ -145,6 +179,11 @@ _NATIVE_AS_IS = formats.NATIVE - formats.EXTRA_KEYWORDS.keys()  # formats handed
 class _Rewriter:
     def __init__(self, root: dict, one_of: bool, unknown_formats: UnknownFormats = UnknownFormats.REFUSE):
         self.root, self.one_of, self.unknown_formats = root, one_of, unknown_formats
+        # The schema as given, and each of its nodes' copy by the id of the node (nodes are rewritten in
+        # place): finite nodes are checked against their original form.
+        self._originals: dict = {}
+        self.original = copy.deepcopy(root, self._originals)
+        self._validator = None
         self.visited: set[int] = set()  # ids of the nodes walked
         self.where = "#"
         self.changed = False
@@ -155,6 +194,8 @@ class _Rewriter:
         if not isinstance(node, dict):
             return node
         self.visited.add(id(node))
+        if self._fold_finite(node, path):
+            return node if node["enum"] else False
         for key in list(node):
             value = node[key]
             here = f"{path}/{_escape(key)}"
@@ -180,17 +221,27 @@ class _Rewriter:
             self._format(node, path, extra)
         if "propertyNames" in node:
             self._property_names(node, path)
-        if isinstance(node.get("pattern"), str) and node["pattern"].startswith(_LOOKAHEAD):
-            parts = _split_lookahead(node["pattern"])
+        if regular.needs_rewrite(node.get("pattern")):
+            parts = _split_lookahead(node["pattern"]) if node["pattern"].startswith(_LOOKAHEAD) else None
             if parts is not None:  # ^(?!X)Y: ^Y, and not ^X (each alternative of X)
                 node["pattern"], excluded = parts
                 extra.extend({"pattern": p} for p in excluded)
                 if node["pattern"] == "^":
                     del node["pattern"]
+            elif (plain := regular.without_lookaround(node["pattern"])) is not None:
+                node["pattern"] = plain  # else left to llguidance, which refuses look-around
+        if isinstance(node.get("patternProperties"), dict) and \
+                any(regular.needs_rewrite(k) for k in node["patternProperties"]):
+            renamed = {k: (regular.without_lookaround(k) or k) if regular.needs_rewrite(k) else k
+                       for k in node["patternProperties"]}
+            if len(set(renamed.values())) == len(renamed):  # else left to llguidance, which refuses it
+                node["patternProperties"] = {renamed[k]: v for k, v in node["patternProperties"].items()}
         types = _types_of(node)
         closed = _closed_keys(node)
         if closed is not None and ("minProperties" in node or "maxProperties" in node):
             self._count_properties(node, closed, extra)
+        elif ("minProperties" in node or "maxProperties" in node) and isinstance(node.get("properties"), dict):
+            self._count_open_properties(node, extra)
         if "not" in node:
             self._at("not", f"{path}/not")
             extra.append(self.node(self.negate(node.pop("not"), types, keys=closed), f"{path}/not"))
@@ -214,34 +265,98 @@ class _Rewriter:
                     else:
                         extra.append({"anyOf": [absent, {"allOf": [{"required": [name]}, dep]}]})
         split = None
-        if self.one_of and isinstance(node.get("oneOf"), list) and not _provably_disjoint(node["oneOf"], self.plain):
+        required = frozenset(n for n in node.get("required", []) if isinstance(n, str)) \
+            if isinstance(node.get("required"), list) else frozenset()
+        if self.one_of and isinstance(node.get("oneOf"), list) and \
+                not _provably_disjoint(node["oneOf"], self.plain, _possible_types(node, self.plain), required):
             split = _split_objects(node["oneOf"], self.plain)
         if split is not None:
             self._at("oneOf", f"{path}/oneOf")
             node.pop("oneOf")
             extra.append(self.node(split, f"{path}/oneOf"))
-        elif self.one_of and isinstance(node.get("oneOf"), list) and not _provably_disjoint(node["oneOf"], self.plain):
+        elif self.one_of and isinstance(node.get("oneOf"), list) and \
+                not _provably_disjoint(node["oneOf"], self.plain, _possible_types(node, self.plain), required):
             self._at("oneOf", f"{path}/oneOf")
             options = node.pop("oneOf")
-            branches = []
-            for i, option in enumerate(options):
-                # Among the instances of `option` (and of `node`), only their keys can be "other keys".
-                keys = _closed_keys(self.plain(option)) or closed
-                option_types = _types_of(self.plain(option)) if isinstance(self.plain(option), dict) else None
-                if option_types is not None and types is not None:
-                    option_types &= types
-                plain = self.plain(option) if isinstance(self.plain(option), dict) else {}
-                # The option first: llguidance orders an object's properties by the order of the merged
-                # parts, and the generated order should be the option's own.
-                branches.append(_all([option] + [self.negate(other, option_types or types, keys=keys,
-                                                             props=plain.get("properties"), items=plain.get("items"))
-                                                 for j, other in enumerate(options) if j != i]))
-            extra.append(self.node(_any(branches, None), f"{path}/oneOf"))
+            context = _possible_types(node, self.plain)
+            try:
+                exactly_one = self._exactly_one(options, context, closed, types, required)
+            except _Unsupported:
+                # Options that overlap in one JSON type only (say null, where no keyword applies) may
+                # still be told apart type by type: "exactly one" within each type the node admits.
+                exactly_one = _any([self._exactly_one(options, kind, closed, kind, required, typed=True)
+                                    for kind in _kinds(context)], None)
+            extra.append(self.node(exactly_one, f"{path}/oneOf"))
         elif self.one_of and isinstance(node.get("oneOf"), list):  # disjoint options: oneOf is anyOf
             extra.append({"anyOf": [self.node(o, f"{path}/oneOf/{i}") for i, o in enumerate(node.pop("oneOf"))]})
         if extra:
             node["allOf"] = [*node.get("allOf", []), *extra]
         return node
+
+    def _exactly_one(self, options: list, context: frozenset | None, closed: list | None, types: frozenset | None,
+                     required: frozenset = frozenset(), typed: bool = False) -> Any:
+        """anyOf over the options of (the option, the negation of each other option that may overlap it),
+        among instances of the JSON types `context` (`typed`: each branch also says `type`)."""
+        branches = []
+        for i, option in enumerate(options):
+            own_types = _possible_types(option, self.plain)
+            if context is not None and own_types is not None and not _overlap(own_types, context):
+                continue  # no instance of the node matches this option
+            # An option provably disjoint from this one (among the node's instances) fails wherever this
+            # one holds: only the others need negating.
+            rivals = [other for j, other in enumerate(options)
+                      if j != i and not _disjoint(option, other, self.plain, context=context, required=required)]
+            # Among the instances of `option` (and of `node`), only their keys can be "other keys".
+            keys = _closed_keys(self.plain(option)) or closed
+            option_types = _types_of(self.plain(option)) if isinstance(self.plain(option), dict) else None
+            if option_types is not None and types is not None:
+                option_types &= types
+            plain = self.plain(option) if isinstance(self.plain(option), dict) else {}
+            # The option first: llguidance orders an object's properties by the order of the merged parts,
+            # and the generated order should be the option's own.
+            parts = ([{"type": sorted(context)[0]}] if typed else []) + [option]
+            branches.append(_all(parts + [self.negate(other, option_types or types, keys=keys,
+                                                      props=plain.get("properties"), items=plain.get("items"),
+                                                      context=plain or None)
+                                          for other in rivals]))
+        return _any(branches, None)
+
+    def _fold_finite(self, node: dict, path: str) -> bool:
+        """A node whose instances are a finite set of values (an `enum`/`const` of its own, of an
+        `allOf` part or `$ref` target, or of every `anyOf`/`oneOf` option; `type` null or boolean)
+        and that uses a keyword needing a rewrite, becomes `{"enum": [the values it accepts]}`: each
+        value is checked against the node as given with `jsonschema` (references resolved in the
+        whole document). Exact by construction; skipped (False) where a `format` could be involved
+        (`jsonschema` checks formats only with optional libraries), where a `$ref` from outside the
+        node points inside it, or when the values are more than FINITE_MAX."""
+        original = self._originals.get(id(node))
+        if original is None:
+            return False  # a node the rewrite made (its keywords may belong to another draft)
+        values = _finite_values(node, self.plain)
+        if values is None or not needs_rewrite(original, one_of=True):
+            return False
+        text = json.dumps(original)
+        if '"format"' in text or ('"$ref"' in text and '"format"' in json.dumps(self.original)):
+            return False
+        inside = path + "/"
+        if {r for r in _local_refs(self.original) if r.startswith(inside)} != \
+                {r for r in _local_refs(original) if r.startswith(inside)}:
+            return False  # refs from elsewhere point into the node (those from inside it go with it)
+        try:
+            from jsonschema.validators import validator_for
+        except ImportError:  # without jsonschema the node is rewritten keyword by keyword, or refused
+            return False
+        if self._validator is None:
+            self._validator = validator_for(self.original)(self.original)
+        checker = self._validator.evolve(schema=original)
+        try:
+            kept = [v for v in values if checker.is_valid(v)]
+        except Exception:  # noqa: BLE001 - a schema jsonschema cannot evaluate: take the keyword-by-keyword path
+            return False
+        self._at("enum", path)
+        node.clear()
+        node["enum"] = kept
+        return True
 
     def _count_properties(self, node: dict, names: list, extra: list) -> None:
         """min/maxProperties of a closed object, as choices of which optional properties are present
@@ -271,6 +386,51 @@ class _Rewriter:
         node.pop("maxProperties", None)
         extra.extend(parts)
 
+    def _count_open_properties(self, node: dict, extra: list) -> None:
+        """min/maxProperties of an object whose other keys stay open, beside optional declared
+        properties (llguidance counts only where every declared property is required): one choice per
+        set T of optional properties present, each listing the others as absent (`false`), so that
+        llguidance counts exactly. With `maxProperties`, T runs over the sets of at most the allowed
+        count; otherwise T is "at least these" of size `need` -- plus exact sets of size `need - 1`
+        completed by one more key beside them (one key needs no uniqueness). Left in place (llguidance
+        or `check_min_properties` refuses) when `need - 2` or fewer optional properties would call for
+        two or more other keys, whose uniqueness the grammar does not keep, or past _MAX_CHOICES."""
+        names = [n for n in node["properties"] if node["properties"][n] is not False]
+        required = [n for n in dict.fromkeys(node.get("required", [])) if isinstance(n, str)]
+        optional = [n for n in names if n not in required]
+        low, high = node.get("minProperties"), node.get("maxProperties")
+        if not optional or not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (low, high)):
+            return
+        need = (low or 0) - len(required)
+        allow = None if high is None else high - len(required)
+        choices: list = []
+        if allow is not None:
+            if allow < 0:
+                return
+            for size in range(min(allow, len(optional)) + 1):
+                if need - size >= 2:
+                    return  # two or more other keys would be needed
+                for present in itertools.combinations(optional, size):
+                    branch = {"required": required + list(present),
+                              "properties": {n: False for n in optional if n not in present},
+                              "maxProperties": high}
+                    if need - size == 1:
+                        branch["minProperties"] = low
+                    choices.append(branch)
+                    if len(choices) > _MAX_CHOICES:
+                        return
+        elif need <= 0:
+            node.pop("minProperties", None)
+            return
+        else:
+            if need >= 2:
+                return  # no optional property present: two or more other keys would be needed
+            choices = [{"required": [n]} for n in optional]  # need == 1: one optional one, or another key
+            choices.append({"required": required, "properties": dict.fromkeys(optional, False), "minProperties": low})
+        node.pop("minProperties", None)
+        node.pop("maxProperties", None)
+        extra.append({"anyOf": choices})
+
     def _property_names(self, node: dict, path: str) -> None:
         """`propertyNames` of an object whose only other property keyword is `additionalProperties`:
         names from an enum become `properties`, a `pattern` (or a length range) becomes the one
@@ -280,6 +440,22 @@ class _Rewriter:
             del node["propertyNames"]
             return
         self.where = f"{path}/propertyNames"
+        enum = [names["const"]] if isinstance(names, dict) and "const" in names else \
+            names.get("enum") if isinstance(names, dict) else None
+        if isinstance(enum, list) and isinstance(node.get("properties"), dict) and \
+                not node.get("patternProperties") and names.get("type", "string") == "string" and \
+                not (set(names) - _ANNOTATIONS - {"enum", "const", "type"}):
+            # Only the listed names: each keeps its own schema (declared, or additionalProperties'),
+            # declared names outside the list become `false`, and other keys are closed.
+            allowed = [v for v in dict.fromkeys(enum) if isinstance(v, str) and
+                       ("const" not in names or "enum" not in names or any(_eq(v, w) for w in names["enum"]))]
+            value = node.get("additionalProperties", True)
+            props = node["properties"]
+            node["properties"] = {**{k: (v if k in allowed else False) for k, v in props.items()},
+                                  **{k: value for k in allowed if k not in props}}
+            node["additionalProperties"] = False
+            del node["propertyNames"]
+            return
         if node.get("properties") or node.get("patternProperties") or not isinstance(names, dict):
             raise _Unsupported("propertyNames", "only beside additionalProperties (no properties or "
                                                 "patternProperties) is it rewritten exactly")
@@ -331,11 +507,13 @@ class _Rewriter:
 
     # --------------------------------------------------------------------------------- negation
     def negate(self, schema: Any, types: frozenset | None, refs: tuple = (), keys: list | None = None,
-               props: dict | None = None, items: Any = None) -> Any:
+               props: dict | None = None, items: Any = None, context: Any = None) -> Any:
         """A schema whose valid instances are exactly those `schema` rejects, among the instances of
         the surrounding schema: `types` are the JSON types it allows (None: all), `keys` the only
         property names its objects may have (None: any), `props` its property schemas (their types narrow
-        the negation of a property's schema), `items` its arrays' item schema. Raises _Unsupported."""
+        the negation of a property's schema), `items` its arrays' item schema, `context` the surrounding
+        schema itself (where its additional/pattern properties equal those of `schema`, only its declared
+        keys can break them). Raises _Unsupported."""
         if schema is True or schema == {}:
             return False
         if schema is False:
@@ -354,7 +532,7 @@ class _Rewriter:
             ref = schema["$ref"]
             if ref in refs:
                 raise _Unsupported("$ref", f"negating the recursive reference {ref!r}")
-            branches.append(self.negate(self.resolve(ref), types, refs + (ref,), keys, props, items))
+            branches.append(self.negate(self.resolve(ref), types, refs + (ref,), names, props, items))
             keys.discard("$ref")
         if "type" in keys:
             branches.append(_negate_type(schema["type"], types))
@@ -366,36 +544,53 @@ class _Rewriter:
             branches.append(_negate_values(values, types))
             keys -= {"enum", "const"}
         if "required" in keys:
-            names = schema["required"]
-            branches.append({"anyOf": [{"type": "object", "properties": {n: False}} for n in dict.fromkeys(names)]}
-                            if names else False)
+            required = schema["required"]  # (not `names`: those are the surrounding objects' keys)
+            branches.append({"anyOf": [{"type": "object", "properties": {n: False}} for n in dict.fromkeys(required)]}
+                            if required else False)
             keys.discard("required")
         if keys & {"properties", "additionalProperties", "patternProperties"}:
             props = schema.get("properties", {})
             if not isinstance(props, dict):
                 raise _Unsupported("properties", "not an object")
+            outside = [k for k in names if k not in props] if names is not None else None
             if "patternProperties" in keys or ("additionalProperties" in keys and names is None):
-                raise _Unsupported("additionalProperties" if "additionalProperties" in keys else "patternProperties",
-                                   "negating additional or pattern properties of an object whose other keys "
-                                   "are not known")
+                ctx = self.plain(context)
+                patterns = schema.get("patternProperties") or {}
+                if not (isinstance(ctx, dict) and isinstance(patterns, dict) and
+                        _same(ctx.get("additionalProperties", True), schema.get("additionalProperties", True)) and
+                        _same(ctx.get("patternProperties") or {}, patterns) and
+                        isinstance(ctx.get("properties", {}), dict)):
+                    raise _Unsupported("additionalProperties" if "additionalProperties" in keys
+                                       else "patternProperties",
+                                       "negating additional or pattern properties of an object whose other keys "
+                                       "are not known")
+                # The surrounding objects' undeclared keys obey the same additional/pattern schemas, so only
+                # the keys they declare and `schema` does not can break them: a key no pattern matches breaks
+                # `additionalProperties` (below); one a pattern matches obeys it there too (the same patterns).
+                try:
+                    outside = [k for k in ctx.get("properties", {}) if k not in props and
+                               not any(re.search(p, k) for p in patterns)]
+                except re.error:
+                    raise _Unsupported("patternProperties", "a pattern Python cannot read") from None
             extra = schema.get("additionalProperties", True)
             if extra is not True and extra != {}:  # a key outside `props`, with a value `extra` rejects
-                negated = self.negate(extra, None, refs)
-                branches.extend({"type": "object", "required": [k]} if negated is True else
-                                {"type": "object", "required": [k], "properties": {k: negated}}
-                                for k in names if k not in props)
+                for k in outside or []:
+                    negated = self._negate_in(extra, context_props.get(k), refs)
+                    branches.append({"type": "object", "required": [k]} if negated is True else
+                                    {"type": "object", "required": [k], "properties": {k: negated}})
             branches.append({"anyOf": [{"type": "object", "required": [name],
-                                        "properties": {name: self._negate_in(sub, context_props.get(name), refs)}}
+                                        "properties": {name: self._negate_in(sub, self._value_context(
+                                            name, context_props, context), refs)}}
                                        for name, sub in props.items() if sub is not True and sub != {}
                                        and (names is None or name in names)]})  # others cannot be present
-            keys -= {"properties", "additionalProperties"}
+            keys -= {"properties", "additionalProperties", "patternProperties"}
         if "items" in keys and isinstance(schema["items"], (dict, bool)):
             mine, theirs = self.plain(schema["items"]), self.plain(items)
-            if mine is True or mine == {}:
-                keys.discard("items")  # every array satisfies it
-            elif (mine_t := _possible_types(mine, self.plain)) is not None and \
-                    (theirs_t := _possible_types(theirs, self.plain)) is not None and not _overlap(mine_t, theirs_t):
-                # The surrounding schema's items never satisfy `mine`: any item is a counterexample.
+            if mine is True or mine == {} or (items is not None and _same(mine, theirs)):
+                keys.discard("items")  # every array (of the surrounding schema) satisfies it
+            elif items is not None and _disjoint(mine, theirs, self.plain):
+                # The surrounding schema's items never satisfy `mine` (disjoint types, values, ...): any
+                # item is a counterexample.
                 branches.append({"type": "array", "minItems": 1})
                 keys.discard("items")
         for key, neg in (("minLength", ("string", "maxLength", -1)), ("maxLength", ("string", "minLength", 1)),
@@ -454,13 +649,26 @@ class _Rewriter:
             raise _Unsupported(left[0], f'negating "{left[0]}" has no exact schema form here')
         return _any(branches, types)
 
+    def _value_context(self, name: str, context_props: dict, context: Any) -> Any:
+        """The schema the surrounding objects give the value at key `name`: its declared one, else its
+        `additionalProperties` where no pattern property could match (None: unknown)."""
+        if name in context_props:
+            return context_props[name]
+        ctx = self.plain(context)
+        if isinstance(ctx, dict) and not ctx.get("patternProperties"):
+            extra = ctx.get("additionalProperties", True)
+            return None if extra is True else extra
+        return None
+
     def _negate_in(self, schema: Any, context: Any, refs: tuple) -> Any:
         """negate(schema) among the instances of `context` (a property's schema in the surrounding one)."""
         context = self.plain(context)
+        if context is not None and _same(self.plain(schema), context):
+            return False  # every instance of the context satisfies it
         if not isinstance(context, dict):
             return self.negate(schema, None, refs)
         return self.negate(schema, _possible_types(context, self.plain), refs, keys=_closed_keys(context),
-                           props=context.get("properties"), items=context.get("items"))
+                           props=context.get("properties"), items=context.get("items"), context=context)
 
     def plain(self, node: Any) -> Any:
         """`node`, or the target of a plain `$ref` (one with nothing beside it)."""
@@ -483,6 +691,65 @@ class _Rewriter:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+FINITE_MAX = 1000  # a finite node with more values than this is rewritten keyword by keyword
+
+
+def _finite_values(node: Any, plain, depth: int = 0, seen: tuple = ()) -> list | None:
+    """Values that include every instance of `node` (its `enum`/`const`, those of an `allOf` part or a
+    `$ref` target, the union over `anyOf`/`oneOf` options, `null` or the booleans for `type`), or None
+    when the instances are not known to be a small finite set."""
+    if not isinstance(node, dict) or depth > 16:
+        return None
+    found: list[list] = []
+    if "const" in node:
+        found.append([node["const"]])
+    if isinstance(node.get("enum"), list):
+        found.append(list(node["enum"]))
+    if node.get("type") in ("null", "boolean"):
+        found.append([None] if node["type"] == "null" else [False, True])
+    if node.get("type") == "integer":  # bounded integers (a superset: the bounds are checked after)
+        lows = [v for k in ("minimum", "exclusiveMinimum") if _is_number(v := node.get(k))]
+        highs = [v for k in ("maximum", "exclusiveMaximum") if _is_number(v := node.get(k))]
+        if lows and highs and max(highs) - min(lows) <= FINITE_MAX:
+            found.append(list(range(math.floor(min(lows)), math.ceil(max(highs)) + 1)))
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref not in seen:
+        target = plain({"$ref": ref})
+        if target is not None and not (isinstance(target, dict) and target.get("$ref") == ref):
+            sub = _finite_values(target, plain, depth + 1, seen + (ref,))
+            if sub is not None:
+                found.append(sub)
+    for part in node.get("allOf", []) if isinstance(node.get("allOf"), list) else []:
+        sub = _finite_values(part, plain, depth + 1, seen)
+        if sub is not None:
+            found.append(sub)
+    for key in ("anyOf", "oneOf"):
+        options = node.get(key)
+        if isinstance(options, list) and options:
+            subs = [_finite_values(o, plain, depth + 1, seen) for o in options]
+            if all(sub is not None for sub in subs):
+                found.append([v for sub in subs for v in sub])
+    if not found:
+        return None
+    values: list = []
+    for v in min(found, key=len):
+        if not any(_eq(v, w) and type(v) is type(w) for w in values):
+            values.append(v)
+    return values if len(values) <= FINITE_MAX else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Are `a` and `b` the same JSON value (1 and true differ; key order does not matter)?"""
+    try:
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 def _types_of(node: dict) -> frozenset | None:
     t = node.get("type")
@@ -718,6 +985,14 @@ def _complement_regex(words: list[str]) -> str:
 
 
 def _complement_pattern(pattern: Any) -> str | None:
+    """An anchored regex for the strings `pattern` does not find (`_complement_linear`'s small form for
+    sequences of character classes, else `regular.complement`'s), or None."""
+    if not isinstance(pattern, str):
+        return None
+    return _complement_linear(pattern) or regular.complement(pattern)
+
+
+def _complement_linear(pattern: Any) -> str | None:
     """An anchored regex for the strings `pattern` does not match (ECMA-262 search semantics: `$` is the
     end of the string, as in Rust's regex; Python's `$` would also match before a final newline), or
     None when `pattern` is not one of the shapes handled: a sequence of character classes (literals,
@@ -922,14 +1197,28 @@ def _negate_class(cls: str) -> str:
     return "[^" + cls + "]"
 
 
-def _provably_disjoint(options: list, plain=lambda node: node) -> bool:
-    """True when no instance can match two of `options` (pairwise `_disjoint`; `plain` resolves plain
-    `$ref`s). Conservative: False when unsure."""
-    return all(_disjoint(options[i], options[j], plain) for i in range(len(options))
-               for j in range(i + 1, len(options)))
+def _provably_disjoint(options: list, plain=lambda node: node, context: frozenset | None = None,
+                       required: frozenset = frozenset()) -> bool:
+    """True when no instance (of the JSON types `context`, None: any; objects having the keys `required`)
+    can match two of `options` (pairwise `_disjoint`; `plain` resolves plain `$ref`s). Conservative:
+    False when unsure."""
+    return all(_disjoint(options[i], options[j], plain, context=context, required=required)
+               for i in range(len(options)) for j in range(i + 1, len(options)))
 
 
-def _disjoint(a: Any, b: Any, plain, depth: int = 0) -> bool:
+def _kinds(context: frozenset | None) -> list[frozenset]:
+    """The JSON types of `context` (None: all), one set each ("integer" alone where "number" is not)."""
+    out = []
+    for t in TYPES:
+        if context is None or t in context:
+            out.append(frozenset({t}))
+        elif t == "number" and "integer" in context:
+            out.append(frozenset({"integer"}))
+    return out
+
+
+def _disjoint(a: Any, b: Any, plain, depth: int = 0, context: frozenset | None = None,
+              required: frozenset = frozenset()) -> bool:
     """No instance matches both `a` and `b`, by one keyword of each (every keyword of a schema must hold,
     so one pair that cannot hold together is a proof): disjoint JSON types, disjoint `enum`/`const`
     values, or a discriminator -- a property both require, whose schemas are disjoint, in schemas of
@@ -938,6 +1227,8 @@ def _disjoint(a: Any, b: Any, plain, depth: int = 0) -> bool:
     if not isinstance(a, dict) or not isinstance(b, dict) or depth > 8:
         return False
     ta, tb = _types_of(a), _types_of(b)
+    if context is not None and context <= {"object"}:  # only objects are instances here
+        ta = frozenset({"object"}) if ta is None else ta & {"object"}
     pa, pb = _possible_types(a, plain), _possible_types(b, plain)
     if pa is not None and pb is not None and not _overlap(pa, pb):
         return True
@@ -948,16 +1239,70 @@ def _disjoint(a: Any, b: Any, plain, depth: int = 0) -> bool:
     va, vb = _values(a), _values(b)
     if va is not None and vb is not None:
         return not any(_eq(x, y) for x in va for y in vb)
+    for values, other in ((va, b), (vb, a)):
+        if values is not None and _fails_all(other, values):
+            return True
     for values, types in ((va, tb), (vb, ta)):
         if values is not None and types is not None:
             return not any(_overlap({_type_name(v)}, types) for v in values)
     if (ta is not None and ta <= {"object"}) or (tb is not None and tb <= {"object"}):
         pa, pb = a.get("properties"), b.get("properties")
         ra, rb = a.get("required"), b.get("required")
-        if isinstance(pa, dict) and isinstance(pb, dict) and isinstance(ra, list) and isinstance(rb, list):
-            return any(name in pa and name in pb and _disjoint(pa[name], pb[name], plain, depth + 1)
-                       for name in set(ra) & set(rb) if isinstance(name, str))
+        if required:  # keys every instance here has (the surrounding schema requires them)
+            ra = [*(ra if isinstance(ra, list) else []), *required]
+            rb = [*(rb if isinstance(rb, list) else []), *required]
+        if isinstance(pa, dict) and isinstance(pb, dict) and isinstance(ra, list) and isinstance(rb, list) and \
+                any(name in pa and name in pb and _disjoint(pa[name], pb[name], plain, depth + 1)
+                    for name in set(ra) & set(rb) if isinstance(name, str)):
+            return True
+        if _key_conflict(a, b, plain, depth, required) or _key_conflict(b, a, plain, depth, required):
+            return True
+    for x, y in ((a, b), (b, a)):  # x lies within the union of its options: each disjoint from y suffices
+        options = x.get("anyOf") if isinstance(x.get("anyOf"), list) else x.get("oneOf")
+        if isinstance(options, list) and options and \
+                all(_disjoint(o, y, plain, depth + 1, context) for o in options):
+            return True
     return False
+
+
+def _key_conflict(x: dict, y: dict, plain, depth: int, required: frozenset = frozenset()) -> bool:
+    """An object valid against `x` has a key whose value `y` rejects: a key `x` requires that `y` forbids
+    (`false`, or closed objects without it), or whose schemas in both are disjoint (in `y`, its property
+    schema, or `additionalProperties` where no pattern property can apply)."""
+    own, px = x.get("required"), x.get("properties") if isinstance(x.get("properties"), dict) else {}
+    py = y.get("properties") if isinstance(y.get("properties"), dict) else {}
+    for name in [*(own if isinstance(own, list) else []), *required]:
+        if not isinstance(name, str):
+            continue
+        if name in py:
+            theirs = py[name]
+        elif not y.get("patternProperties") and "additionalProperties" in y:
+            theirs = y["additionalProperties"]
+        else:
+            continue
+        if plain(theirs) is False or (name in px and _disjoint(px[name], theirs, plain, depth + 1)):
+            return True
+    return False
+
+
+_SCALAR_ONLY = {"type", "enum", "const", "pattern", "minLength", "maxLength", "format", "minimum", "maximum",
+                "multipleOf"}
+
+
+def _fails_all(schema: dict, values: list) -> bool:
+    """True when `jsonschema` (formats checked) rejects every one of `values` against `schema`, a schema
+    of scalar keywords only (no subschema, no reference: its meaning is the same in every draft). A
+    value jsonschema rejects is no instance, so an option of `values` is disjoint from `schema`."""
+    if set(schema) - _ANNOTATIONS - _SCALAR_ONLY or len(values) > 64 or \
+            ("format" in schema and schema["format"] not in formats.NATIVE | formats.PATTERNS.keys()):
+        return False  # a format enforced here only (others are refused, or annotations)
+    try:
+        from jsonschema import Draft202012Validator, FormatChecker
+
+        checker = Draft202012Validator(schema, format_checker=FormatChecker())
+        return not any(checker.is_valid(v) for v in values)
+    except Exception:  # noqa: BLE001 - not provable here
+        return False
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1096,3 +1441,49 @@ def _parts(schema: Any, root: Any, value: Any = None) -> list[dict]:
                 children.append(node[key])
         stack[:0] = children
     return out
+
+
+# ------------------------------------------------------------------------------- recursive merges
+def inline_merged_refs(schema: Any, ref: str) -> int:
+    """Replace, in place, every use of the local reference `ref` that llguidance would intersect with
+    something else (a `$ref` beside other keywords, an `allOf` part, an `anyOf`/`oneOf` option of a
+    schema with other keywords) by a copy of its target; the copy's own references stay. A reference
+    means its target, so the schema accepts the same instances; llguidance refuses to intersect a
+    reference whose definition is still being compiled ("circular references with sibling keys"), and
+    the copy gives it the target's keywords to intersect instead. Returns the number of uses replaced."""
+    target = walk_pointer(schema, ref)
+    if not isinstance(target, (dict, bool)):
+        return 0
+    done = 0
+    seen: set[int] = set()
+
+    def merged(node: dict) -> bool:
+        return bool(set(node) - _ANNOTATIONS - {"anyOf", "oneOf"})
+
+    def visit(node: Any) -> None:
+        nonlocal done
+        if isinstance(node, list):
+            for child in node:
+                visit(child)
+            return
+        if not isinstance(node, dict) or id(node) in seen:
+            return
+        seen.add(id(node))
+        if node.get("$ref") == ref and set(node) - _ANNOTATIONS - {"$ref"}:
+            del node["$ref"]
+            node["allOf"] = [*node.get("allOf", []), copy.deepcopy(target)]
+            done += 1
+        for key, value in list(node.items()):
+            if key in ("allOf", "anyOf", "oneOf") and isinstance(value, list):
+                for i, option in enumerate(value):
+                    if isinstance(option, dict) and option.get("$ref") == ref and \
+                            not (set(option) - _ANNOTATIONS - {"$ref"}) and (key == "allOf" or merged(node)):
+                        value[i] = copy.deepcopy(target)
+                        done += 1
+                    else:
+                        visit(option)
+            else:
+                visit(value)
+
+    visit(schema)
+    return done

@@ -446,6 +446,8 @@ _ONE_OF_UNPROVEN = "oneOf constraints are not supported"
 WHITESPACE_MAX_RUN = 20  # whitespace="flexible": at most this many whitespace characters between two tokens
 WHITESPACE_PATTERN = f"[\\x20\\x0A\\x0D\\x09]{{0,{WHITESPACE_MAX_RUN}}}"
 _UNIMPLEMENTED = re.compile(r'Unimplemented keys: \[(.*?)\]')
+_CIRCULAR = re.compile(r"circular references with sibling keys are not supported: \S*?(#/\S*)")
+_INLINE_ROUNDS = 4  # rounds of keywords.inline_merged_refs before a circular merge is refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,11 +464,28 @@ class LLGuidanceBackend(ConstraintBackend):
         start = time.perf_counter()
         grammar, source_schema, arrays = self._grammar(spec)
         template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
-        if template.is_error() and _ONE_OF_UNPROVEN in template.get_error() and \
-                keywords.needs_rewrite(source_schema, one_of=True):
-            # llguidance could not prove some oneOf's options disjoint: enforce "exactly one" exactly,
-            # as anyOf over (one option and the negation of every other).
-            grammar, source_schema, arrays = self._grammar(spec, one_of=True)
+        one_of, inlined = False, []
+        while template.is_error():
+            error = template.get_error()
+            circular = _CIRCULAR.search(error)
+            if _ONE_OF_UNPROVEN in error and not one_of and keywords.needs_rewrite(source_schema, one_of=True):
+                # llguidance could not prove some oneOf's options disjoint: enforce "exactly one"
+                # exactly, as anyOf over (one option and the negation of every other).
+                one_of = True
+                grammar, source_schema, arrays = self._grammar(spec, one_of=True)
+                if inlined:
+                    for ref in inlined:
+                        keywords.inline_merged_refs(source_schema, ref)
+                    grammar = llguidance.LLMatcher.grammar_from_json_schema(source_schema,
+                                                                            overrides=self._options(spec))
+            elif circular and len(inlined) < _INLINE_ROUNDS and \
+                    keywords.inline_merged_refs(source_schema, circular.group(1)):
+                # A recursive definition merged with other keywords: merge a copy of it instead (the
+                # same instances, see `keywords.inline_merged_refs`) and compile again.
+                inlined.append(circular.group(1))
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(source_schema, overrides=self._options(spec))
+            else:
+                break
             template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
         if template.is_error():
             raise ConstraintError(self._explain(spec, template.get_error(), source_schema))
@@ -507,13 +526,17 @@ class LLGuidanceBackend(ConstraintBackend):
             schema = schema_tools.close_objects(schema)
         schema_tools.check_min_properties(schema)
         schema, arrays = unique.extract(schema)
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=self._options(spec)), schema, arrays
+        except ValueError as e:
+            raise ConstraintError(f"json_schema: {e}") from None
+
+    @staticmethod
+    def _options(spec: ConstraintSpec) -> dict:
         options = {"whitespace_flexible": spec.whitespace_flexible, "lenient": False, "coerce_one_of": False}
         if spec.whitespace_flexible:
             options["whitespace_pattern"] = WHITESPACE_PATTERN
-        try:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options), schema, arrays
-        except ValueError as e:
-            raise ConstraintError(f"json_schema: {e}") from None
+        return options
 
     @staticmethod
     def _explain(spec: ConstraintSpec, error: str, schema) -> str:

@@ -17,9 +17,10 @@ is valid. Exactly where the array is, and what its items are, must be decidable 
     alone admit arrays (objects) at their place (plain `$ref`s followed), so its place in the output
     names it; a `uniqueItems: true` anywhere else (in one of several options that admit arrays, `allOf`,
     `additionalProperties`, a recursive `$ref`, ...) is refused with ConstraintError;
-  * its items are scalars: an `enum`/`const` of scalars, `boolean`, `null`, a `string` with at most
-    `minLength`/`maxLength`, or an unbounded `integer`/`number`. Items with a `pattern`, `format`, bounds,
-    objects or arrays are refused (whether an unused completion exists would not be decidable here).
+  * its items are scalars: an `enum`/`const` of scalars, `boolean`, `null`, a `string` (or `["string",
+    "null"]`) with at most `minLength`/`maxLength`, or an unbounded `integer`/`number`. Items with a
+    `pattern`, `format`, bounds, objects or arrays are refused (whether an unused completion exists
+    would not be decidable here).
 
 Cost: nothing outside unique arrays; inside one, the candidates that can complete or open an item are
 re-scanned in Python (inside a string item only the tokens holding a `"`).
@@ -55,6 +56,7 @@ class UniqueArray:
     kind: str  # "finite" | "string" | "integer" | "number"
     domain: tuple = ()  # (key, texts) per value of a finite domain: its identity and its JSON spellings
     max_length: int | None = None  # strings
+    nullable: bool = False  # strings: `null` is an item too (`"type": ["string", "null"]`)
 
 
 # ----------------------------------------------------------------------------------- compile time
@@ -155,6 +157,10 @@ def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
             why = "items that are not an enum of scalars"
         else:
             kind = _finite(values)
+    elif isinstance(items.get("type"), list) and sorted(items["type"]) == ["null", "string"] and \
+            not set(items) - _ANNOTATIONS - {"type", "minLength", "maxLength"}:
+        kind = _finite(["", None]) if items.get("maxLength") == 0 else \
+            UniqueArray(kind="string", max_length=items.get("maxLength"), nullable=True)
     else:
         t = items.get("type")
         keys = set(items) - _ANNOTATIONS - {"type"}
@@ -360,6 +366,8 @@ def viable(state: ScanState, opening: bool) -> bool:
         return any(k not in top.used and any(t.startswith(text) for t in texts) for k, texts in spec.domain)
     if spec.kind == "integer":
         return not (text in ("0", "-0") and ("num", Decimal(0)) in top.used)
+    if spec.kind == "string" and spec.nullable and text[:1] == "n":  # `null`: one value
+        return ("null",) not in top.used
     if spec.kind == "string" and spec.max_length is not None and not state.escaped:
         try:
             content = json.loads(text + '"')
