@@ -28,6 +28,7 @@ Writes benchmarks/results/limits.json (+ limits.png; .quick.* with --quick) and 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import os
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, fastest_in_cycles, paired_ratio_summary, quick_mode, summary, write_result
+from common import RESULTS, fastest_in_cycles, fmt_ratio, paired_ratio_summary, quick_mode, summary, write_result
 
 HERE = Path(__file__).parent
 T_VALUES = (1, 2, 4, 8, 16, 32)
@@ -230,6 +231,34 @@ print("E2E" + json.dumps(out))
 """
 
 
+_LLAMA_SNIPPET = r"""
+import json, os, sys, time
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # see benchmarks/gemma.py: spinning threads collapse when shared
+import llama_cpp
+tasks, max_tokens, rounds, path = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
+grammars = [llama_cpp.LlamaGrammar.from_json_schema(json.dumps(t["schema"]), verbose=False) for t in tasks]
+def one(constrained):
+    tokens, seconds = 0, 0.0
+    for t, g in zip(tasks, grammars):
+        llm.reset()  # no prompt reuse across calls: every prompt is prefilled, as ours are
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        t0 = time.perf_counter()
+        r = llm.create_chat_completion(messages=[{"role": "user", "content": t["prompt"]}], max_tokens=max_tokens,
+                                       temperature=0.0, grammar=g if constrained else None)
+        wall = time.perf_counter() - t0
+        prefill = llama_cpp.llama_perf_context(llm.ctx).t_p_eval_ms / 1e3
+        tokens += r["usage"]["completion_tokens"]; seconds += wall - prefill
+    return tokens / seconds
+one(False); one(True)  # warm up
+out = {"unconstrained": [], "constrained": []}
+for _ in range(rounds):
+    for name in out:
+        out[name].append(one(name == "constrained"))
+print("E2E" + json.dumps(out))
+"""
+
+
 def e2e(before_src: str, after_src: str, rounds: int, inner_rounds: int, n_prompts: int, max_tokens: int) -> dict:
     """Greedy generation tok/s of two source trees, each in its own processes, alternating process by process:
     unconstrained and JSON-Schema-constrained at batch 1 (decode tokens / decode time), and generate_batch of
@@ -242,9 +271,24 @@ def e2e(before_src: str, after_src: str, rounds: int, inner_rounds: int, n_promp
     tasks = json.loads((HERE / "data" / "extraction.json").read_text())[:n_prompts]
     trees = {"before": before_src, "after": after_src}
     samples = {tree: {"unconstrained": [], "constrained": [], "batch": []} for tree in trees}
+    llama = importlib.util.find_spec("llama_cpp") is not None
+    if llama:  # llama.cpp on the same GGUF, its own processes in the same alternation
+        from llmqp.model.loader import default_model_path
+
+        gguf = str(default_model_path())
+        samples["llamacpp"] = {"unconstrained": [], "constrained": []}
     outputs = {}
     for r in range(rounds):
-        for tree in (("before", "after") if r % 2 == 0 else ("after", "before")):
+        order = ("before", "after") if r % 2 == 0 else ("after", "before")
+        for tree in (order + ("llamacpp",) if llama else order):
+            if tree == "llamacpp":
+                proc = subprocess.run([sys.executable, "-c", _LLAMA_SNIPPET, json.dumps(tasks), str(max_tokens),
+                                       str(inner_rounds), gguf], capture_output=True, text=True, check=True)
+                doc = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("E2E"))[3:])
+                for k in samples[tree]:
+                    samples[tree][k].extend(doc[k])
+                print(f"e2e round {r + 1}/{rounds}: llama.cpp done, load {os.getloadavg()[0]:.1f}", flush=True)
+                continue
             env = dict(os.environ, PYTHONPATH=trees[tree])
             proc = subprocess.run([sys.executable, "-c", _E2E_SNIPPET, json.dumps(tasks), str(max_tokens),
                                    str(inner_rounds)], env=env, capture_output=True, text=True, check=True)
@@ -259,6 +303,17 @@ def e2e(before_src: str, after_src: str, rounds: int, inner_rounds: int, n_promp
     for k in ("unconstrained", "constrained", "batch"):
         result[k] = {tree: summary(samples[tree][k]) for tree in trees}
         result[k]["after_vs_before"] = paired_ratio_summary(samples["after"][k], samples["before"][k])
+    if llama:
+        result["llamacpp"] = {
+            "version": importlib.metadata.version("llama-cpp-python"), "gguf": Path(gguf).name, "n_threads": 2,
+            "what": "create_chat_completion, greedy, same prompts and max_tokens; constrained = its JSON-schema "
+                    "grammar (LlamaGrammar.from_json_schema); decode tok/s = tokens / (wall - llama.cpp's prompt-eval "
+                    "time); llama.cpp reads the GGUF's 4-bit weights as they are, we dequantize them to f32",
+            **{k: summary(v) for k, v in samples["llamacpp"].items()},
+            "after_over_llamacpp": {k: paired_ratio_summary(samples["after"][k], samples["llamacpp"][k])
+                                    for k in ("unconstrained", "constrained")}}
+    else:
+        result["llamacpp"] = "llama-cpp-python not installed (pip install 'llmqp[llamacpp]'): not measured"
     return result
 
 
@@ -290,6 +345,12 @@ def main() -> None:
             print(f"| {k} | {b['median']:.1f} ({b['q1']:.1f}–{b['q3']:.1f}) | {a['median']:.1f} "
                   f"({a['q1']:.1f}–{a['q3']:.1f}) | {ratio['value']:.2f}x ({ratio['ci95'][0]:.2f}–"
                   f"{ratio['ci95'][1]:.2f}) | {doc['identical_tokens'][k]} |")
+        if isinstance(doc["llamacpp"], dict):
+            for k in ("unconstrained", "constrained"):
+                m, ratio = doc["llamacpp"][k], doc["llamacpp"]["after_over_llamacpp"][k]
+                label = "JSON grammar" if k == "constrained" else "unconstrained"
+                print(f"| llama.cpp, {label} | | {m['median']:.1f} ({m['q1']:.1f}–{m['q3']:.1f}) | "
+                      f"after / llama.cpp {fmt_ratio(ratio)} | |")
         return
     rounds, cycles = (2, 1) if quick else (args.rounds, args.cycles)
     t_values = tuple(t for t in T_VALUES if t <= 8) if quick else T_VALUES
@@ -399,7 +460,7 @@ def main() -> None:
     results["format_accuracy"] = format_accuracy(cfg, params["float32"], params["bfloat16"], loaded.tokenizer)
     try:
         import llama_cpp  # noqa: F401
-        results["llama_cpp"] = "installed but not measured here (see benchmarks/foundation.py)"
+        results["llama_cpp"] = "installed: measured beside ours end to end (--e2e-before, results/limits_e2e.json)"
     except ImportError:
         results["llama_cpp"] = "not installed"
     write_result("limits", results, quick=quick)
