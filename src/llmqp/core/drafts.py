@@ -23,6 +23,8 @@ step; "auto" (the default) lets the draft planner choose the lookup draft's leng
 
 from __future__ import annotations
 
+from llmqp.errors import LLMQPError
+
 DRAFT_MODES = ("auto", "none", "forced", "lookup")
 
 
@@ -49,9 +51,10 @@ class PromptLookup:
                     index[tuple(ctx[p - n : p])] = p
             ctx.append(int(t))
 
-    def propose(self, tail: list[int]) -> int | None:
-        """The token that followed the longest suffix of `tail` (the context plus draft tokens so far)."""
-        for n in range(min(self.n_max, len(tail)), self.n_min - 1, -1):
+    def propose(self, tail: list[int], n_min: int | None = None) -> int | None:
+        """The token that followed the longest suffix of `tail` (the context plus draft tokens so far), of at
+        least `n_min` tokens (default: the index's)."""
+        for n in range(min(self.n_max, len(tail)), (n_min or self.n_min) - 1, -1):
             at = self.index.get(tuple(tail[-n:]))
             if at is not None:
                 return self.context[at]
@@ -113,7 +116,7 @@ class TextLookup:
             if text:
                 try:
                     run = list(self.encode(text))
-                except Exception:  # text the tokenizer refuses: no guess, never an error
+                except (LLMQPError, ValueError):  # text the tokenizer refuses: no guess, never an error
                     run = []
                 if cut:
                     run = run[:-1]
@@ -135,14 +138,8 @@ class Lookup:
             self.text.extend(tokens)
 
     def propose(self, draft: list[int]) -> int | None:
-        tokens = self.tokens
-        tail = tokens.context[-tokens.n_max :] + list(draft)
-        for n in range(min(tokens.n_max, len(tail)), 1, -1):
-            at = tokens.index.get(tuple(tail[-n:]))
-            if at is not None:
-                return tokens.context[at]
-        if self.text is not None:
+        tail = self.tokens.context[-self.tokens.n_max :] + list(draft)
+        t = self.tokens.propose(tail, n_min=2)
+        if t is None and self.text is not None:
             t = self.text.propose(list(draft))
-            if t is not None:
-                return t
-        return tokens.propose(tail[-1:])
+        return t if t is not None else self.tokens.propose(tail[-1:])
