@@ -57,6 +57,27 @@ CASES = {
     "dependentSchemas": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                           "dependentSchemas": {"a": {"properties": {"b": {"minimum": 5}}, "required": ["b"]}}},
                          [{"a": 1}, {"a": 1, "b": 2}, {"a": 1, "b": 7}, {"b": 2}]),
+    # contains (llmqp.constraints.contains): a token-level layer forbids `]` until an item matches.
+    "contains": ({"type": "array", "items": {"type": "integer"}, "contains": {"minimum": 5}},
+                 [[], [1], [5], [1, 7], [1, 2, 3], ["x"], [6, 1, 0]]),
+    "contains objects, nested": ({"type": "object", "properties": {"v": {
+        "type": "array", "items": {"type": ["integer", "array"], "items": {"type": "integer"}},
+        "contains": {"type": "array", "minItems": 1}}}},
+        [{"v": []}, {"v": [1, []]}, {"v": [[2]]}, {"v": [1, [1, 2], 3]}, {}, {"v": [[]]}]),
+    "contains twice, in allOf parts": ({"type": "array", "items": {"enum": [1, 2, 3]},
+                                        "allOf": [{"contains": {"const": 1}}, {"contains": {"const": 2}}]},
+                                       [[1], [2], [1, 2], [2, 3, 1], [], [3]]),
+    "contains through a $ref in items": ({"definitions": {"C": {"type": "array", "contains": {"type": "string"}}},
+                                          "type": "array", "items": {"$ref": "#/definitions/C"}},
+                                         [[], [["a"]], [[1]], [["a"], [1, "b"]], [["a"], []]]),
+    "contains in a definition used twice": ({"$defs": {"C": {"type": "array", "contains": {"const": 1}}},
+                                             "type": "object", "properties": {"a": {"$ref": "#/$defs/C"},
+                                                                              "b": {"$ref": "#/$defs/C"}}},
+                                            [{"a": [1], "b": [1, 2]}, {"a": [2], "b": [1]}, {"a": [1], "b": []},
+                                             {}, {"b": [0, 1]}]),
+    "not items (some item fails)": ({"type": "object", "properties": {"t": {
+        "type": "array", "items": {"type": ["integer", "string"]}, "not": {"items": {"type": "integer"}}}}},
+        [{"t": [1]}, {"t": ["a"]}, {"t": [1, "a"]}, {"t": []}, {}]),
     "oneOf numbers": ({"oneOf": [{"type": "integer", "minimum": 0}, {"type": "integer", "maximum": 10}]},
                       [-3, 0, 5, 10, 11, 12, 1.5, "x"]),
     "oneOf objects": ({"type": "object", "properties": {"r": {"type": "integer"}, "w": {"type": "integer"},
@@ -292,6 +313,28 @@ def test_unique_items_step_by_step(tk):
     assert m.count_allowed([token_id(tk, t) for t in ["no", '"', "]", "<|end|>"]]) == 4
 
 
+def test_contains_step_by_step(tk):
+    """The layer removes exactly the tokens that close the array before an item matches."""
+    from llmqp.testing import token_id, token_texts
+
+    c = compile_constraint(make_spec(json_schema={"type": "array", "items": {"enum": ["ab", "no"]},
+                                                  "contains": {"const": "no"}}), tk)
+    m = c.matcher()
+    g = compile_constraint(make_spec(json_schema={"type": "array", "items": {"enum": ["ab", "no"]}}),
+                           tk).matcher()  # the grammar alone, to compare with
+    for text in ["[", '"', "ab", '"']:
+        m.accept(token_id(tk, text))
+        g.accept(token_id(tk, text))
+    assert token_texts(tk, g.allowed()) == {",", "]"}
+    assert token_texts(tk, m.allowed()) == {","}  # `]` would close ["ab"]: no item is "no"
+    assert m.forced() == [token_id(tk, ",")]
+    with pytest.raises(ValueError):
+        m.accept(token_id(tk, "]"))
+    assert m.count_allowed([token_id(tk, t) for t in [",", '"', "no", '"', "]", "<|end|>"]]) == 6
+    m.rollback(3)  # back to `[`: an empty array has no matching item either
+    assert token_texts(tk, m.allowed()) == {'"'}
+    assert m.count_allowed([token_id(tk, t) for t in ['"', "no", '"', "]"]]) == 4
+
 @pytest.mark.parametrize("schema, text", [
     ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, '["a","\\u0061"]'),
     ({"type": "array", "items": {"type": "number"}, "uniqueItems": True}, "[1,10e-1]"),
@@ -315,7 +358,23 @@ def test_unique_items_use_json_equality(tk, schema, text):
                 {"type": "array", "items": {"type": "string"}}]},
      "uniqueItems"),  # two options admit arrays: which one an array matches is not decidable from its place
     ({"type": "array", "items": {"type": "boolean"}, "uniqueItems": True, "minItems": 3}, "uniqueItems"),
-    ({"type": "array", "not": {"items": {"type": "integer"}}}, "items"),
+    ({"anyOf": [{"type": "array", "not": {"items": {"type": "integer"}}}, {"type": "array", "items": {"type": "string"}}]},
+     "items"),  # "some item is not an integer" in one of two options that admit arrays: its place is not known
+    ({"type": "array", "contains": {"type": "integer"}, "maxItems": 3}, "contains"),  # could fill up unmatched
+    ({"type": "array", "prefixItems": [{"type": "string"}], "contains": {"type": "integer"}}, "contains"),
+    ({"type": "array", "contains": {"type": "integer"}, "minContains": 2}, "contains"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"minimum": 3}, "uniqueItems": True}, "contains"),
+    ({"$defs": {"C": {"type": "array", "contains": {"const": 1}}}, "type": "object",  # a node also used in an
+      "properties": {"a": {"$ref": "#/$defs/C"},                                       # option among others
+                     "b": {"anyOf": [{"$ref": "#/$defs/C"}, {"type": "array", "items": {"type": "string"}}]}}},
+     "contains"),
+    ({"$defs": {"U": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}, "type": "object",
+      "properties": {"a": {"$ref": "#/$defs/U"},
+                     "b": {"anyOf": [{"$ref": "#/$defs/U"}, {"type": "array", "items": {"type": "string"}}]}}},
+     "uniqueItems"),  # (its keyword is removed for the layer: `b` would lose it)
+    ({"anyOf": [{"type": "array", "contains": {"const": 1}}, {"type": "array", "items": {"type": "string"}}]},
+     "contains"),
+    ({"type": "array", "contains": {"$ref": "#/$defs/missing"}}, "contains"),  # jsonschema could not decide
     ({"not": {"type": "integer"}}, "type"),  # "a number with a fraction" has no schema form
     ({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 10}]}, "type"),
     ({"type": "object", "not": {"additionalProperties": False}}, "additionalProperties"),
@@ -602,6 +661,30 @@ def test_generation_validates(engine, schema):
         r.text
 
 
+_COLORS = {"type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                       "contains": {"const": "blue"}}}, "required": ["colors"]}
+_SCORES = {"type": "object", "properties": {"scores": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                                  "maximum": 9},
+                                                       "not": {"items": {"maximum": 5}}}}, "required": ["scores"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt, schema, stops", [
+    ("Favourite colors: blue and red.", _COLORS, True),
+    ("The scores were 8 and 9.", _SCORES, True),  # `not items`: some item above 5
+    ("List the colors red, red, green.", _COLORS, False),  # greedy repeats red/green: never "blue"
+])
+def test_generation_with_contains(engine, prompt, schema, stops):
+    """Real model, greedy: the layer keeps `]` away until an item matches, so a stopped output validates;
+    an array the model never satisfies runs into max_tokens and is reported invalid, never stopped."""
+    r = engine.generate("Answer in JSON. " + prompt, json_schema=schema, max_tokens=60)
+    assert (r.finish_reason == "stop") == stops, r.text
+    if stops:
+        assert r.valid and valid(schema, json.loads(r.text)), r.text
+    else:
+        assert r.finish_reason == "length" and not r.valid and r.value is None, r.text
+
+
 def test_key_order_search_follows_the_grammar(tk):
     """Where the schema's parts declare keys in different orders, accepts() (strict=False) searches the
     orders the grammar allows; it still rejects what jsonschema rejects."""
@@ -619,7 +702,8 @@ def test_key_order_search_follows_the_grammar(tk):
 # Every matcher layered above the grammar (uniqueItems) and every rewrite keeps the draft-and-verify
 # contract: any mix of try_accept / rollback leaves the matcher where a fresh replay of the same
 # accepted tokens would be.
-LAYERED = {name: CASES[name][0] for name in CASES if name.startswith(("uniqueItems", "not", "oneOf", "if"))}
+LAYERED = {name: CASES[name][0] for name in CASES
+           if name.startswith(("uniqueItems", "contains", "not", "oneOf", "if"))}
 
 
 def _state(m) -> tuple:

@@ -26,9 +26,10 @@ Three more exact forms widen what can be negated or compiled:
 
 The grammar then enforces them exactly, token by token (valid by construction). A negation this module
 cannot express exactly (`not` of a `format`, of `multipleOf` or "integer" over unbounded numbers, of
-`items`/`contains`/open `additionalProperties` -- "some item / some key" has no schema form -- a
-recursive `$ref`, ...) raises `ConstraintError` naming the keyword and its place; nothing is
-approximated. `oneOf` options are only rewritten when `rewrite(..., one_of=True)` is asked for (the
+`contains`/open `additionalProperties` -- "some key" has no schema form -- a recursive `$ref`, ...)
+raises `ConstraintError` naming the keyword and its place; nothing is approximated. `not items: S`
+becomes `contains: {not: S}` ("some item fails S"), left with every `contains` (whose subschemas are not
+rewritten: `jsonschema` decides them) to the token-level layer (`llmqp.constraints.contains`). `oneOf` options are only rewritten when `rewrite(..., one_of=True)` is asked for (the
 backend asks after llguidance failed to prove them disjoint), so schemas that compiled before keep
 their grammar. `uniqueItems: false` (no constraint) is dropped, and so is a `format` on a schema that
 admits no strings (formats constrain strings only); `uniqueItems: true` is left for the token-level
@@ -88,16 +89,20 @@ class _Unsupported(Exception):
         self.keyword, self.why = keyword, why
 
 
-def rewrite(schema: Any, *, one_of: bool = False, unknown_formats: UnknownFormats = UnknownFormats.REFUSE) -> Any:
+def rewrite(schema: Any, *, one_of: bool = False, unknown_formats: UnknownFormats = UnknownFormats.REFUSE,
+            some_item: bool = True) -> Any:
     """A copy of `schema` without `not`, `if`/`then`/`else`, `dependencies`, `dependentRequired`,
     `dependentSchemas`, `uniqueItems: false`, the `format`s llguidance lacks (`formats.PATTERNS` become
     `pattern`s; with `unknown_formats=ANNOTATION` non-standard ones are dropped) and, with
     `one_of=True`, without `oneOf`, accepting exactly the same instances. Raises ConstraintError when a
-    keyword has no exact rewrite (or names a format outside the enforced set)."""
+    keyword has no exact rewrite (or names a format outside the enforced set). With `some_item`, a
+    negated `items` may become `contains` (which only the token-level layer enforces, where the array's
+    place is known); without it, it is refused."""
     if not isinstance(schema, dict):
         return schema
     root = copy.deepcopy(schema)
     rewriter = _Rewriter(root, one_of, UnknownFormats(unknown_formats))
+    rewriter.some_item = some_item
     try:
         out = rewriter.node(root, "#")
         # $ref targets the walk does not reach as schemas (`#/definitions/group/x`: `group` is no keyword)
@@ -188,6 +193,7 @@ class _Rewriter:
         self.where = "#"
         self.changed = False
         self.first_keyword = self.first_where = None
+        self.some_item = True  # a negated `items` may become `contains`
 
     # ------------------------------------------------------------------------------ the tree walk
     def node(self, node: Any, path: str) -> Any:
@@ -201,6 +207,8 @@ class _Rewriter:
             here = f"{path}/{_escape(key)}"
             if key == "not" or (key == "oneOf" and self.one_of):
                 continue  # negated as written (not of not is the schema itself); rewritten after, in `own`
+            if key == "contains":
+                continue  # decided by jsonschema on each item (llmqp.constraints.contains), never by the grammar
             if key in _ONE or (key == "items" and isinstance(value, (dict, bool))):
                 node[key] = self.node(value, here)
             elif key in _MAP and isinstance(value, dict):
@@ -592,6 +600,12 @@ class _Rewriter:
                 # The surrounding schema's items never satisfy `mine` (disjoint types, values, ...): any
                 # item is a counterexample.
                 branches.append({"type": "array", "minItems": 1})
+                keys.discard("items")
+            elif self.some_item:
+                # Some item fails `mine`: a `contains`, which the token-level layer enforces where the
+                # array's place is known (`llmqp.constraints.contains`); elsewhere the backend refuses it.
+                branches.append({"type": "array", "minItems": 1} if mine is False else
+                                {"type": "array", "contains": {"not": schema["items"]}})
                 keys.discard("items")
         for key, neg in (("minLength", ("string", "maxLength", -1)), ("maxLength", ("string", "minLength", 1)),
                          ("minItems", ("array", "maxItems", -1)), ("maxItems", ("array", "minItems", 1)),

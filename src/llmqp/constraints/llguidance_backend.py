@@ -20,7 +20,7 @@ from typing import ClassVar
 import llguidance
 import numpy as np
 
-from llmqp.constraints import keywords, schema as schema_tools, unique
+from llmqp.constraints import contains, keywords, schema as schema_tools, unique
 from llmqp.constraints.base import CompiledConstraint, ConstraintBackend, ConstraintKind, ConstraintSpec, Matcher
 from llmqp.errors import ConstraintError
 
@@ -265,21 +265,25 @@ class LLGuidanceConstraint(CompiledConstraint):
     _template: llguidance.LLMatcher = dataclasses.field(repr=False)
     _state: _TokenizerState = dataclasses.field(repr=False)
     unique_arrays: dict = dataclasses.field(default_factory=dict, repr=False)  # output path -> UniqueArray
+    contains_arrays: dict = dataclasses.field(default_factory=dict, repr=False)  # output path -> ContainsArray
 
     def matcher(self) -> Matcher:
         inner = LLGuidanceMatcher(self._template, self._state)
-        if not self.unique_arrays:
-            return inner
-        return unique.UniqueMatcher(inner, self.unique_arrays, *self._state.token_bytes())
+        if self.unique_arrays:
+            inner = unique.UniqueMatcher(inner, self.unique_arrays, *self._state.token_bytes())
+        if self.contains_arrays:
+            inner = contains.ContainsMatcher(inner, self.contains_arrays, self._state.token_bytes()[0])
+        return inner
 
     def accepts(self, text: str) -> bool:
-        if not self.unique_arrays:
+        if not self.unique_arrays and not self.contains_arrays:
             return self._accepts_any_order(text)
         try:
             value = json.loads(text)
         except ValueError:
             return False
-        return unique.check_value(value, self.unique_arrays) and self._accepts_any_order(text)
+        return unique.check_value(value, self.unique_arrays) and \
+            contains.check_value(value, self.contains_arrays) and self._accepts_any_order(text)
 
     def _accepts_any_order(self, text: str) -> bool:
         if self._accepts(text):
@@ -460,9 +464,19 @@ class LLGuidanceBackend(ConstraintBackend):
     name: ClassVar[str] = "llguidance"
 
     def compile(self, spec: ConstraintSpec, tokenizer) -> LLGuidanceConstraint:
+        try:
+            return self._compile(spec, tokenizer, some_item=True)
+        except ConstraintError as e:
+            if 'keyword "contains"' not in str(e):
+                raise
+        # A negated `items` became a `contains` at a place the layer cannot name (an option among
+        # others, ...): try the other exact rewrites without it (which may refuse the negation).
+        return self._compile(spec, tokenizer, some_item=False)
+
+    def _compile(self, spec: ConstraintSpec, tokenizer, some_item: bool) -> LLGuidanceConstraint:
         state = tokenizer_state(tokenizer)
         start = time.perf_counter()
-        grammar, source_schema, arrays = self._grammar(spec)
+        grammar, source_schema, arrays, with_contains = self._grammar(spec, some_item=some_item)
         template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
         one_of, inlined = False, []
         while template.is_error():
@@ -472,7 +486,7 @@ class LLGuidanceBackend(ConstraintBackend):
                 # llguidance could not prove some oneOf's options disjoint: enforce "exactly one"
                 # exactly, as anyOf over (one option and the negation of every other).
                 one_of = True
-                grammar, source_schema, arrays = self._grammar(spec, one_of=True)
+                grammar, source_schema, arrays, with_contains = self._grammar(spec, one_of=True, some_item=some_item)
                 if inlined:
                     for ref in inlined:
                         keywords.inline_merged_refs(source_schema, ref)
@@ -494,20 +508,23 @@ class LLGuidanceBackend(ConstraintBackend):
             raise ConstraintError(self._explain(spec, "; ".join(template.get_grammar_warnings()), source_schema))
         compile_ms = (time.perf_counter() - start) * 1e3
         return LLGuidanceConstraint(spec=spec, grammar=grammar, compile_ms=compile_ms,
-                                    _template=template, _state=state, unique_arrays=arrays)
+                                    _template=template, _state=state, unique_arrays=arrays,
+                                    contains_arrays=with_contains)
 
-    def _grammar(self, spec: ConstraintSpec, one_of: bool = False) -> tuple[str, object, dict]:
-        """(llguidance grammar, the schema it was built from, the unique arrays the layer enforces)."""
+    def _grammar(self, spec: ConstraintSpec, one_of: bool = False,
+                 some_item: bool = True) -> tuple[str, object, dict, dict]:
+        """(llguidance grammar, the schema it was built from, the unique arrays and the contains arrays
+        the token-level layers enforce)."""
         if spec.kind is ConstraintKind.REGEX:
-            return llguidance.LLMatcher.grammar_from_regex(spec.source), None, {}
+            return llguidance.LLMatcher.grammar_from_regex(spec.source), None, {}, {}
         if spec.kind is ConstraintKind.CHOICE:
             choices = json.loads(spec.source)
             # One literal per choice; a literal Lark string is JSON-quoted, so any text is safe.
             lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
-            return llguidance.LLMatcher.grammar_from_lark(lark), None, {}
+            return llguidance.LLMatcher.grammar_from_lark(lark), None, {}, {}
         if spec.kind is ConstraintKind.GRAMMAR:
             try:
-                return llguidance.grammar_from("grammar", spec.source), None, {}
+                return llguidance.grammar_from("grammar", spec.source), None, {}, {}
             except ValueError as e:  # GBNF that does not convert
                 raise ConstraintError(f"grammar: {e}") from None
         schema = json.loads(spec.source)
@@ -521,13 +538,19 @@ class LLGuidanceBackend(ConstraintBackend):
         schema_tools.check_keywords(schema)
         if keywords.needs_rewrite(schema, one_of=one_of):
             # before closing: `not` must see the open schema
-            schema = keywords.rewrite(schema, one_of=one_of, unknown_formats=spec.unknown_formats)
+            schema = keywords.rewrite(schema, one_of=one_of, unknown_formats=spec.unknown_formats,
+                                      some_item=some_item)
         if spec.strict:
             schema = schema_tools.close_objects(schema)
         schema_tools.check_min_properties(schema)
+        schema, with_contains = contains.extract(schema)  # first: uniqueItems beside contains is then refused
         schema, arrays = unique.extract(schema)
+        if set(arrays) & set(with_contains):
+            raise ConstraintError('json_schema: keyword "contains" beside "uniqueItems" on the same array is not '
+                                  "supported (the two layers together could leave no token)")
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=self._options(spec)), schema, arrays
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=self._options(spec)), schema, \
+                arrays, with_contains
         except ValueError as e:
             raise ConstraintError(f"json_schema: {e}") from None
 

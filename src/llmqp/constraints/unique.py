@@ -78,6 +78,15 @@ def extract(schema: Any) -> tuple[Any, dict[tuple, UniqueArray]]:
                                   "arrays reached from the root through properties, items and the one anyOf/"
                                   "oneOf option that admits arrays there (not allOf, additional or pattern "
                                   "properties, options that share arrays, or a recursive $ref) are enforced")
+    from llmqp.constraints.contains import places
+
+    placed, elsewhere = places(schema, "uniqueItems")
+    for key in nodes:  # its keyword is removed below: every use of the node must be a registered array
+        if key in elsewhere or any(path not in found for _, path, _ in placed.get(key, [])):
+            where = placed[key][0][2] if placed.get(key) else "?"
+            raise ConstraintError(f'json_schema: keyword "uniqueItems" at {where} is not supported here: its '
+                                  "node is also used where the layer cannot name the array (an option among "
+                                  "others, not, additional properties, a recursive $ref, ...)")
     for node in nodes.values():
         del node["uniqueItems"]
     return schema, found

@@ -1,0 +1,485 @@
+"""`contains`, enforced token by token above the grammar matcher (valid by construction).
+
+"Some item matches S" has no context-free form that llguidance builds, so the grammar is compiled
+without `contains` and `ContainsMatcher` wraps its matcher. It follows the JSON parse of the output so
+far and, while an array at a `contains` place has no item that `jsonschema` validates against S, removes
+every token that would close it (`]`). Each item is decided on its completed text, with `jsonschema`
+and the schema's own draft (exact: S may be any schema, `$ref`s resolved against the whole schema).
+
+Exactly where the array is must be decidable from the schema, and closing must be the only thing the
+layer ever removes (so it never leaves a prefix without continuation):
+
+  * the array is reached from the root through `properties`, `items`, `allOf` parts, `$ref`s and the
+    one `anyOf`/`oneOf` option that admits arrays (objects) at its place (`places`); a node holding
+    `contains` that is also used anywhere else (an option among others, `not`, additional properties,
+    a recursive `$ref`, ...) keeps its `contains`, which the grammar backend then refuses;
+  * beside it: `type`, `items` (one schema, not `false`), `minItems`, and nothing that bounds the
+    array's length (`maxItems`, `prefixItems`, item lists, `minContains`/`maxContains`: refused), so
+    one more item can always be added until one matches S.
+
+Not done: whether S and the item schema admit a common item is not decided here; when they do not, no
+output satisfies the schema and generation runs to `max_tokens` (finish_reason "length", never a
+stopped invalid output; an item schema that admits no item at all leaves only `]`, and `allowed()`
+raises ConstraintError). Cost: nothing outside such arrays; inside one, only the allowed tokens holding
+a `]` are scanned in Python (and the item they complete validated).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+from llmqp.constraints.base import Matcher
+from llmqp.constraints.unique import ITEM, _ANNOTATIONS, _admits, _resolve
+from llmqp.errors import ConstraintError
+
+_BESIDE = {"type", "items", "minItems", "contains"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ContainsArray:
+    """An array at a `contains` place. Each of `validators` (one per `contains` that applies there: two
+    `allOf` parts may each say one) needs an item it validates, not necessarily the same item."""
+
+    validators: tuple = dataclasses.field(repr=False)
+    where: str = "#"
+
+    def matched(self, raw: bytes) -> frozenset:
+        """The indices of the validators that accept the item written `raw`."""
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return frozenset()
+        return frozenset(i for i, v in enumerate(self.validators) if v.is_valid(value))
+
+    def holds(self, items: list) -> bool:
+        return all(any(v.is_valid(item) for item in items) for v in self.validators)
+
+
+# ----------------------------------------------------------------------------------- compile time
+def extract(schema: Any) -> tuple[Any, dict[tuple, ContainsArray]]:
+    """(schema without the `contains` this module enforces, {output path: ContainsArray}). The schema is
+    copied before any change; a `contains` left in it is refused by the grammar backend. Raises
+    ConstraintError for a statically placed `contains` whose array could be bounded."""
+    if not _mentions(schema):
+        return schema, {}
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    if "contains" not in cls.VALIDATORS:
+        return schema, {}  # draft 4 and earlier: `contains` is no keyword there (left to the backend)
+    original = copy.deepcopy(schema)
+    schema = copy.deepcopy(schema)
+    placed, elsewhere = places(schema, "contains")
+    found: dict[tuple, list] = {}
+    for key, uses in placed.items():
+        if key in elsewhere:
+            continue  # also used where its place is not known: left (refused by the backend)
+        node = uses[0][0]
+        extra = set(node) - _ANNOTATIONS - _BESIDE
+        types = node.get("type", "array")
+        where = uses[0][2]
+        if extra or node.get("items") is False or not isinstance(node.get("items", {}), dict) or \
+                not (types == "array" or (isinstance(types, list) and "array" in types)):
+            raise ConstraintError(f'json_schema: keyword "contains" at {where} is not supported beside '
+                                  f'{sorted(extra) or "items that bound the array or a type other than array"}'
+                                  ": only type, minItems and one items schema (an array that can always take "
+                                  "one more item)")
+        if not _refs_resolve(original, node["contains"]):
+            continue  # jsonschema could not decide an item: left (refused by the backend)
+        for _, path, where in uses:
+            found.setdefault(path, []).append((node, where))
+    if not found:
+        return schema, {}
+    root = cls(original)
+    arrays = {}
+    for path, nodes in found.items():
+        arrays[path] = ContainsArray(validators=tuple(root.evolve(schema=node["contains"]) for node, _ in nodes),
+                                     where=nodes[0][1])
+    for path, nodes in found.items():
+        for node, _ in nodes:
+            node.pop("contains", None)
+    return schema, arrays
+
+
+def _refs_resolve(root: Any, schema: Any) -> bool:
+    """Whether every `$ref` `schema` reaches (through the definitions it names, too) is a local pointer
+    into `root` (no remote reference: jsonschema would try to fetch it)."""
+    stack, seen = [schema], set()
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref not in seen:
+                seen.add(ref)
+                target = _resolve(root, ref) if ref.startswith("#") else None
+                if target is None:
+                    return False
+                stack.append(target)
+            stack.extend(v for k, v in node.items() if k not in ("$ref", "enum", "const"))
+        elif isinstance(node, list):
+            stack.extend(node)
+    return True
+
+
+_BOTH = frozenset({"array", "object"})
+
+
+def places(root: Any, keyword: str) -> tuple[dict[int, list], set[int]]:
+    """Where the nodes holding `keyword` apply to the output: ({id(node): [(node, output path, where)]}
+    for every use whose place is known, {id(node)} for nodes also used where it is not).
+
+    A node's place is known when it is reached from the root through `properties` (of objects),
+    `items` (one schema, of arrays), `allOf` parts, `$ref`s, and `anyOf`/`oneOf` options that alone admit
+    arrays (objects) there -- for those values only. Any other route (`not`, `if`, `contains`, additional
+    or pattern properties, an option among several, a recursive `$ref` seen again) is a use whose
+    place is not known: a layer cannot enforce such a node, and must not remove its keyword."""
+    placed: dict[int, list] = {}
+    elsewhere: set[int] = set()
+    seen_static: set = set()
+    seen_dynamic: set[int] = set()
+
+    def dynamic(node: Any) -> None:
+        stack = [node]
+        while stack:
+            node = stack.pop()
+            if not isinstance(node, dict) or id(node) in seen_dynamic:
+                continue
+            seen_dynamic.add(id(node))
+            if keyword in node:
+                elsewhere.add(id(node))
+            stack.extend(_subschemas(root, node))
+
+    def static(node: Any, path: tuple, kinds: frozenset, refs: tuple, where: str) -> None:
+        if not isinstance(node, dict):
+            return
+        state = (id(node), path, kinds)
+        if state in seen_static:
+            return
+        seen_static.add(state)
+        if isinstance(node.get("$ref"), str):
+            ref = node["$ref"]
+            target = _resolve(root, ref) if ref.startswith("#") else None
+            if ref in refs or target is None:
+                dynamic(target)  # recursion: infinitely many places
+            else:
+                static(target, path, kinds, refs + (ref,), ref)
+        if keyword in node:
+            if "$ref" in node:
+                elsewhere.add(id(node))  # beside a $ref: ignored by drafts up to 7
+            elif "array" in kinds:
+                placed.setdefault(id(node), []).append((node, path, where))
+            elif _admits(root, node, "array"):
+                elsewhere.add(id(node))  # arrays here may or may not match this option
+        for key, value in node.items():
+            if key == "$ref":
+                continue
+            if key == "properties" and isinstance(value, dict):
+                for name, sub in value.items():
+                    if "object" in kinds:
+                        static(sub, path + (name,), _BOTH, refs, f"{where}/properties/{name}")
+                    else:
+                        dynamic(sub)
+            elif key == "items" and isinstance(value, dict):
+                if "array" in kinds:
+                    static(value, path + (ITEM,), _BOTH, refs, f"{where}/items")
+                else:
+                    dynamic(value)
+            elif key == "allOf" and isinstance(value, list):
+                for i, part in enumerate(value):
+                    static(part, path, kinds, refs, f"{where}/allOf/{i}")
+            elif key in ("anyOf", "oneOf") and isinstance(value, list):
+                for i, option in enumerate(value):
+                    owns = frozenset(k for k in kinds if _admits(root, option, k) and
+                                     not any(_admits(root, o, k) for j, o in enumerate(value) if j != i))
+                    if owns:
+                        static(option, path, owns, refs, f"{where}/{key}/{i}")
+                    if any(_admits(root, option, k) for k in kinds - owns):
+                        dynamic(option)  # values of another kind here may match it, or another option
+            elif key not in ("definitions", "$defs"):  # definitions apply only through a $ref
+                for sub in _children(key, value):
+                    dynamic(sub)
+
+    static(root, (), _BOTH, (), "#")
+    return placed, elsewhere
+
+
+_SCHEMA_KEYS = {"additionalProperties", "additionalItems", "contains", "propertyNames", "not", "if", "then",
+                "else", "unevaluatedItems", "unevaluatedProperties", "items", "properties", "patternProperties",
+                "dependentSchemas", "dependencies", "allOf", "anyOf", "oneOf", "prefixItems"}
+
+
+def _children(key: str, value: Any) -> list:
+    if key not in _SCHEMA_KEYS:
+        return []
+    if isinstance(value, dict) and key in ("properties", "patternProperties", "dependentSchemas", "dependencies"):
+        return [v for v in value.values() if isinstance(v, dict)]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, dict)]
+    return [value] if isinstance(value, dict) else []
+
+
+def _subschemas(root: Any, node: dict) -> list:
+    out = []
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str):
+            target = _resolve(root, value) if value.startswith("#") else None
+            if isinstance(target, dict):
+                out.append(target)
+        elif key not in ("definitions", "$defs"):
+            out.extend(_children(key, value))
+    return out
+
+
+def _mentions(schema) -> bool:
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "contains" in node:
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def check_value(value: Any, arrays: dict[tuple, ContainsArray], path: tuple = ()) -> bool:
+    """True when every array at a `contains` path of `value` has an item that satisfies it (accepts())."""
+    if isinstance(value, list):
+        if path in arrays and not arrays[path].holds(value):
+            return False
+        return all(check_value(v, arrays, path + (ITEM,)) for v in value)
+    if isinstance(value, dict):
+        return all(check_value(v, arrays, path + (k,)) for k, v in value.items())
+    return True
+
+
+# ----------------------------------------------------------------------------------------- runtime
+_WS = frozenset(b" \t\n\r")
+_SCALAR_BYTES = frozenset(b"-+.0123456789eEtrufalsn")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+    kind: str  # "o" object, "a" array
+    path: tuple
+    spec: ContainsArray | None = None  # an array at a contains place
+    satisfied: frozenset = frozenset()  # the spec's validators some completed item satisfies
+    item_start: int | None = None  # offset of the item in progress (contains arrays)
+    key: str | None = None  # objects: the last key read
+    expect_key: bool = True  # objects: the next string is a key
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanState:
+    """The JSON parse of the output so far, at byte offset `pos` (immutable: kept per token)."""
+
+    stack: tuple = ()
+    lex: bytes | None = None  # the scalar being read (a string starts with `"`), or None
+    escaped: bool = False
+    pos: int = 0
+
+
+def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, ContainsArray]) -> ScanState | None:
+    """`state` after the bytes `data` (`out` is the output before them), or None when they close an
+    array at a contains place none of whose items matches. Assumes `data` is what the grammar allows."""
+    stack, lex, escaped, pos = state.stack, state.lex, state.escaped, state.pos
+    text = _Text(out, data, pos)
+    for b in data:
+        if lex is not None and lex[:1] == b'"':
+            lex += bytes((b,))
+            if escaped:
+                escaped = False
+            elif b == 0x5C:
+                escaped = True
+            elif b == 0x22:
+                stack = _complete(stack, text, pos + 1, lex)
+                lex = None
+            pos += 1
+            continue
+        if lex is not None:
+            if b in _SCALAR_BYTES:
+                lex += bytes((b,))
+                pos += 1
+                continue
+            stack = _complete(stack, text, pos, lex)
+            lex = None
+        if b in _WS or b == 0x3A:  # whitespace, `:`
+            pass
+        elif b == 0x2C:  # `,`
+            if stack and stack[-1].kind == "o":
+                stack = stack[:-1] + (dataclasses.replace(stack[-1], expect_key=True),)
+        elif b in (0x7B, 0x5B):  # `{` `[`
+            stack = _start_item(stack, pos)
+            path = _child_path(stack)
+            stack = stack + (_Frame("o" if b == 0x7B else "a", path, arrays.get(path) if b == 0x5B else None),)
+        elif b in (0x7D, 0x5D):  # `}` `]`
+            if stack[-1].spec is not None and len(stack[-1].satisfied) < len(stack[-1].spec.validators):
+                return None
+            stack = _complete_composite(stack[:-1], text, pos + 1)
+        else:
+            stack = _start_item(stack, pos)
+            lex = bytes((b,))  # `"` or the first byte of a number / literal
+        pos += 1
+    return ScanState(stack, lex, escaped, pos)
+
+
+class _Text:
+    """The output `out[:base] + data`, sliced without copying `out` whole (an item is short, the
+    output may be long)."""
+
+    def __init__(self, out: bytes, data: bytes, base: int):
+        self.out, self.data, self.base = out, data, base
+
+    def slice(self, start: int, end: int) -> bytes:
+        if start >= self.base:
+            return self.data[start - self.base:end - self.base]  # (the token's own bytes)
+        return bytes(self.out[start:self.base]) + self.data[:max(0, end - self.base)]
+
+
+def _child_path(stack: tuple) -> tuple:
+    if not stack:
+        return ()
+    top = stack[-1]
+    return top.path + ((top.key,) if top.kind == "o" else (ITEM,))
+
+
+def _start_item(stack: tuple, pos: int) -> tuple:
+    if stack and stack[-1].spec is not None and stack[-1].item_start is None:
+        return stack[:-1] + (dataclasses.replace(stack[-1], item_start=pos),)
+    return stack
+
+
+def _complete(stack: tuple, text: _Text, end: int, raw: bytes) -> tuple:
+    """A scalar ended at `end`: an object key, an object value or an array item."""
+    if not stack:
+        return stack
+    top = stack[-1]
+    if top.kind == "o":
+        if top.expect_key:
+            return stack[:-1] + (dataclasses.replace(top, key=json.loads(raw), expect_key=False),)
+        return stack
+    return _item_done(stack, text, end)
+
+
+def _complete_composite(stack: tuple, text: _Text, end: int) -> tuple:
+    """An object or array ended at `end`: the value of its parent's key, or an item of its parent."""
+    if not stack:
+        return stack
+    top = stack[-1]
+    if top.kind == "o":
+        return stack[:-1] + (dataclasses.replace(top, expect_key=False),)
+    return _item_done(stack, text, end)
+
+
+def _item_done(stack: tuple, text: _Text, end: int) -> tuple:
+    top = stack[-1]
+    if top.spec is None:
+        return stack
+    satisfied = top.satisfied
+    if len(satisfied) < len(top.spec.validators):
+        satisfied = satisfied | top.spec.matched(text.slice(top.item_start, end))
+    return stack[:-1] + (dataclasses.replace(top, satisfied=satisfied, item_start=None),)
+
+
+class ContainsMatcher(Matcher):
+    """A matcher (the grammar's, or the uniqueItems layer) plus the contains layer. The verbs keep their
+    contract: `allowed()` is the inner set minus the tokens that close an array at a contains place
+    with no matching item (never empty: another item can always follow), `forced()` stops at such a
+    token, `accept` raises ValueError for it, `rollback` restores the scan state too."""
+
+    def __init__(self, inner: Matcher, arrays: dict[tuple, ContainsArray], token_bytes: list[bytes]):
+        self._inner, self._arrays, self._bytes = inner, arrays, token_bytes
+        self.vocab_size, self.eos_ids = inner.vocab_size, inner.eos_ids
+        self._may_close = np.array([b"]" in t for t in token_bytes] + [False], dtype=bool)
+        self._states = [ScanState()]  # one per accepted token (+ the start)
+        self._out = bytearray()  # the output's bytes
+
+    def _next(self, state: ScanState, tok: int) -> ScanState | None:
+        if tok in self.eos_ids:
+            return state
+        data = self._bytes[tok] if tok < len(self._bytes) else b""
+        return scan(state, data, self._out, self._arrays)
+
+    def allowed(self) -> np.ndarray:
+        base = self._inner.allowed()
+        if base.size == 0:
+            return base
+        state = self._states[-1]
+        # Only a `]` closes an array; one at a contains place can also be opened and closed by the
+        # same token (`[]`), so every allowed `]` token is checked while any such place can be reached.
+        candidates = base[self._may_close[np.minimum(base, len(self._may_close) - 1)]]
+        bad = [t for t in candidates.tolist() if self._next(state, t) is None]
+        if not bad:
+            return base
+        kept = np.setdiff1d(base, np.asarray(bad, dtype=base.dtype), assume_unique=True)
+        if kept.size == 0:
+            raise ConstraintError("contains: only tokens that close an array without a matching item are "
+                                  "allowed (the array cannot take another item)")
+        return kept
+
+    def forced(self) -> list[int]:
+        out, state = [], self._states[-1]
+        try:
+            for tok in self._inner.forced():
+                nxt = self._next(state, tok)
+                if nxt is None:
+                    break
+                out.append(tok)
+                self._out += self._bytes[tok] if tok not in self.eos_ids and tok < len(self._bytes) else b""
+                state = nxt
+        finally:
+            del self._out[self._states[-1].pos:]
+        if not out and any(f.spec is not None for f in self._states[-1].stack):
+            allowed = self.allowed()  # the layer may leave one token where the grammar allows several
+            if allowed.size == 1 and int(allowed[0]) not in self.eos_ids:
+                out = [int(allowed[0])]
+        return out
+
+    def _push(self, tok: int, nxt: ScanState) -> None:
+        del self._out[self._states[-1].pos:]
+        if tok not in self.eos_ids and tok < len(self._bytes):
+            self._out += self._bytes[tok]
+        self._states.append(nxt)
+
+    def accept(self, token_id: int) -> None:
+        token_id = int(token_id)
+        self._inner.accept(token_id)  # raises ValueError for a token the grammar does not allow
+        nxt = self._next(self._states[-1], token_id)
+        if nxt is None:
+            self._inner.rollback(1)
+            raise ValueError(f"token {token_id} is not allowed here (it closes an array that has no item "
+                             "matching its contains schema)")
+        self._push(token_id, nxt)
+
+    def try_accept(self, token_ids) -> int:
+        n = 0
+        for tok in token_ids:  # the inner matcher first: the scan assumes bytes it allows
+            tok = int(tok)
+            if self._inner.try_accept([tok]) != 1:
+                break
+            nxt = self._next(self._states[-1], tok)
+            if nxt is None:
+                self._inner.rollback(1)
+                break
+            self._push(tok, nxt)
+            n += 1
+        return n
+
+    def rollback(self, n: int) -> None:
+        n = int(n)
+        self._inner.rollback(n)
+        if n:
+            del self._states[-n:]
+            del self._out[self._states[-1].pos:]
+
+    def can_stop(self) -> bool:
+        return self._inner.can_stop()
+
+    def is_done(self) -> bool:
+        return self._inner.is_done()
