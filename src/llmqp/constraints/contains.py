@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from llmqp.constraints.base import Matcher
-from llmqp.constraints.unique import ITEM, _ANNOTATIONS, _admits, _resolve
+from llmqp.constraints.unique import ITEM, _ANNOTATIONS, _admits, _child_path, _resolve
 from llmqp.errors import ConstraintError
 
 _BESIDE = {"type", "items", "minItems", "contains"}
@@ -340,13 +340,6 @@ class _Text:
         if start >= self.base:
             return self.data[start - self.base:end - self.base]  # (the token's own bytes)
         return bytes(self.out[start:self.base]) + self.data[:max(0, end - self.base)]
-
-
-def _child_path(stack: tuple) -> tuple:
-    if not stack:
-        return ()
-    top = stack[-1]
-    return top.path + ((top.key,) if top.kind == "o" else (ITEM,))
 
 
 def _start_item(stack: tuple, pos: int) -> tuple:
