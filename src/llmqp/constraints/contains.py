@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from llmqp.constraints.base import Matcher
-from llmqp.constraints.unique import ITEM, _ANNOTATIONS, _admits, _child_path, _resolve
+from llmqp.constraints.unique import ITEM, _ANNOTATIONS, _admits, _child_path, _resolve, arrays_hold
 from llmqp.errors import ConstraintError
 
 _BESIDE = {"type", "items", "minItems", "contains"}
@@ -248,15 +248,9 @@ def _mentions(schema) -> bool:
     return False
 
 
-def check_value(value: Any, arrays: dict[tuple, ContainsArray], path: tuple = ()) -> bool:
+def check_value(value: Any, arrays: dict[tuple, ContainsArray]) -> bool:
     """True when every array at a `contains` path of `value` has an item that satisfies it (accepts())."""
-    if isinstance(value, list):
-        if path in arrays and not arrays[path].holds(value):
-            return False
-        return all(check_value(v, arrays, path + (ITEM,)) for v in value)
-    if isinstance(value, dict):
-        return all(check_value(v, arrays, path + (k,)) for k, v in value.items())
-    return True
+    return arrays_hold(value, arrays, ContainsArray.holds)
 
 
 # ----------------------------------------------------------------------------------------- runtime

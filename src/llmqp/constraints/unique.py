@@ -251,17 +251,26 @@ def _text_key(raw: bytes):
         return ("text", text)
 
 
-def check_value(value: Any, arrays: dict[tuple, UniqueArray], path: tuple = ()) -> bool:
-    """True when every array at a unique path of `value` has distinct items (for accepts())."""
+def arrays_hold(value: Any, arrays: dict, holds, path: tuple = ()) -> bool:
+    """True when holds(arrays[path], items) for every array of `value` at a path in `arrays` (a layer's
+    check of a whole value, for accepts())."""
     if isinstance(value, list):
-        if path in arrays:
-            keys = [value_key(v) for v in value]
-            if len(set(keys)) != len(keys):
-                return False
-        return all(check_value(v, arrays, path + (ITEM,)) for v in value)
+        if path in arrays and not holds(arrays[path], value):
+            return False
+        return all(arrays_hold(v, arrays, holds, path + (ITEM,)) for v in value)
     if isinstance(value, dict):
-        return all(check_value(v, arrays, path + (k,)) for k, v in value.items())
+        return all(arrays_hold(v, arrays, holds, path + (k,)) for k, v in value.items())
     return True
+
+
+def _distinct(spec: UniqueArray, items: list) -> bool:
+    keys = [value_key(v) for v in items]
+    return len(set(keys)) == len(keys)
+
+
+def check_value(value: Any, arrays: dict[tuple, UniqueArray]) -> bool:
+    """True when every array at a unique path of `value` has distinct items (for accepts())."""
+    return arrays_hold(value, arrays, _distinct)
 
 
 # ----------------------------------------------------------------------------------------- runtime
