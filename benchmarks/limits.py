@@ -14,6 +14,9 @@ Measured in one run, interleaved round by round (rotating order; within a round 
               `transformer.decode_step` at batch B = 1 ... 16 (tokens (B,)); f32 and bf16 weights.
   baseline    with --baseline PATH (a transformer.py of an older commit), the same trunk calls through that
               module, in the same rounds.
+  accelerator where JAX's default backend is a GPU (benchmarks/gpu.sh), bandwidth and the matmul chain are
+              measured there instead, as jitted JAX programs on device arrays (`limits_of` in the JSON says which);
+              the XLA:CPU flag variants are skipped.
   flags       XLA:CPU compile options on the f32 forward at T = 1 and 8 (compiled with
               `.lower().compile(options)`, so they are measured side by side in one process).
 
@@ -89,6 +92,33 @@ def bandwidth_variants(mib: int) -> tuple[dict, dict]:
     return fns, nbytes
 
 
+def device_bandwidth_variants(mib: int) -> tuple[dict, dict]:
+    """On an accelerator (JAX's default backend is not the CPU): the same STREAM kernels as jitted JAX programs
+    on device arrays — copy (b = a + 1: read + write), triad (b = a + 3 c, one fused pass: 3 x 4 bytes) and
+    read (a . c) — since the trunk then reads its weights from device memory, not from the host's."""
+    import jax
+    import jax.numpy as jnp
+
+    n = mib * 2**20 // 4
+    a = jnp.ones(n, jnp.float32)
+    c = jnp.full(n, 0.5, jnp.float32)
+    kernels = {"copy": (jax.jit(lambda x: x + jnp.float32(1)), (a,), 2),
+               "triad": (jax.jit(lambda x, y: x + jnp.float32(3) * y), (a, c), 3),
+               "read": (jax.jit(jnp.dot), (a, c), 2)}
+    fns, nbytes = {}, {}
+    for name, (fn, args, words) in kernels.items():
+        fn(*args).block_until_ready()  # compile
+        fns[f"{name}_device"] = lambda fn=fn, args=args: fn(*args).block_until_ready()
+        nbytes[f"{name}_device"] = words * 4 * n
+    return fns, nbytes
+
+
+def on_accelerator() -> bool:
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
 # ------------------------------------------------------------------ BLAS
 
 def openblas_threads():
@@ -131,6 +161,31 @@ def blas_chain(cfg, m: int, rng, threads: int):
             x = x + gu[:, :f] @ w["w_down"]
         return x
     return run, sum(int(np.prod(s)) for s in shapes.values()) * cfg.n_layers
+
+
+def device_blas_chain(cfg, m: int, rng):
+    """The same matmul chain as `blas_chain`, jitted on the accelerator (its BLAS: cuBLAS on a GPU), f32."""
+    import jax
+    import jax.numpy as jnp
+
+    d, f, q = cfg.hidden_size, cfg.ffn_size, cfg.q_size
+    shapes = {"w_qkv": (d, q + 2 * cfg.kv_size), "w_o": (q, d), "w_gate_up": (d, 2 * f), "w_down": (f, d)}
+    n_params = sum(int(np.prod(s)) for s in shapes.values()) * cfg.n_layers
+    layers = [{k: jnp.asarray(rng.standard_normal(s, dtype=np.float32) * np.float32(0.3 / np.sqrt(s[0])))
+               for k, s in shapes.items()} for _ in range(cfg.n_layers)]
+    x0 = jnp.asarray(rng.standard_normal((m, d), dtype=np.float32))
+
+    @jax.jit
+    def chain(x, layers):
+        for w in layers:
+            qkv = x @ w["w_qkv"]
+            x = x + qkv[:, :q] @ w["w_o"]
+            gu = x @ w["w_gate_up"]
+            x = x + gu[:, :f] @ w["w_down"]
+        return x
+
+    chain(x0, layers).block_until_ready()  # compile
+    return (lambda: chain(x0, layers).block_until_ready()), n_params
 
 
 # ------------------------------------------------------------------ trunk
@@ -368,9 +423,17 @@ def main() -> None:
     params["float32+bf16multi"] = transformer.with_multi_token_weights(params["float32"])
     rng = np.random.default_rng(0)
 
-    bw_fns, bw_bytes = bandwidth_variants(mib)
+    accelerator = on_accelerator()
+    if accelerator:  # the limits of the device the trunk runs on; arrays far bigger than its cache
+        mib = max(mib, 1024)
+        bw_fns, bw_bytes = device_bandwidth_variants(mib)
+    else:
+        bw_fns, bw_bytes = bandwidth_variants(mib)
     blas = {}
     for m in t_values:
+        if accelerator:
+            blas[f"1t:M={m}"], matmul_params = device_blas_chain(cfg, m, rng)
+            continue
         for threads in (1, 2):
             blas[f"{threads}t:M={m}"], matmul_params = blas_chain(cfg, m, rng, threads)
 
@@ -391,7 +454,7 @@ def main() -> None:
             for b in b_values:
                 variants[f"{prefix}{fmt}:decode B={b}"] = trunk_call(mod, params[fmt], cfg, b, 1, args.seq_len,
                                                                        decode=True)
-    if not (quick or args.no_flags):
+    if not (quick or args.no_flags or accelerator):  # the flags are XLA:CPU's
         for name, options in FLAG_VARIANTS.items():
             for t in (1, 8):
                 variants[f"flags:{name}:T={t}"] = trunk_call(transformer, params["float32"], cfg, 1, t, args.seq_len,
@@ -414,12 +477,18 @@ def main() -> None:
     best_bw_name = max(bandwidth, key=lambda k: bandwidth[k]["median"])
     bw_gbs = bandwidth[best_bw_name]["median"]
     for m in t_values:  # the BLAS rate at M: the thread count with the faster median
-        samples[f"blas:M={m}"] = min((samples[f"blas{k}t:M={m}"] for k in (1, 2)), key=np.median)
+        samples[f"blas:M={m}"] = min((samples[f"blas{k}t:M={m}"] for k in (1, 2) if f"blas{k}t:M={m}" in samples),
+                                     key=np.median)
         ms[f"blas:M={m}"] = summary(samples[f"blas:M={m}"])
     blas_rate = {m: summary([2 * m * matmul_params / (x / 1e3) / 1e9 for x in samples[f"blas:M={m}"]])
                  for m in t_values}
 
-    results = {"seq_len": args.seq_len, "rounds": rounds, "cycles": cycles, "stream_mib": mib,
+    import jax
+
+    results = {"limits_of": (f"the accelerator ({jax.devices()[0].device_kind}): jitted JAX copy/triad/read and "
+                             "matmul chain on device arrays") if accelerator else
+               "the host: numpy STREAM kernels and numpy's OpenBLAS matmul chain",
+               "seq_len": args.seq_len, "rounds": rounds, "cycles": cycles, "stream_mib": mib,
                "bandwidth_gbs": bandwidth, "bandwidth_best": {"kernel": best_bw_name, "gbs": bw_gbs},
                "blas_gflops": {str(m): v for m, v in blas_rate.items()},
                "matmul_params": matmul_params, "times_ms": ms, "formats": {}}
@@ -451,7 +520,7 @@ def main() -> None:
                for t in t_values},
             **{f"decode B={b}": paired_ratio_summary(samples[f"baseline:float32:decode B={b}"],
                                                      samples[f"float32:decode B={b}"]) for b in b_values}}
-    if not (quick or args.no_flags):
+    if not (quick or args.no_flags or accelerator):
         results["flags"] = {name: {f"T={t}": {"ms": ms[f"flags:{name}:T={t}"],
                                               "vs_default": paired_ratio_summary(samples[f"flags:{name}:T={t}"],
                                                                                  samples[f"flags:default:T={t}"])}
@@ -482,7 +551,9 @@ def plot(results: dict, t_values, path: Path) -> None:
     for key, f in results["formats"].items():
         ax.plot(ts, [f["forward"][str(t)]["ms_per_position"] for t in ts], marker="o", label=f"trunk, {key}")
     blas_ms = [results["times_ms"][f"blas:M={t}"]["median"] / t for t in ts]
-    ax.plot(ts, blas_ms, marker="s", linestyle="--", label="numpy/OpenBLAS matmuls only, f32")
+    blas_label = "device matmuls only, f32" if results["limits_of"].startswith("the accelerator") else \
+        "numpy/OpenBLAS matmuls only, f32"
+    ax.plot(ts, blas_ms, marker="s", linestyle="--", label=blas_label)
     bound = results["formats"]["float32"]["bandwidth_bound_ms"]
     ax.plot(ts, [bound / t for t in ts], linestyle=":", color="k", label="f32 weights / bandwidth")
     ax.set_xscale("log", base=2)
