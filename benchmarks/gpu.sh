@@ -67,7 +67,7 @@ run() {
     shift 3
     local start=$SECONDS status=0
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1 || status=$?
-    if [ -f "$result" ]; then
+    if [ -f "$result" ] && [ "$result" != "$OUT/$name.json" ]; then
         mv "$result" "$OUT/$name.json"
     fi
     echo "$name: exit $status, $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/summary.txt"
