@@ -11,7 +11,8 @@ Measured in one run, interleaved round by round (rotating order; within a round 
               (P = the matmul weights' element count).
   trunk       the engine's jitted `transformer.forward` on the real SmolLM2 params with a KV cache of S
               positions (tokens (1, T), as the executor's prefill/feed calls), T = 1 ... 32, and
-              `transformer.decode_step` at batch B = 1 ... 16 (tokens (B,)); f32 and bf16 weights.
+              `transformer.decode_step` at batch B = 1 ... 16 (tokens (B,)); f32 and bf16 weights, and on the CPU
+              f32 through `llmqp.kernels`' small-M GEMM (format float32+kernel; "float32" is XLA's dot).
   baseline    with --baseline PATH (a transformer.py of an older commit), the same trunk calls through that
               module, in the same rounds.
   accelerator where JAX's default backend is a GPU (benchmarks/gpu.sh), bandwidth and the matmul chain are
@@ -229,7 +230,8 @@ def trunk_call(mod, params, cfg, batch: int, t: int, seq_len: int, *, decode: bo
 def trunk_bytes(params) -> int:
     """Bytes of every trunk weight a one-token step reads (matmuls and norms; not the embedding table, nor the
     multi-token copy of `transformer.with_multi_token_weights`)."""
-    return int(sum(v.nbytes for layer in params["layers"] for k, v in layer.items() if k != "multi_token")
+    return int(sum(v.nbytes for layer in params["layers"] for k, v in layer.items()
+                   if k not in ("multi_token", "packed"))
                + params["final_norm"].nbytes)
 
 
@@ -412,6 +414,7 @@ def main() -> None:
     b_values = tuple(b for b in B_VALUES if b <= 2) if quick else B_VALUES
     mib = 64 if quick else args.mib
 
+    from llmqp import kernels
     from llmqp.engine import _enable_compile_cache, device_params
     from llmqp.model import loader, transformer
 
@@ -421,6 +424,11 @@ def main() -> None:
     params = {"float32": device_params(loaded.params, "float32"), "bfloat16": device_params(loaded.params, "bfloat16")}
     # f32 one-token steps, bf16 weights for multi-token chunks (transformer.with_multi_token_weights)
     params["float32+bf16multi"] = transformer.with_multi_token_weights(params["float32"])
+    formats = FORMATS
+    if not on_accelerator() and kernels.available():  # f32 products of <= SMALL_M_MAX rows in llmqp.kernels
+        params["float32+kernel"] = kernels.with_packed_weights(params["float32"], loaded.params["layers"])
+        formats = FORMATS + ("float32+kernel",)
+    print(f"CPU kernel: {kernels.status()}", flush=True)
     rng = np.random.default_rng(0)
 
     accelerator = on_accelerator()
@@ -444,7 +452,7 @@ def main() -> None:
     if args.baseline:
         modules["baseline:"] = load_module(args.baseline, "baseline_transformer")
     for prefix, mod in modules.items():
-        for fmt in (("float32",) if prefix else FORMATS):
+        for fmt in (("float32",) if prefix else formats):
             if fmt == "float32+bf16multi":  # one-token steps are float32's programs: measured there
                 for t in t_values[1:]:
                     variants[f"{fmt}:T={t}"] = trunk_call(mod, params[fmt], cfg, 1, t, args.seq_len, decode=False)
@@ -493,7 +501,7 @@ def main() -> None:
                "blas_gflops": {str(m): v for m, v in blas_rate.items()},
                "matmul_params": matmul_params, "times_ms": ms, "formats": {}}
     for prefix in modules:
-        for fmt in (("float32",) if prefix else FORMATS):
+        for fmt in (("float32",) if prefix else formats):
             key = f"{prefix}{fmt}"
             nbytes = trunk_bytes(params[fmt])
             bound_ms = nbytes / (bw_gbs * 1e9) * 1e3

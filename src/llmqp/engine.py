@@ -20,6 +20,7 @@ from llmqp.core.request import ContextLengthError, Request
 from llmqp.core.scheduler import Scheduler
 from llmqp.core.spec import DEFAULT_SPEC, DecodeSpec, pow2_at_least
 from llmqp.errors import ChatTemplateError, PromptError
+from llmqp import kernels
 from llmqp import plans as plans_mod
 from llmqp.model import loader, transformer
 from llmqp.planner import Planner
@@ -85,6 +86,10 @@ class Engine:
         self.dtype = dtype
         self.spec = spec
         self.params = device_params(loaded.params, dtype)
+        # The CPU trunk kernel (llmqp.kernels) where it is built; a sharded engine replicates its packed copy
+        # with the rest of the trunk, so it computes the same hidden states as one device.
+        self.params = kernels.with_packed_weights(self.params, loaded.params["layers"])
+        self.trunk_kernel = any("packed" in layer for layer in self.params["layers"])
         self.mesh = None
         self.plans = dict(plans_mod.PLANS)
         if devices is not None:
@@ -121,7 +126,9 @@ class Engine:
         """The draft="auto" policy: which draft length wins per step context, learned from latency per
         emitted token, persisted beside the plan planner."""
         if self._draft_planner is None:
-            self._draft_planner = DraftPlanner.load(self.config.name, self.device_kind, self.dtype)
+            # Keyed by the trunk too: the CPU kernel changes what a multi-token forward costs against a step.
+            trunk = self.dtype + ("+cpu_kernel" if self.trunk_kernel else "")
+            self._draft_planner = DraftPlanner.load(self.config.name, self.device_kind, trunk)
         return self._draft_planner
 
     def save_planner(self) -> None:

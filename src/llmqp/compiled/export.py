@@ -49,8 +49,8 @@ def flat_weights(params: dict) -> dict[str, np.ndarray]:
     flat = {"embed": params["embed"], "final_norm": params["final_norm"]}
     if params["unembed_rows"] is not params["embed"]:
         flat["unembed_rows"] = params["unembed_rows"]
-    for i, layer in enumerate(params["layers"]):
-        flat.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    for i, layer in enumerate(params["layers"]):  # not the CPU kernel's packed copy: artifacts use XLA's dot
+        flat.update({f"layers.{i}.{k}": v for k, v in layer.items() if k != "packed"})
     return {k: np.asarray(v) for k, v in flat.items()}
 
 

@@ -17,6 +17,8 @@ Params pytree::
     layers[i]:   attn_norm (d,), w_qkv (d, q+2kv), b_qkv (q+2kv,) [qkv_bias only], w_o (q, d),
                  ffn_norm (d,), w_gate_up (d, 2F), w_down (F, d),
                  multi_token [optional, `with_multi_token_weights`]: {w_qkv, w_o, w_gate_up, w_down} in bf16
+                 packed [optional, `llmqp.kernels.with_packed_weights`]: the same four f32 matrices in the CPU
+                 kernel's panel layout, used for products of up to `kernels.SMALL_M_MAX` rows
 
 KV cache pytree: ``{"k": [ (B, S, KV, hd) per layer ], "v": [...]}`` — fixed size S, written in place
 (the cache argument is donated).
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmqp import kernels
 from llmqp.model import gemma
 from llmqp.model.config import ModelConfig, RopeStyle
 
@@ -137,12 +140,18 @@ def with_multi_token_weights(params, dtype=jnp.bfloat16) -> dict:
     return dict(params, layers=layers)
 
 
-def _linear(x, w):
+def _linear(x, w, packed=None):
     """x: (..., in) f32 @ w: (in, out) f32 or bf16 -> (..., out) f32.
 
-    f32 weights: a plain f32 product. bf16 weights: the activations are rounded to bf16 and the product
-    accumulates in f32 (YNNPACK's bf16 GEMM on XLA:CPU). A one-row product is padded to two rows: for a
-    single row XLA:CPU converts the whole bf16 matrix to f32 first (measured ~10x slower than two rows)."""
+    `packed`: the same f32 matrix in `llmqp.kernels`' panel layout (``layer["packed"]``, present where that
+    CPU kernel is built): products of up to `kernels.SMALL_M_MAX` rows go through the kernel, which sums every
+    output element in the same order whatever the number of rows (so T positions at once give the hidden
+    states of T one-token steps, bit for bit). Otherwise f32 weights: a plain f32 product. bf16 weights: the
+    activations are rounded to bf16 and the product accumulates in f32 (YNNPACK's bf16 GEMM on XLA:CPU). A
+    one-row product is padded to two rows: for a single row XLA:CPU converts the whole bf16 matrix to f32
+    first (measured ~10x slower than two rows)."""
+    if packed is not None and math.prod(x.shape[:-1]) <= kernels.SMALL_M_MAX:
+        return kernels.matmul(x, packed, w.shape[-1])
     if w.dtype == jnp.float32:
         return x @ w
     lead = x.shape[:-1]
@@ -171,8 +180,9 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
     new_k, new_v = [], []
     for i, layer in enumerate(params["layers"]):
         mats = layer["multi_token"] if t >= MULTI_TOKEN_MIN_T and "multi_token" in layer else layer
+        packed = layer.get("packed", {}) if mats is layer else {}
         h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
-        qkv = _linear(h, mats["w_qkv"])
+        qkv = _linear(h, mats["w_qkv"], packed.get("w_qkv"))
         if cfg.qkv_bias:
             qkv = qkv + layer["b_qkv"]
         q = qkv[..., : cfg.q_size].reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -192,11 +202,11 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
                                     cfg).reshape(b, t, cfg.q_size)
         else:
             attn = _attention(q, k_all, v_all, q_pos, cfg)
-        x = x + _linear(attn, mats["w_o"])
+        x = x + _linear(attn, mats["w_o"], packed.get("w_o"))
         h = rms_norm(x, layer["ffn_norm"], cfg.rms_eps)
-        gate_up = _linear(h, mats["w_gate_up"])
+        gate_up = _linear(h, mats["w_gate_up"], packed.get("w_gate_up"))
         gate, up = gate_up[..., : cfg.ffn_size], gate_up[..., cfg.ffn_size :]
-        x = x + _linear(jax.nn.silu(gate) * up, mats["w_down"])
+        x = x + _linear(jax.nn.silu(gate) * up, mats["w_down"], packed.get("w_down"))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_eps)
     return hidden, {"k": new_k, "v": new_v}
 

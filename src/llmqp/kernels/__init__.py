@@ -1,0 +1,149 @@
+"""Native CPU kernels for the trunk, called from JAX as XLA FFI custom calls.
+
+`cpu_gemm.cc` multiplies a few rows (a decode step at batch B, a forward of T <= 64 positions) by a weight
+matrix packed in 64-column panels, near the memory-bandwidth bound that XLA:CPU's small-M GEMM misses
+(benchmarks/limits.py). It is compiled once per machine at first use, with the system's C++ compiler
+(``$CXX``, else ``g++``, ``-O3 -march=native``), into ``<cache dir>/kernels/`` and registered with JAX.
+
+Where it cannot be built (no compiler, another OS) or ``LLMQP_CPU_KERNELS=0`` is set, `available()` is
+False, `with_packed_weights` returns the params unchanged and the trunk uses XLA's dot, as before; the
+reason is in `status()`. Only JAX's CPU backend uses it: on a GPU the params are never packed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+PANEL = 64  # columns per packed panel (the kernel's kPanel)
+TARGET = "llmqp_gemm_f32"
+# Rows (batch x positions) up to which the trunk's matmuls use the kernel; above (prefill chunks), XLA's dot,
+# which is compute-bound and well blocked there.
+SMALL_M_MAX = 64
+SOURCE = Path(__file__).with_name("cpu_gemm.cc")
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, include: str) -> Path:
+    from llmqp.model.loader import cache_dir
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, include, _cpu_flags(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"llmqp_gemm-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
+               "-o", str(tmp_out), str(SOURCE)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp_out, out)  # atomic: a concurrent process sees the whole file or none
+    return out
+
+
+def _load() -> None:
+    """Build (once per machine) and register the kernel; record why not where it cannot be."""
+    import jax
+
+    if os.environ.get("LLMQP_CPU_KERNELS", "1").strip() in ("0", "false", "no", "off"):
+        _state.update(ok=False, reason="disabled by LLMQP_CPU_KERNELS=0")
+        return
+    if platform.system() != "Linux":
+        _state.update(ok=False, reason=f"built only on Linux (this is {platform.system()})")
+        return
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        _state.update(ok=False, reason="no C++ compiler found (set CXX or install g++)")
+        return
+    try:
+        path = _build(compiler, jax.ffi.include_dir())
+        lib = ctypes.CDLL(str(path))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LlmqpGemmF32), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        _state.update(ok=False, reason=f"could not build or load {SOURCE.name}: {e}")
+        warnings.warn(f"llmqp: the CPU GEMM kernel is unavailable, using XLA's dot: {e}", RuntimeWarning,
+                      stacklevel=3)
+        return
+    _state.update(ok=True, reason=None, path=str(path), lib=lib)
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (builds it on the first call)."""
+    with _lock:
+        if not _state:
+            _load()
+        return bool(_state["ok"])
+
+
+def status() -> dict:
+    """{"available": bool, "reason": why not, or None, "library": the built .so, or None}."""
+    ok = available()
+    return {"available": ok, "reason": _state.get("reason"), "library": _state.get("path")}
+
+
+def pack(w: np.ndarray) -> np.ndarray:
+    """(K, N) f32 -> (ceil(N / 64), K, 64) f32 column panels, zero past N: the kernel's weight layout."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    panels = -(-n // PANEL)
+    padded = np.zeros((k, panels * PANEL), np.float32)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
+
+
+MATMULS = ("w_qkv", "w_o", "w_gate_up", "w_down")
+
+
+def with_packed_weights(params: dict, raw_layers: list[dict] | None = None) -> dict:
+    """params plus ``layer["packed"] = {w_qkv, w_o, w_gate_up, w_down}`` in the kernel's layout, where the
+    kernel is available, JAX runs on the CPU and the weights are f32; else params unchanged. `raw_layers`:
+    the numpy layers to pack from (saves a copy back from the device)."""
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu" or not available():
+        return params
+    layers = []
+    for i, layer in enumerate(params["layers"]):
+        if any(k not in layer or layer[k].dtype != jnp.float32 for k in MATMULS):
+            return params
+        src = raw_layers[i] if raw_layers is not None else layer
+        layers.append(dict(layer, packed={k: jnp.asarray(pack(np.asarray(src[k]))) for k in MATMULS}))
+    return dict(params, layers=layers)
+
+
+def matmul(x, packed, n: int):
+    """x (..., K) f32 @ the (K, n) matrix `packed` holds -> (..., n) f32, through the kernel (trace-time:
+    call only where `available()` is True)."""
+    import jax
+    import jax.numpy as jnp
+
+    if not (packed.shape[0] - 1) * PANEL < n <= packed.shape[0] * PANEL:
+        raise ValueError(f"packed weights {packed.shape} cannot give {n} columns")
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))(x, packed)

@@ -1,0 +1,143 @@
+// llmqp_gemm_f32: y[M, N] = x[M, K] @ W for a small number of rows M, W packed in column panels
+// (wp[p, k, j] = W[k, p * 64 + j], zero past N), as an XLA FFI custom call on the CPU.
+//
+// Why: on a CPU a one-token step is bound by reading the weights, and a product of 2-16 rows should cost
+// about the same as one row. XLA:CPU's and OpenBLAS's small-M f32 GEMMs run 2-4x slower than that
+// (benchmarks/limits.py). This kernel streams each 64-column panel once, contiguously, keeping up to 4 rows
+// x 64 columns of accumulators in vector registers, and splits the panels over XLA's own intra-op thread
+// pool (no second pool competing for the cores: one with threads spinning between products was measured
+// 1.2-1.3x slower end to end on 2 cores).
+//
+// Every output element is summed in the same order (k = 0, 1, ..., K-1, one fused multiply-add each)
+// whatever M is and whichever rows it is computed with, so a forward of T positions gives bit-identical
+// hidden states to T one-token steps (draft verification and forced runs rely on it).
+//
+// Built at first use by llmqp.kernels (g++ -O3 -march=native); llmqp falls back to XLA's dot without it.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 64;
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+template <int R>
+inline void Panel(const float* __restrict x, int64_t K, const float* __restrict wp, float* __restrict y,
+                  int64_t ldy, int64_t ncols) {
+  v16 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = wp + k * kPanel;
+    __builtin_prefetch(w + 16 * kPanel, 0, 3);
+    __builtin_prefetch(w + 16 * kPanel + 16, 0, 3);
+    __builtin_prefetch(w + 16 * kPanel + 32, 0, 3);
+    __builtin_prefetch(w + 16 * kPanel + 48, 0, 3);
+    v16 w0, w1, w2, w3;
+    std::memcpy(&w0, w, 64);
+    std::memcpy(&w1, w + 16, 64);
+    std::memcpy(&w2, w + 32, 64);
+    std::memcpy(&w3, w + 48, 64);
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * K + k];
+      acc[r][0] += xv * w0;
+      acc[r][1] += xv * w1;
+      acc[r][2] += xv * w2;
+      acc[r][3] += xv * w3;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float out[kPanel];
+    std::memcpy(out, acc[r], sizeof out);
+    std::memcpy(y + r * ldy, out, ncols * sizeof(float));
+  }
+}
+
+struct Work {
+  const float* x;
+  const float* wp;
+  float* y;
+  int64_t m, k, n, panels, chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void RunChunk(const Work& w, int64_t c) {
+  const int64_t p0 = c * w.panels / w.chunks, p1 = (c + 1) * w.panels / w.chunks;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t ncols = std::min(kPanel, w.n - p * kPanel);
+    const float* panel = w.wp + p * w.k * kPanel;
+    float* y = w.y + p * kPanel;
+    int64_t r = 0;
+    for (; r + 4 <= w.m; r += 4) Panel<4>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
+    for (; r + 2 <= w.m; r += 2) Panel<2>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
+    for (; r < w.m; ++r) Panel<1>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
+  }
+}
+
+// Take chunks until none is left. A pool task that starts after the caller has taken every chunk does
+// nothing, so the caller never waits for a task the pool has not started (it may be running on that pool).
+void Drain(Work& w) {
+  for (;;) {
+    const int64_t c = w.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= w.chunks) return;
+    RunChunk(w, c);
+    w.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = wp.dimensions(), yd = y->dimensions();
+  if (wd.size() != 3 || wd[2] != kPanel)
+    return ffi::Error::InvalidArgument("llmqp_gemm_f32: packed weights must be (panels, K, 64)");
+  if (xd.size() < 1 || yd.size() != xd.size())
+    return ffi::Error::InvalidArgument("llmqp_gemm_f32: x and y must have the same rank");
+  const int64_t k = wd[1], panels = wd[0], n = yd[yd.size() - 1];
+  if (xd[xd.size() - 1] != k)
+    return ffi::Error::InvalidArgument("llmqp_gemm_f32: x's last dimension is not the weights' K");
+  if (n <= (panels - 1) * kPanel || n > panels * kPanel)
+    return ffi::Error::InvalidArgument("llmqp_gemm_f32: N does not match the number of panels");
+  const int64_t m = k == 0 ? 0 : static_cast<int64_t>(x.element_count()) / k;
+  for (size_t i = 0; i + 1 < xd.size(); ++i)
+    if (xd[i] != yd[i]) return ffi::Error::InvalidArgument("llmqp_gemm_f32: x and y leading dimensions differ");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+
+  auto work = std::make_shared<Work>();
+  work->x = x.typed_data();
+  work->wp = wp.typed_data();
+  work->y = y->typed_data();
+  work->m = m;
+  work->k = k;
+  work->n = n;
+  work->panels = panels;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  work->chunks = std::min<int64_t>(panels, 4 * threads);
+  for (int64_t t = 1; t < threads && t < work->chunks; ++t) pool.Schedule([work] { Drain(*work); });
+  Drain(*work);
+  while (work->done.load(std::memory_order_acquire) < work->chunks) CpuRelax();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmqpGemmF32, GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
