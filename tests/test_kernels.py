@@ -111,3 +111,13 @@ def test_disabled_by_environment_falls_back_with_a_reason():
 def test_engine_trunk_carries_packed_weights_where_the_kernel_is_built(engine):
     on = kernels.available() and jax.default_backend() == "cpu" and engine.dtype == "float32"
     assert all(("packed" in layer) == on for layer in engine.params["layers"])
+
+
+@pytest.mark.slow
+def test_info_says_which_trunk_matmuls_run(capsys):
+    from llmqp.cli import main
+
+    assert main(["info"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("trunk matmuls"))
+    on = kernels.available() and jax.default_backend() == "cpu"
+    assert ("CPU kernel" in line) == on and ("XLA's dot" in line)

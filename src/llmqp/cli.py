@@ -190,6 +190,7 @@ def _info(args) -> int:
         ("tied embeddings", str(cfg.tie_embeddings)),
         ("dtype", engine.dtype),
         ("device", f"{engine.device} (jax {jax.__version__})"),
+        ("trunk matmuls", _trunk_matmuls(engine)),
         ("cache", str(cache_dir())),
         ("load time", f"{engine.load_seconds:.2f} s ({'warm: from cache' if engine.loaded_from_cache else 'cold'})"),
     ]
@@ -197,6 +198,16 @@ def _info(args) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _trunk_matmuls(engine) -> str:
+    from llmqp import kernels
+
+    if engine.trunk_kernel:
+        return f"CPU kernel (llmqp.kernels) for <= {kernels.SMALL_M_MAX} rows, XLA's dot above"
+    status = kernels.status()
+    reason = status["reason"] or ("not used on this backend or dtype" if status["available"] else "unavailable")
+    return f"XLA's dot ({reason})"
 
 
 def _planner(args) -> int:
