@@ -140,51 +140,49 @@ def openblas_threads():
     return None
 
 
-def blas_chain(cfg, m: int, rng, threads: int):
-    """numpy's trunk matmul chain at M rows: per layer x @ w_qkv, attn @ w_o, x @ w_gate_up, act @ w_down
-    (linear, scaled so values stay finite), on `threads` OpenBLAS threads."""
+def chain_inputs(cfg, m: int, rng) -> tuple[np.ndarray, list[dict], int]:
+    """The trunk's matmul chain inputs at M rows: x (M, d) and per layer w_qkv, w_o, w_gate_up, w_down (f32,
+    scaled so values stay finite), plus the matmul weights' element count."""
     d, f = cfg.hidden_size, cfg.ffn_size
     shapes = {"w_qkv": (d, cfg.q_size + 2 * cfg.kv_size), "w_o": (cfg.q_size, d), "w_gate_up": (d, 2 * f),
               "w_down": (f, d)}
     layers = [{k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.3 / np.sqrt(s[0]))
                for k, s in shapes.items()} for _ in range(cfg.n_layers)]
     x0 = rng.standard_normal((m, d), dtype=np.float32)
+    return x0, layers, sum(int(np.prod(s)) for s in shapes.values()) * cfg.n_layers
+
+
+def matmul_chain(x, layers, cfg):
+    """Per layer x @ w_qkv, attn @ w_o, x @ w_gate_up, act @ w_down (linear), on numpy or JAX arrays."""
+    for w in layers:
+        qkv = x @ w["w_qkv"]
+        x = x + qkv[:, : cfg.q_size] @ w["w_o"]
+        gu = x @ w["w_gate_up"]
+        x = x + gu[:, : cfg.ffn_size] @ w["w_down"]
+    return x
+
+
+def blas_chain(cfg, m: int, rng, threads: int):
+    """numpy's trunk matmul chain (`matmul_chain`) at M rows, on `threads` OpenBLAS threads."""
+    x0, layers, n_params = chain_inputs(cfg, m, rng)
     set_threads = openblas_threads()
 
     def run():
         if set_threads is not None:
             set_threads(threads)
-        x = x0
-        for w in layers:
-            qkv = x @ w["w_qkv"]
-            x = x + qkv[:, : cfg.q_size] @ w["w_o"]
-            gu = x @ w["w_gate_up"]
-            x = x + gu[:, :f] @ w["w_down"]
-        return x
-    return run, sum(int(np.prod(s)) for s in shapes.values()) * cfg.n_layers
+        return matmul_chain(x0, layers, cfg)
+    return run, n_params
 
 
 def device_blas_chain(cfg, m: int, rng):
     """The same matmul chain as `blas_chain`, jitted on the accelerator (its BLAS: cuBLAS on a GPU), f32."""
+    import functools
+
     import jax
-    import jax.numpy as jnp
 
-    d, f, q = cfg.hidden_size, cfg.ffn_size, cfg.q_size
-    shapes = {"w_qkv": (d, q + 2 * cfg.kv_size), "w_o": (q, d), "w_gate_up": (d, 2 * f), "w_down": (f, d)}
-    n_params = sum(int(np.prod(s)) for s in shapes.values()) * cfg.n_layers
-    layers = [{k: jnp.asarray(rng.standard_normal(s, dtype=np.float32) * np.float32(0.3 / np.sqrt(s[0])))
-               for k, s in shapes.items()} for _ in range(cfg.n_layers)]
-    x0 = jnp.asarray(rng.standard_normal((m, d), dtype=np.float32))
-
-    @jax.jit
-    def chain(x, layers):
-        for w in layers:
-            qkv = x @ w["w_qkv"]
-            x = x + qkv[:, :q] @ w["w_o"]
-            gu = x @ w["w_gate_up"]
-            x = x + gu[:, :f] @ w["w_down"]
-        return x
-
+    x0, layers, n_params = chain_inputs(cfg, m, rng)
+    x0, layers = jax.device_put((x0, layers))
+    chain = jax.jit(functools.partial(matmul_chain, cfg=cfg))
     chain(x0, layers).block_until_ready()  # compile
     return (lambda: chain(x0, layers).block_until_ready()), n_params
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -136,6 +137,14 @@ def with_packed_weights(params: dict, raw_layers: list[dict] | None = None) -> d
         src = raw_layers[i] if raw_layers is not None else layer
         layers.append(dict(layer, packed={k: jnp.asarray(pack(np.asarray(src[k]))) for k in MATMULS}))
     return dict(params, layers=layers)
+
+
+def linear(x, w, packed):
+    """x @ w (f32), through the kernel when `packed` (w in the kernel's layout) is given and x has at most
+    SMALL_M_MAX rows; XLA's dot otherwise. The trunks' one entry point to the kernel."""
+    if packed is not None and math.prod(x.shape[:-1]) <= SMALL_M_MAX:
+        return matmul(x, packed, w.shape[-1])
+    return x @ w
 
 
 def matmul(x, packed, n: int):

@@ -112,13 +112,6 @@ def _write_rows(cache_layer, new, start):
     return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))(cache_layer, new, start)
 
 
-def _matmul(x, w, packed):
-    """x @ w; through `llmqp.kernels`' CPU kernel for a few rows where the layer carries packed f32 weights."""
-    if packed is not None and math.prod(x.shape[:-1]) <= kernels.SMALL_M_MAX:
-        return kernels.matmul(x, packed, w.shape[-1])
-    return x @ w
-
-
 def forward(params, cache, tokens, start, *, cfg: ModelConfig):
     """`llmqp.model.transformer.forward` for ``cfg.arch == "gemma3"``: (hidden (B, T, d) f32, cache)."""
     dtype = params["embed"].dtype
@@ -132,7 +125,7 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
     for i, layer in enumerate(params["layers"]):
         h = _rms_norm(x, layer["attn_norm"], eps).astype(dtype)
         packed = layer.get("packed", {})
-        qkv = _matmul(h, layer["w_qkv"], packed.get("w_qkv"))
+        qkv = kernels.linear(h, layer["w_qkv"], packed.get("w_qkv"))
         q = qkv[..., : cfg.q_size].reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = qkv[..., cfg.q_size : cfg.q_size + cfg.kv_size].reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = qkv[..., cfg.q_size + cfg.kv_size :].reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
@@ -147,12 +140,12 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
             attn = _local_attention(q, k_all, v_all, q_pos, start, cfg)
         else:
             attn = _global_attention(q, k_all, v_all, q_pos, cfg)
-        attn_out = _matmul(attn.astype(dtype), layer["w_o"], packed.get("w_o"))
+        attn_out = kernels.linear(attn.astype(dtype), layer["w_o"], packed.get("w_o"))
         x = x + _rms_norm(attn_out.astype(jnp.float32), layer["post_attn_norm"], eps)
         h = _rms_norm(x, layer["ffn_norm"], eps).astype(dtype)
-        gate_up = _matmul(h, layer["w_gate_up"], packed.get("w_gate_up"))
+        gate_up = kernels.linear(h, layer["w_gate_up"], packed.get("w_gate_up"))
         gate, up = gate_up[..., : cfg.ffn_size], gate_up[..., cfg.ffn_size :]
-        mlp_out = _matmul(jax.nn.gelu(gate, approximate=True) * up, layer["w_down"], packed.get("w_down"))
+        mlp_out = kernels.linear(jax.nn.gelu(gate, approximate=True) * up, layer["w_down"], packed.get("w_down"))
         x = x + _rms_norm(mlp_out.astype(jnp.float32), layer["post_ffn_norm"], eps)
     hidden = _rms_norm(x, params["final_norm"], eps)
     return hidden, {"k": new_k, "v": new_v}

@@ -150,8 +150,8 @@ def _linear(x, w, packed=None):
     activations are rounded to bf16 and the product accumulates in f32 (YNNPACK's bf16 GEMM on XLA:CPU). A
     one-row product is padded to two rows: for a single row XLA:CPU converts the whole bf16 matrix to f32
     first (measured ~10x slower than two rows)."""
-    if packed is not None and math.prod(x.shape[:-1]) <= kernels.SMALL_M_MAX:
-        return kernels.matmul(x, packed, w.shape[-1])
+    if packed is not None:
+        return kernels.linear(x, w, packed)
     if w.dtype == jnp.float32:
         return x @ w
     lead = x.shape[:-1]
