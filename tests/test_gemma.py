@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import reference_gemma_numpy as ref
+from llmqp import kernels
 from llmqp.errors import ChatTemplateError, ModelLoadError
 from llmqp.model import gemma, loader, named, transformer
 from llmqp.model.config import ModelConfig, RopeStyle
@@ -127,6 +128,23 @@ def test_tiny_gemma_chunks_and_decode_steps_match_one_prefill(monkeypatch):
     past: list = []  # the reference's own incremental path (its greedy decode uses it) agrees too
     steps = [ref.hidden_states(reference, ids[:12], past)] + [ref.hidden_states(reference, [i], past) for i in ids[12:]]
     np.testing.assert_allclose(np.concatenate(steps), ref.hidden_states(reference, ids), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not kernels.available() or jax.default_backend() != "cpu",
+                    reason=f"CPU kernel unavailable: {kernels.status()['reason']}")
+def test_tiny_gemma_through_the_cpu_kernels_matches_reference():
+    """With packed weights, chunks of <= kernels.ATTENTION_MAX_T positions (and decode steps) run the kernels'
+    products and attention, the local layers' window in the attention kernel: same hidden states as the
+    reference, and the same as one XLA forward."""
+    cfg, params, reference = _tiny_gemma()
+    fast = kernels.with_packed_weights(params)
+    ids = list(np.random.default_rng(2).integers(0, cfg.vocab_size, 20))
+    got = _chunked_hidden(cfg, fast, ids, [7, 5, 1, 1, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_allclose(got, ref.hidden_states(reference, ids), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, _chunked_hidden(cfg, params, ids, [20]), rtol=1e-5, atol=1e-5)
+    hlo = _fresh_forward().lower(fast, transformer.init_cache(cfg, 1, 32), jnp.zeros((1, 4), jnp.int32),
+                                 jnp.zeros((1,), jnp.int32), cfg=cfg).as_text()
+    assert kernels.ATTENTION_TARGET in hlo
 
 
 _GGUF_TO_HF = {  # per-layer tensor names: GGUF (the reference's) -> Hugging Face Gemma3ForCausalLM

@@ -1,5 +1,5 @@
-"""The CPU trunk kernel (llmqp.kernels): its products against numpy, the row-order contract (a row's result
-does not depend on how many rows are computed with it), its use by both trunks, and the fallback."""
+"""The CPU trunk kernels (llmqp.kernels): products and attention against numpy, the order contracts (a row's or
+a query's result does not depend on what is computed with it), their use by both trunks, and the fallback."""
 
 from __future__ import annotations
 
@@ -66,6 +66,76 @@ def test_matmul_rejects_a_column_count_the_panels_cannot_hold():
         kernels.matmul(jnp.zeros((1, 8), jnp.float32), p, 64)
 
 
+def _attention_reference(q, k, v, pos, scale, softcap, window):
+    """float64, query by query, over the visible keys only."""
+    b_n, t_n, h_n, _ = q.shape
+    s_n, kv_n = k.shape[1:3]
+    groups = h_n // kv_n
+    out = np.zeros(q.shape, np.float64)
+    for b in range(b_n):
+        for t in range(t_n):
+            p = int(pos[b, t])
+            lo, hi = (max(0, p - window + 1) if window else 0), min(p, s_n - 1)
+            for h in range(h_n):
+                keys = k[b, lo:hi + 1, h // groups].astype(np.float64)
+                scores = keys @ q[b, t, h].astype(np.float64) * scale
+                if softcap:
+                    scores = softcap * np.tanh(scores / softcap)
+                e = np.exp(scores - scores.max())
+                out[b, t, h] = (e / e.sum()) @ v[b, lo:hi + 1, h // groups].astype(np.float64)
+    return out
+
+
+ATTENTION_CASES = [  # B, T, H, KV, hd, S, scale, softcap, window
+    (1, 1, 9, 3, 64, 512, 0.125, 0.0, 0),     # SmolLM2 decode
+    (8, 1, 9, 3, 64, 100, 0.125, 0.0, 0),     # a scheduler batch
+    (2, 5, 4, 2, 16, 40, 0.25, 0.0, 0),
+    (3, 4, 6, 2, 8, 30, 0.3, 5.0, 7),         # soft-capped, sliding window
+    (1, 8, 4, 1, 256, 300, 0.0625, 0.0, 64),  # Gemma 3 270M's heads, a local layer
+    (2, 3, 4, 2, 20, 17, 0.2, 0.0, 0),        # hd not a multiple of 16; positions past the cache
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}T{}H{}KV{}hd{}S{}".format(*c[:6]))
+def test_attention_matches_numpy(case):
+    b, t, h, kv, hd, s, scale, softcap, window = case
+    rng = np.random.default_rng(hd * s + t)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((b, t, h, hd), (b, s, kv, hd),
+                                                                             (b, s, kv, hd)))
+    pos = rng.integers(0, s + 3, (b, t)).astype(np.int32)
+    got = np.asarray(jax.jit(lambda *a: kernels.attention(*a, scale=scale, softcap=softcap, window=window))(
+        q, k, v, pos))
+    assert got.shape == q.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, _attention_reference(q, k, v, pos, scale, softcap, window), rtol=0,
+                               atol=2e-6)
+
+
+@needs_kernel
+def test_attention_of_a_query_does_not_depend_on_batch_chunk_or_cache_length():
+    """Bit for bit: a query's output computed in a batch of rows and a chunk of positions equals it computed
+    alone, over a cache cut just past its position (the contract drafts, forced runs and the scheduler rely on)."""
+    rng = np.random.default_rng(3)
+    b, t, h, kv, hd, s = 3, 6, 9, 3, 64, 80
+    q = rng.standard_normal((b, t, h, hd)).astype(np.float32)
+    k, v = (rng.standard_normal((b, s, kv, hd)).astype(np.float32) for _ in range(2))
+    pos = (rng.integers(10, 60, (b, 1)) + np.arange(t)).astype(np.int32)
+    att = jax.jit(lambda *a: kernels.attention(*a, scale=0.125))
+    together = np.asarray(att(q, k, v, pos))
+    for row in range(b):
+        for i in range(t):
+            end = int(pos[row, i]) + 1
+            alone = np.asarray(att(q[row:row + 1, i:i + 1], k[row:row + 1, :end], v[row:row + 1, :end],
+                                   pos[row:row + 1, i:i + 1]))
+            np.testing.assert_array_equal(alone[0, 0], together[row, i])
+
+
+def test_attention_rejects_heads_that_do_not_share_evenly():
+    with pytest.raises(ValueError, match="cannot share"):
+        kernels.attention(jnp.zeros((1, 1, 5, 8)), jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 2, 8)),
+                          jnp.zeros((1, 1), jnp.int32), scale=1.0)
+
+
 def _llama_cfg():
     return synthetic.shape_config("qwen2.5-0.5b-like", vocab_size=96, hidden_size=64, n_layers=2, n_heads=4,
                                   n_kv_heads=2, head_dim=16, ffn_size=160, qkv_bias=False)
@@ -91,8 +161,9 @@ def test_trunk_uses_the_kernel_and_agrees_with_xla(make_cfg):
     def run(params):
         return transformer.forward(params, transformer.init_cache(cfg, 2, 16), tokens, start, cfg=cfg)[0]
 
-    hlo = jax.jit(run).lower(fast).as_text()
-    assert kernels.TARGET in hlo and kernels.TARGET not in jax.jit(run).lower(plain).as_text()
+    hlo, plain_hlo = jax.jit(run).lower(fast).as_text(), jax.jit(run).lower(plain).as_text()
+    assert kernels.TARGET in hlo and kernels.TARGET not in plain_hlo
+    assert kernels.ATTENTION_TARGET in hlo and kernels.ATTENTION_TARGET not in plain_hlo
     np.testing.assert_allclose(np.asarray(jax.jit(run)(fast)), np.asarray(jax.jit(run)(plain)), rtol=2e-5,
                                atol=2e-5)
 

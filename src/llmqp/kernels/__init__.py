@@ -1,9 +1,13 @@
 """Native CPU kernels for the trunk, called from JAX as XLA FFI custom calls.
 
-`cpu_gemm.cc` multiplies a few rows (a decode step at batch B, a forward of T <= 64 positions) by a weight
-matrix packed in 64-column panels, near the memory-bandwidth bound that XLA:CPU's small-M GEMM misses
-(benchmarks/limits.py). It is compiled once per machine at first use, with the system's C++ compiler
-(``$CXX``, else ``g++``, ``-O3 -march=native``), into ``<cache dir>/kernels/`` and registered with JAX.
+- `cpu_gemm.cc` multiplies a few rows (a decode step at batch B, a forward of T <= 64 positions) by a weight
+  matrix packed in 64-column panels, near the memory-bandwidth bound that XLA:CPU's small-M GEMM misses
+  (benchmarks/limits.py).
+- `cpu_attention.cc` is the attention of a few positions per row over the f32 KV cache where it lies
+  (XLA:CPU copies the whole cache into another layout every layer, or runs slow reduce fusions at batch > 1).
+
+Both are compiled once per machine at first use, with the system's C++ compiler (``$CXX``, else ``g++``,
+``-O3 -march=native``), into one library under ``<cache dir>/kernels/`` and registered with JAX.
 
 Where it cannot be built (no compiler, another OS) or ``LLMQP_CPU_KERNELS=0`` is set, `available()` is
 False, `with_packed_weights` returns the params unchanged and the trunk uses XLA's dot, as before; the
@@ -28,10 +32,14 @@ import numpy as np
 
 PANEL = 64  # columns per packed panel (the kernel's kPanel)
 TARGET = "llmqp_gemm_f32"
+ATTENTION_TARGET = "llmqp_attention_f32"
 # Rows (batch x positions) up to which the trunk's matmuls use the kernel; above (prefill chunks), XLA's dot,
 # which is compute-bound and well blocked there.
 SMALL_M_MAX = 64
-SOURCE = Path(__file__).with_name("cpu_gemm.cc")
+# Queries per row (positions of one chunk) up to which the trunks' attention over an f32 cache uses the kernel;
+# longer chunks (prefill), XLA's einsums, which batch the queries into dots.
+ATTENTION_MAX_T = 64
+SOURCES = (Path(__file__).with_name("cpu_gemm.cc"), Path(__file__).with_name("cpu_attention.cc"))
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -51,7 +59,7 @@ def _build(compiler: str, include: str) -> Path:
     from llmqp.model.loader import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, include, _cpu_flags(),
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), version, include, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"llmqp_gemm-{key}.so"
     if out.is_file():
@@ -60,7 +68,7 @@ def _build(compiler: str, include: str) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
         cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
-               "-o", str(tmp_out), str(SOURCE)]
+               "-o", str(tmp_out), *map(str, SOURCES)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
@@ -86,8 +94,9 @@ def _load() -> None:
         path = _build(compiler, jax.ffi.include_dir())
         lib = ctypes.CDLL(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LlmqpGemmF32), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.LlmqpAttentionF32), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-        _state.update(ok=False, reason=f"could not build or load {SOURCE.name}: {e}")
+        _state.update(ok=False, reason=f"could not build or load {', '.join(src.name for src in SOURCES)}: {e}")
         warnings.warn(f"llmqp: the CPU GEMM kernel is unavailable, using XLA's dot: {e}", RuntimeWarning,
                       stacklevel=3)
         return
@@ -156,3 +165,29 @@ def matmul(x, packed, n: int):
     if not (packed.shape[0] - 1) * PANEL < n <= packed.shape[0] * PANEL:
         raise ValueError(f"packed weights {packed.shape} cannot give {n} columns")
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))(x, packed)
+
+
+def attends(packed, q, cache) -> bool:
+    """Whether a trunk layer's attention goes through `attention`: the layer's weights are packed (so the kernel
+    is built and JAX runs on the CPU), the cache is f32 and the chunk has at most ATTENTION_MAX_T positions.
+    q: (B, T, H, hd)."""
+    import jax.numpy as jnp
+
+    return bool(packed) and cache.dtype == jnp.float32 and q.shape[1] <= ATTENTION_MAX_T
+
+
+def attention(q, k_all, v_all, q_pos, *, scale: float, softcap: float = 0.0, window: int = 0):
+    """Causal attention through the kernel (trace-time: call only where `available()` is True).
+
+    q: (B, T, H, hd) f32; k_all, v_all: (B, S, KV, hd) f32, this chunk written; q_pos: (B, T) absolute
+    positions. Query p sees keys at positions <= p, and > p - window when window > 0; scores are
+    ``scale * q . k``, soft-capped to ``softcap * tanh(x / softcap)`` when softcap > 0. Returns (B, T, H, hd) f32.
+    Each query's result depends only on its own inputs (not on B, T or S), bit for bit."""
+    import jax
+    import jax.numpy as jnp
+
+    if q.shape[2] % k_all.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads cannot share {k_all.shape[2]} key/value heads")
+    return jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q.astype(jnp.float32), k_all, v_all, q_pos.astype(jnp.int32),
+        scale=np.float32(scale), softcap=np.float32(softcap), window=np.int64(window))

@@ -136,7 +136,10 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
         v_all = _write_rows(cache["v"][i], v.astype(cache["v"][i].dtype), start)
         new_k.append(k_all)
         new_v.append(v_all)
-        if i in local:
+        if kernels.attends(packed, q, k_all):
+            attn = kernels.attention(q, k_all, v_all, q_pos, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
+                                     window=cfg.sliding_window if i in local else 0).reshape(b, t, cfg.q_size)
+        elif i in local:
             attn = _local_attention(q, k_all, v_all, q_pos, start, cfg)
         else:
             attn = _global_attention(q, k_all, v_all, q_pos, cfg)

@@ -80,7 +80,8 @@ def _write_rows(cache_layer, new, start):
     return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))(cache_layer, new, start)
 
 
-# Rows of B >= 2 with up to this many query positions each use `_attention_small` (multiply + reduce over the
+# Where the CPU kernel does not run it (`kernels.attends`): rows of B >= 2 with up to this many query positions
+# each use `_attention_small` (multiply + reduce over the
 # cache where it lies); everything else `_attention` (two einsums, which XLA:CPU lowers to dots after copying
 # K and V of the whole cache into a (B, KV)-major layout, every layer). Measured on 2 loaded cores (30 layers,
 # S=512, the cache write included, fastest of 15 interleaved calls): decode at B=8 47 vs 347 ms and 58 vs 276 ms
@@ -196,7 +197,10 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
         v_all = _write_rows(cache["v"][i], v, start)
         new_k.append(k_all)
         new_v.append(v_all)
-        if b > 1 and t <= SMALL_ATTENTION_MAX_T:
+        if kernels.attends(packed, q, k_all):
+            attn = kernels.attention(q, k_all, v_all, q_pos, scale=1.0 / math.sqrt(cfg.head_dim)).reshape(
+                b, t, cfg.q_size)
+        elif b > 1 and t <= SMALL_ATTENTION_MAX_T:
             groups = cfg.n_heads // cfg.n_kv_heads
             attn = _attention_small(q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim), k_all, v_all, q_pos,
                                     cfg).reshape(b, t, cfg.q_size)

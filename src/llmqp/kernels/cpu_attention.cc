@@ -1,0 +1,270 @@
+// llmqp_attention_f32: causal (optionally sliding-window) attention of a few query positions per row over an
+// f32 KV cache, read where it lies, as an XLA FFI custom call on the CPU.
+//
+//   q    (B, T, H, hd)   queries after RoPE
+//   k, v (B, S, KV, hd)  the cache with this chunk's keys and values already written
+//   pos  (B, T) int32    absolute position of each query
+//   out  (B, T, H, hd)   softmax(scale * q . k) . v over keys lo <= s <= pos (lo = pos - window + 1 for a
+//                        sliding window, else 0); scores soft-capped (c * tanh(x / c)) where softcap > 0
+//
+// Why: XLA:CPU lowers attention of a decode step to dots that need a (B, KV)-major copy of the whole K and V
+// cache in every layer (~5 ms a step for SmolLM2 at batch 1), and the multiply + reduce form used at batch > 1
+// goes to reduce fusions that cost ~1.5 ms a layer at batch 8 (benchmarks/limits.py; the trunk at batch 8
+// spent 54 of its 91 ms there). This kernel touches only the visible keys, once.
+//
+// Each (row, query, head) is computed alone, in a fixed order (keys in increasing position; every dot product
+// over hd and every softmax sum in the same lane tree), so its result does not depend on the batch, the other queries in the chunk,
+// or the cache length: a forward of T positions equals T one-token steps bit for bit (draft verification,
+// forced runs and continuous batching rely on it).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// The 16 lanes summed in a fixed tree (halves, then quarters, ...).
+inline float HSum(v16 a) {
+  const v8 s8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+inline v16 Load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, 64);
+  return v;
+}
+
+inline void Store(float* p, v16 v) { std::memcpy(p, &v, 64); }
+
+inline v16 Splat(float x) { return v16{} + x; }
+
+// e^x for x <= 0 on 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times
+// 2^n), within ~2 ulp of the correctly rounded value; inputs below -87 give ~1e-38 instead of 0, which no
+// softmax sum notices.
+inline v16 Exp(v16 x) {
+  x = x < Splat(-87.0f) ? Splat(-87.0f) : x;
+  const v16 t = x * 1.44269504088896341f + 0.5f;
+  v16i n = __builtin_convertvector(t, v16i);             // truncates toward zero
+  n += (t < __builtin_convertvector(n, v16)) ? -1 : 0;   // floor
+  const v16 fn = __builtin_convertvector(n, v16);
+  const v16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  const v16 r2 = r * r;
+  v16 p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const v16i bits = (n + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, 64);
+  return p * scale;
+}
+
+// sc[0:n] = softmax(sc[0:n]) in place: max, e^(x - max) 16 lanes at a time, sum in a fixed order, divide.
+inline void Softmax(float* sc, int64_t n) {
+  float m = sc[0];
+  for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
+  v16 acc = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 e = Exp(Load(sc + i) - m);
+    Store(sc + i, e);
+    acc += e;
+  }
+  if (i < n) {
+    float tail[16];
+    for (int j = 0; j < 16; ++j) tail[j] = i + j < n ? sc[i + j] - m : -87.0f;
+    v16 e = Exp(Load(tail));
+    Store(tail, e);
+    for (int64_t j = i; j < n; ++j) sc[j] = tail[j - i];
+    for (int j = static_cast<int>(n - i); j < 16; ++j) tail[j] = 0.f;
+    acc += Load(tail);
+  }
+  const float inv = 1.f / HSum(acc);
+  for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+}
+
+struct Work {
+  const float *q, *k, *v;
+  const int32_t* pos;
+  float* out;
+  int64_t b, t, h, kv, s, hd, groups, units, chunks;
+  float scale, softcap;
+  int64_t window;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// One unit: row b, query t, kv head j -> the `groups` query heads that share it. hd = 16 * C (C > 0): each
+// head's query and its weighted sum stay in vector registers while the keys stream past (the unit's K and V
+// rows stay in L1/L2 between heads); C = 0: any hd, lane by lane.
+template <int C>
+void RunUnit(const Work& w, int64_t unit, std::vector<float>& scores) {
+  const int64_t j = unit % w.kv, bt = unit / w.kv, b = bt / w.t;
+  const int64_t hd = w.hd, g = w.groups;
+  const int64_t p = w.pos[bt];
+  float* out = w.out + (bt * w.h + j * g) * hd;
+  const int64_t hi = std::min<int64_t>(p, w.s - 1);
+  const int64_t lo = w.window > 0 ? std::max<int64_t>(0, p - w.window + 1) : 0;
+  if (hi < lo) {  // no visible key (a position below 0): zeros
+    std::memset(out, 0, g * hd * sizeof(float));
+    return;
+  }
+  const int64_t n = hi - lo + 1;
+  scores.resize(n);
+  float* sc = scores.data();
+  const int64_t row_stride = w.kv * hd;
+  const float* k0 = w.k + (b * w.s * w.kv + j) * hd + lo * row_stride;
+  const float* v0 = w.v + (b * w.s * w.kv + j) * hd + lo * row_stride;
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const float* q = w.q + (bt * w.h + j * g + gi) * hd;
+    float* o = out + gi * hd;
+    if constexpr (C > 0) {
+      v16 qv[C];
+      for (int c = 0; c < C; ++c) qv[c] = Load(q + 16 * c);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* kr = k0 + i * row_stride;
+        v16 acc = qv[0] * Load(kr);
+        for (int c = 1; c < C; ++c) acc += qv[c] * Load(kr + 16 * c);
+        sc[i] = HSum(acc) * w.scale;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float* kr = k0 + i * row_stride;
+        float acc = 0.f;
+        for (int64_t d = 0; d < hd; ++d) acc += q[d] * kr[d];
+        sc[i] = acc * w.scale;
+      }
+    }
+    if (w.softcap > 0.f)
+      for (int64_t i = 0; i < n; ++i) sc[i] = w.softcap * std::tanh(sc[i] / w.softcap);
+    Softmax(sc, n);
+    if constexpr (C > 0) {
+      v16 acc[C];
+      for (int c = 0; c < C; ++c) acc[c] = v16{};
+      for (int64_t i = 0; i < n; ++i) {
+        const float* vr = v0 + i * row_stride;
+        const float pi = sc[i];
+        for (int c = 0; c < C; ++c) acc[c] += pi * Load(vr + 16 * c);
+      }
+      for (int c = 0; c < C; ++c) Store(o + 16 * c, acc[c]);
+    } else {
+      std::memset(o, 0, hd * sizeof(float));
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < hd; ++d) o[d] += sc[i] * v0[i * row_stride + d];
+    }
+  }
+}
+
+void RunUnitAnyHd(const Work& w, int64_t unit, std::vector<float>& scores) {
+  switch (w.hd) {
+    case 64: return RunUnit<4>(w, unit, scores);
+    case 128: return RunUnit<8>(w, unit, scores);
+    case 256: return RunUnit<16>(w, unit, scores);
+    default: return RunUnit<0>(w, unit, scores);
+  }
+}
+
+void RunChunk(const Work& w, int64_t c) {
+  std::vector<float> scores;
+  const int64_t u0 = c * w.units / w.chunks, u1 = (c + 1) * w.units / w.chunks;
+  for (int64_t u = u0; u < u1; ++u) RunUnitAnyHd(w, u, scores);
+}
+
+void Drain(Work& w) {
+  for (;;) {
+    const int64_t c = w.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= w.chunks) return;
+    RunChunk(w, c);
+    w.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Below this many multiply-adds (scores and weighted sums) a call runs on the calling thread alone: handing
+// work to the pool costs more than it saves.
+constexpr int64_t kParallelMin = 1 << 17;
+
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out,
+                         float scale, float softcap, int64_t window) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), pd = pos.dimensions(),
+             od = out->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 2 || od.size() != 4)
+    return ffi::Error::InvalidArgument("llmqp_attention_f32: q, k, v, out must be rank 4 and pos rank 2");
+  for (int i = 0; i < 4; ++i) {
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("llmqp_attention_f32: k and v shapes differ");
+    if (qd[i] != od[i]) return ffi::Error::InvalidArgument("llmqp_attention_f32: q and out shapes differ");
+  }
+  const int64_t b = qd[0], t = qd[1], h = qd[2], hd = qd[3], s = kd[1], kv = kd[2];
+  if (kd[0] != b || kd[3] != hd || pd[0] != b || pd[1] != t || kv == 0 || h % kv != 0)
+    return ffi::Error::InvalidArgument("llmqp_attention_f32: inconsistent shapes");
+  if (b * t * h * hd == 0) return ffi::Error::Success();
+
+  auto work = std::make_shared<Work>();
+  work->q = q.typed_data();
+  work->k = k.typed_data();
+  work->v = v.typed_data();
+  work->pos = pos.typed_data();
+  work->out = out->typed_data();
+  work->b = b;
+  work->t = t;
+  work->h = h;
+  work->kv = kv;
+  work->s = s;
+  work->hd = hd;
+  work->groups = h / kv;
+  work->units = b * t * kv;
+  work->scale = scale;
+  work->softcap = softcap;
+  work->window = window;
+  int64_t keys = 0;
+  for (int64_t i = 0; i < b * t; ++i) {
+    const int64_t p = work->pos[i];
+    keys += std::max<int64_t>(0, std::min<int64_t>(p, s - 1) + 1 -
+                                     (window > 0 ? std::max<int64_t>(0, p - window + 1) : 0));
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const bool parallel = threads > 1 && work->units > 1 && keys * h * hd * 2 >= kParallelMin;
+  work->chunks = parallel ? std::min<int64_t>(work->units, 4 * threads) : 1;
+  for (int64_t i = 1; parallel && i < threads && i < work->chunks; ++i) pool.Schedule([work] { Drain(*work); });
+  Drain(*work);
+  while (work->done.load(std::memory_order_acquire) < work->chunks) CpuRelax();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmqpAttentionF32, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));
