@@ -168,6 +168,24 @@ def test_trunk_uses_the_kernel_and_agrees_with_xla(make_cfg):
                                atol=2e-5)
 
 
+@needs_kernel
+def test_dense_head_through_the_kernel_gives_every_row_its_one_row_logits():
+    """The dense LM head of 2-64 rows (draft windows, scheduler batches) goes through the kernel when the head
+    carries `unembed_packed`: each row's logits equal that row's alone (one row: XLA's dot), bit for bit, and
+    XLA's product of all rows to float accuracy."""
+    rng = np.random.default_rng(5)
+    d, v = 96, 1000
+    unembed = jnp.asarray(rng.standard_normal((d, v)).astype(np.float32))
+    head = {"unembed": unembed, "unembed_packed": kernels.pack_device(unembed)}
+    hidden = jnp.asarray(rng.standard_normal((8, d)).astype(np.float32))
+    dense = jax.jit(transformer.dense_logits)
+    assert kernels.TARGET in jax.jit(transformer.dense_logits).lower(head, hidden).as_text()
+    together = np.asarray(dense(head, hidden))
+    for i in range(8):
+        np.testing.assert_array_equal(np.asarray(dense(head, hidden[i:i + 1]))[0], together[i])
+    np.testing.assert_allclose(together, np.asarray(dense({"unembed": unembed}, hidden)), rtol=1e-5, atol=1e-4)
+
+
 def test_disabled_by_environment_falls_back_with_a_reason():
     code = ("from llmqp import kernels; import jax.numpy as jnp; s = kernels.status(); "
             "p = {'layers': [{'w_qkv': jnp.zeros((2, 2))}]}; "

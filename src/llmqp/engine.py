@@ -98,6 +98,8 @@ class Engine:
             self.params, self.mesh = place_params(self.params, devices)
             self.plans = plans_mod.sharded_plans(self.mesh)
         self.head = {"unembed": self.params["unembed"], "unembed_rows": self.params["unembed_rows"]}
+        if self.trunk_kernel and self.mesh is None:  # the dense head of 2-64 rows through the CPU kernel too
+            self.head["unembed_packed"] = kernels.pack_device(self.params["unembed"])
         self._planner: Planner | None = None
         self._draft_planner: DraftPlanner | None = None
         self.feed_shapes: set[tuple] = set()  # (batch, width, cache length) of the forwards compiled so far

@@ -127,6 +127,13 @@ def pack(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
 
 
+def pack_device(w):
+    """`pack` of a (K, N) f32 matrix, as a JAX array (for the dense LM head: `transformer.dense_logits`)."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(pack(np.asarray(w)))
+
+
 MATMULS = ("w_qkv", "w_o", "w_gate_up", "w_down")
 
 
