@@ -40,6 +40,7 @@ SMALL_M_MAX = 64
 # longer chunks (prefill), XLA's einsums, which batch the queries into dots.
 ATTENTION_MAX_T = 64
 SOURCES = (Path(__file__).with_name("cpu_gemm.cc"), Path(__file__).with_name("cpu_attention.cc"))
+HEADERS = (Path(__file__).with_name("parallel.h"),)
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -59,7 +60,7 @@ def _build(compiler: str, include: str) -> Path:
     from llmqp.model.loader import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), version, include, _cpu_flags(),
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), version, include, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"llmqp_gemm-{key}.so"
     if out.is_file():
@@ -67,7 +68,7 @@ def _build(compiler: str, include: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
+        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-I", include, "-I", str(SOURCES[0].parent),
                "-o", str(tmp_out), *map(str, SOURCES)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:

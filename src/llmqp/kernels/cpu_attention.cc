@@ -17,13 +17,13 @@
 // or the cache length: a forward of T positions equals T one-token steps bit for bit (draft verification,
 // forced runs and continuous batching rely on it).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -108,8 +108,6 @@ struct Work {
   int64_t b, t, h, kv, s, hd, groups, units, chunks;
   float scale, softcap;
   int64_t window;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 };
 
 // One unit: row b, query t, kv head j -> the `groups` query heads that share it. hd = 16 * C (C > 0): each
@@ -188,21 +186,6 @@ void RunChunk(const Work& w, int64_t c) {
   for (int64_t u = u0; u < u1; ++u) RunUnitAnyHd(w, u, scores);
 }
 
-void Drain(Work& w) {
-  for (;;) {
-    const int64_t c = w.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= w.chunks) return;
-    RunChunk(w, c);
-    w.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
 // Below this many multiply-adds (scores and weighted sums) a call runs on the calling thread alone: handing
 // work to the pool costs more than it saves.
 constexpr int64_t kParallelMin = 1 << 17;
@@ -249,9 +232,7 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const bool parallel = threads > 1 && work->units > 1 && keys * h * hd * 2 >= kParallelMin;
   work->chunks = parallel ? std::min<int64_t>(work->units, 4 * threads) : 1;
-  for (int64_t i = 1; parallel && i < threads && i < work->chunks; ++i) pool.Schedule([work] { Drain(*work); });
-  Drain(*work);
-  while (work->done.load(std::memory_order_acquire) < work->chunks) CpuRelax();
+  llmqp::ParallelChunks(pool, work->chunks, parallel ? threads : 1, [work](int64_t c) { RunChunk(*work, c); });
   return ffi::Error::Success();
 }
 

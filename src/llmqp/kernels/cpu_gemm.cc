@@ -5,8 +5,7 @@
 // about the same as one row. XLA:CPU's and OpenBLAS's small-M f32 GEMMs run 2-4x slower than that
 // (benchmarks/limits.py). This kernel streams each 64-column panel once, contiguously, keeping up to 4 rows
 // x 64 columns of accumulators in vector registers, and splits the panels over XLA's own intra-op thread
-// pool (no second pool competing for the cores: one with threads spinning between products was measured
-// 1.2-1.3x slower end to end on 2 cores).
+// pool (parallel.h).
 //
 // Every output element is summed in the same order (k = 0, 1, ..., K-1, one fused multiply-add each)
 // whatever M is and whichever rows it is computed with, so a forward of T positions gives bit-identical
@@ -14,12 +13,12 @@
 //
 // Built at first use by llmqp.kernels (g++ -O3 -march=native); llmqp falls back to XLA's dot without it.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -66,8 +65,6 @@ struct Work {
   const float* wp;
   float* y;
   int64_t m, k, n, panels, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 };
 
 void RunChunk(const Work& w, int64_t c) {
@@ -81,23 +78,6 @@ void RunChunk(const Work& w, int64_t c) {
     for (; r + 2 <= w.m; r += 2) Panel<2>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
     for (; r < w.m; ++r) Panel<1>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
   }
-}
-
-// Take chunks until none is left. A pool task that starts after the caller has taken every chunk does
-// nothing, so the caller never waits for a task the pool has not started (it may be running on that pool).
-void Drain(Work& w) {
-  for (;;) {
-    const int64_t c = w.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= w.chunks) return;
-    RunChunk(w, c);
-    w.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
 }
 
 ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
@@ -127,9 +107,7 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   work->panels = panels;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   work->chunks = std::min<int64_t>(panels, 4 * threads);
-  for (int64_t t = 1; t < threads && t < work->chunks; ++t) pool.Schedule([work] { Drain(*work); });
-  Drain(*work);
-  while (work->done.load(std::memory_order_acquire) < work->chunks) CpuRelax();
+  llmqp::ParallelChunks(pool, work->chunks, threads, [work](int64_t c) { RunChunk(*work, c); });
   return ffi::Error::Success();
 }
 
