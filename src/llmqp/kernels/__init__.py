@@ -60,16 +60,17 @@ def _build(compiler: str, include: str) -> Path:
     from llmqp.model.loader import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), version, include, _cpu_flags(),
-                                    platform.machine()]).encode()).hexdigest()[:16]
+    texts = [src.read_text() for src in SOURCES + HEADERS]
+    parts = [*texts, version, include, _cpu_flags(), platform.machine()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"llmqp_gemm-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-I", include, "-I", str(SOURCES[0].parent),
-               "-o", str(tmp_out), *map(str, SOURCES)]
+        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
+               "-I", str(SOURCES[0].parent), "-o", str(tmp_out), *map(str, SOURCES)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
@@ -98,7 +99,7 @@ def _load() -> None:
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.LlmqpAttentionF32), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         _state.update(ok=False, reason=f"could not build or load {', '.join(src.name for src in SOURCES)}: {e}")
-        warnings.warn(f"llmqp: the CPU GEMM kernel is unavailable, using XLA's dot: {e}", RuntimeWarning,
+        warnings.warn(f"llmqp: the CPU kernels are unavailable, using XLA's dot and einsums: {e}", RuntimeWarning,
                       stacklevel=3)
         return
     _state.update(ok=True, reason=None, path=str(path), lib=lib)
@@ -129,7 +130,7 @@ def pack(w: np.ndarray) -> np.ndarray:
 
 
 def pack_device(w):
-    """`pack` of a (K, N) f32 matrix, as a JAX array (for the dense LM head: `transformer.dense_logits`)."""
+    """`pack` of a (K, N) f32 matrix (numpy or JAX), as a JAX array."""
     import jax.numpy as jnp
 
     return jnp.asarray(pack(np.asarray(w)))
@@ -152,7 +153,7 @@ def with_packed_weights(params: dict, raw_layers: list[dict] | None = None) -> d
         if any(k not in layer or layer[k].dtype != jnp.float32 for k in MATMULS):
             return params
         src = raw_layers[i] if raw_layers is not None else layer
-        layers.append(dict(layer, packed={k: jnp.asarray(pack(np.asarray(src[k]))) for k in MATMULS}))
+        layers.append(dict(layer, packed={k: pack_device(src[k]) for k in MATMULS}))
     return dict(params, layers=layers)
 
 
