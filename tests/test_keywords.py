@@ -102,6 +102,14 @@ CASES = {
                                     [["a", None], [None, None], ["a", "a"], [], [None, "b", None], ["ab"]]),
     "uniqueItems integers": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
                              [[0, 1], [0, 0], [-1, 1]]),
+    # open items (objects that admit more keys, arrays, unbounded strings): compared when they complete
+    "uniqueItems objects": ({"type": "array", "items": {"type": "object", "properties": {
+        "n": {"type": "string", "maxLength": 2}, "v": {"type": "integer"}}, "required": ["n"]}, "uniqueItems": True},
+        [[{"n": "a"}, {"n": "b"}], [{"n": "a"}, {"n": "a"}], [{"n": "a", "v": 1}, {"v": 1.0, "n": "a"}],
+         [{"n": "a"}, {"n": "a", "x": None}], [], [{"v": 1}]]),
+    "uniqueItems strings or arrays": ({"type": "object", "properties": {"f": {
+        "type": "array", "items": {"type": ["string", "array"]}, "uniqueItems": True}}},
+        [{"f": ["a", ["a"]]}, {"f": [["a", 1], ["a", 1]]}, {"f": ["a", "a"]}, {"f": [[], [[]]]}, {"f": [1]}]),
     "oneOf discriminated": ({"oneOf": [  # disjoint by "k" (a discriminator), though not by llguidance's proof
         {"type": "object", "properties": {"k": {"const": "a"}, "x": {"type": "object", "additionalProperties": False}},
          "required": ["k"]},
@@ -254,6 +262,10 @@ CASES = {
 }
 
 
+# strict=True closes the items' objects, and the uniqueItems layer enforces open objects only.
+STRICT_REFUSED = {"uniqueItems objects"}
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_accepts_follows_jsonschema(tk, name):
     schema, instances = CASES[name]
@@ -269,6 +281,10 @@ def test_random_walks_that_stop_are_valid(tk, name):
     allowed, half of the time) produce only outputs that jsonschema validates."""
     schema = CASES[name][0]
     for strict in (False, True):
+        if strict and name in STRICT_REFUSED:
+            with pytest.raises(ConstraintError, match="strict=False"):
+                compile_constraint(make_spec(json_schema=schema, strict=strict), tk)
+            continue
         c = compile_constraint(make_spec(json_schema=schema, strict=strict), tk)
         rng = random.Random(7)
         stopped = 0
@@ -313,6 +329,31 @@ def test_unique_items_step_by_step(tk):
     assert m.count_allowed([token_id(tk, t) for t in ["no", '"', "]", "<|end|>"]]) == 4
 
 
+def test_unique_open_items_step_by_step(tk):
+    """An open item (here an object that admits more keys) is compared when it completes: every token that
+    would close a repeat is removed, and the grammar's other continuations stay."""
+    from llmqp.testing import token_id, token_texts
+
+    schema = {"type": "array", "items": {"type": "object", "properties": {"n": {"type": "string"}}},
+              "uniqueItems": True}
+    c = compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+    m = c.matcher()
+    g = compile_constraint(make_spec(json_schema={k: v for k, v in schema.items() if k != "uniqueItems"},
+                                     strict=False), tk).matcher()  # the grammar alone, to compare with
+    for text in ["[", "{", '"', "n", '"', ":", '"', "a", '"', "}", ",", "{", '"', "n", '"', ":", '"', "a", '"']:
+        m.accept(token_id(tk, text))
+        g.accept(token_id(tk, text))
+    closing = {t for t in token_texts(tk, g.allowed()) if "}" in t}
+    assert closing and not closing & token_texts(tk, m.allowed())  # `{"n":"a"}` again: no `}` at all
+    assert token_texts(tk, m.allowed()) == token_texts(tk, g.allowed()) - closing  # `,` (one more key) stays
+    with pytest.raises(ValueError):
+        m.accept(token_id(tk, "}"))
+    m.rollback(2)  # back to `[{"n":"a"},{"n":"`: another name completes a new item
+    assert m.count_allowed([token_id(tk, t) for t in ["b", '"', "}", "]", "<|end|>"]]) == 5
+    m.rollback(15)  # back to `[{`: the first item's state is gone with its tokens
+    assert m.count_allowed([token_id(tk, t) for t in ['"', "n", '"', ":", '"', "a", '"', "}", "]"]]) == 9
+
+
 def test_contains_step_by_step(tk):
     """The layer removes exactly the tokens that close the array before an item matches."""
     from llmqp.testing import token_id, token_texts
@@ -339,6 +380,8 @@ def test_contains_step_by_step(tk):
     ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, '["a","\\u0061"]'),
     ({"type": "array", "items": {"type": "number"}, "uniqueItems": True}, "[1,10e-1]"),
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[0,-0]"),
+    ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, '[{"a":1,"b":[2]},{"b":[2.0],"a":1}]'),
+    ({"type": "array", "items": {"type": "array"}, "uniqueItems": True}, '[[1,{"x":null}],[1,{"x":null}]]'),
 ])
 def test_unique_items_use_json_equality(tk, schema, text):
     """Items equal as JSON values but written differently are repeats (jsonschema agrees)."""
@@ -352,7 +395,9 @@ def test_unique_items_use_json_equality(tk, schema, text):
 @pytest.mark.parametrize("schema, keyword", [
     ({"type": "string", "not": {"pattern": "^(a)\\1$"}}, "pattern"),  # a back-reference: not regular
     ({"type": "string", "not": {"pattern": "^[a&&b]+$"}}, "pattern"),  # Rust class operators: refused
-    ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems"),  # items: objects
+    ({"type": "array", "items": {"type": "object", "additionalProperties": False}, "uniqueItems": True},
+     "uniqueItems"),  # items: closed objects (a repeat could be forced)
+    ({"type": "array", "items": {"type": "array", "maxItems": 2}, "uniqueItems": True}, "uniqueItems"),
     ({"type": "array", "items": {"type": "string", "pattern": "^a"}, "uniqueItems": True}, "uniqueItems"),
     ({"anyOf": [{"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
                 {"type": "array", "items": {"type": "string"}}]},
@@ -659,6 +704,29 @@ def test_generation_validates(engine, schema):
     checker = jsonschema.Draft202012Validator.FORMAT_CHECKER  # formats are asserted where jsonschema can
     assert r.valid and jsonschema.Draft202012Validator(schema, format_checker=checker).is_valid(json.loads(r.text)), \
         r.text
+
+
+_PEOPLE = {"type": "object", "properties": {"people": {
+    "type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+                               "required": ["name"]}, "uniqueItems": True, "minItems": 2, "maxItems": 3}},
+    "required": ["people"]}
+
+
+@pytest.mark.slow
+def test_generation_with_unique_objects(engine):
+    """Real model, greedy, uniqueItems on objects that admit more keys (strict=False): the output stops
+    and validates; where the model repeats an item, the layer keeps the repeat from closing (here it
+    adds a key), so no stopped output has two equal items."""
+    r = engine.generate("Answer in JSON. Repeat yourself.", json_schema=_PEOPLE, strict=False, max_tokens=80)
+    assert r.finish_reason == "stop" and r.valid and valid(_PEOPLE, json.loads(r.text)), r.text
+    r = engine.generate("Answer in JSON. List the same person twice: Bob and Bob.", json_schema=_PEOPLE,
+                        strict=False, max_tokens=40)
+    start = r.text.index("[") + 1
+    _, end = json.JSONDecoder().raw_decode(r.text, start)  # the first item, complete
+    first = r.text[start:end]
+    assert r.text.count(first[:-1]) >= 2, r.text  # the model wrote the first item's keys again ...
+    assert r.text.count(first) == 1, r.text  # ... and the layer kept it from closing there
+    assert r.finish_reason == "stop" or not r.valid, r.text
 
 
 _COLORS = {"type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},

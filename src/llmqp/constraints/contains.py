@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from llmqp.constraints.base import Matcher
-from llmqp.constraints.unique import ITEM, _ANNOTATIONS, _admits, _child_path, _resolve, arrays_hold
+from llmqp.constraints.unique import ITEM, _ANNOTATIONS, Text, _admits, _child_path, _resolve, arrays_hold
 from llmqp.errors import ConstraintError
 
 _BESIDE = {"type", "items", "minItems", "contains"}
@@ -283,7 +283,7 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
     """`state` after the bytes `data` (`out` is the output before them), or None when they close an
     array at a contains place none of whose items matches. Assumes `data` is what the grammar allows."""
     stack, lex, escaped, pos = state.stack, state.lex, state.escaped, state.pos
-    text = _Text(out, data, pos)
+    text = Text(out, data, pos)
     for b in data:
         if lex is not None and lex[:1] == b'"':
             lex += bytes((b,))
@@ -323,26 +323,13 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
     return ScanState(stack, lex, escaped, pos)
 
 
-class _Text:
-    """The output `out[:base] + data`, sliced without copying `out` whole (an item is short, the
-    output may be long)."""
-
-    def __init__(self, out: bytes, data: bytes, base: int):
-        self.out, self.data, self.base = out, data, base
-
-    def slice(self, start: int, end: int) -> bytes:
-        if start >= self.base:
-            return self.data[start - self.base:end - self.base]  # (the token's own bytes)
-        return bytes(self.out[start:self.base]) + self.data[:max(0, end - self.base)]
-
-
 def _start_item(stack: tuple, pos: int) -> tuple:
     if stack and stack[-1].spec is not None and stack[-1].item_start is None:
         return stack[:-1] + (dataclasses.replace(stack[-1], item_start=pos),)
     return stack
 
 
-def _complete(stack: tuple, text: _Text, end: int, raw: bytes) -> tuple:
+def _complete(stack: tuple, text: Text, end: int, raw: bytes) -> tuple:
     """A scalar ended at `end`: an object key, an object value or an array item."""
     if not stack:
         return stack
@@ -354,7 +341,7 @@ def _complete(stack: tuple, text: _Text, end: int, raw: bytes) -> tuple:
     return _item_done(stack, text, end)
 
 
-def _complete_composite(stack: tuple, text: _Text, end: int) -> tuple:
+def _complete_composite(stack: tuple, text: Text, end: int) -> tuple:
     """An object or array ended at `end`: the value of its parent's key, or an item of its parent."""
     if not stack:
         return stack
@@ -364,7 +351,7 @@ def _complete_composite(stack: tuple, text: _Text, end: int) -> tuple:
     return _item_done(stack, text, end)
 
 
-def _item_done(stack: tuple, text: _Text, end: int) -> tuple:
+def _item_done(stack: tuple, text: Text, end: int) -> tuple:
     top = stack[-1]
     if top.spec is None:
         return stack

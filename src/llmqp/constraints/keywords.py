@@ -1276,6 +1276,11 @@ def _disjoint(a: Any, b: Any, plain, depth: int = 0, context: frozenset | None =
         if isinstance(options, list) and options and \
                 all(_disjoint(o, y, plain, depth + 1, context) for o in options):
             return True
+    for x, y in ((a, b), (b, a)):  # x lies within each of its allOf parts: one disjoint from y suffices
+        parts = x.get("allOf")
+        if isinstance(parts, list) and \
+                any(_disjoint(p, y, plain, depth + 1, context, required) for p in parts):
+            return True
     return False
 
 

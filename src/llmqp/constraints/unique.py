@@ -18,12 +18,19 @@ is valid. Exactly where the array is, and what its items are, must be decidable 
     names it; a `uniqueItems: true` anywhere else (in one of several options that admit arrays, `allOf`,
     `additionalProperties`, a recursive `$ref`, ...) is refused with ConstraintError;
   * its items are scalars: an `enum`/`const` of scalars, `boolean`, `null`, a `string` (or `["string",
-    "null"]`) with at most `minLength`/`maxLength`, or an unbounded `integer`/`number`. Items with a
-    `pattern`, `format`, bounds, objects or arrays are refused (whether an unused completion exists
-    would not be decidable here).
+    "null"]`) with at most `minLength`/`maxLength`, or an unbounded `integer`/`number`; or *open* values,
+    every prefix of which has infinitely many completions: objects that admit additional properties (no
+    `additionalProperties`/`patternProperties`/`propertyNames`/`maxProperties`, and not `strict=True`,
+    which closes them), arrays without `maxItems`/`prefixItems`/`contains`, unbounded strings and
+    numbers (a `type` list of these kinds). An open item is checked when it completes (compared as a
+    parsed value: key order, `1` = `1.0`): where it would repeat an earlier item the layer removes the
+    completing token, and the grammar still has another (one more key, item, character or digit).
+    Items with a `pattern`, `format`, bounds, closed objects or bounded arrays are refused (whether an
+    unused completion exists would not be decidable here).
 
 Cost: nothing outside unique arrays; inside one, the candidates that can complete or open an item are
-re-scanned in Python (inside a string item only the tokens holding a `"`).
+re-scanned in Python (inside a string item only the tokens holding a `"`; inside an open compound item
+only those with enough closing brackets to complete it).
 """
 
 from __future__ import annotations
@@ -51,9 +58,9 @@ _SCALAR_KEYS = {"string": {"minLength", "maxLength"}, "integer": set(), "number"
 @dataclasses.dataclass(frozen=True)
 class UniqueArray:
     """A unique array's items: a finite `domain` of values (enum, const, boolean, null, empty string),
-    or an infinite kind ("string", "integer", "number")."""
+    an infinite scalar kind ("string", "integer", "number"), or "open" values (compared when complete)."""
 
-    kind: str  # "finite" | "string" | "integer" | "number"
+    kind: str  # "finite" | "string" | "integer" | "number" | "open" (see `_open`)
     domain: tuple = ()  # (key, texts) per value of a finite domain: its identity and its JSON spellings
     max_length: int | None = None  # strings
     nullable: bool = False  # strings: `null` is an item too (`"type": ["string", "null"]`)
@@ -173,9 +180,14 @@ def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
     else:
         t = items.get("type")
         keys = set(items) - _ANNOTATIONS - {"type"}
-        if not isinstance(t, str) or t not in _SCALAR_KEYS or keys - _SCALAR_KEYS[t]:
+        if (not isinstance(t, str) or t not in _SCALAR_KEYS or keys - _SCALAR_KEYS[t]) and _open(root, items):
+            kind = UniqueArray(kind="open")
+        elif not isinstance(t, str) or t not in _SCALAR_KEYS or keys - _SCALAR_KEYS[t]:
             why = f"items of this kind ({json.dumps(items)[:60]}): only enums of scalars, booleans, null, " \
-                  "strings with at most minLength/maxLength, and unbounded integers/numbers"
+                  "strings with at most minLength/maxLength, unbounded integers/numbers, and open values " \
+                  "(objects that admit additional properties, arrays without maxItems, unbounded strings)"
+            if items.get("additionalProperties") is False and "object" in (t if isinstance(t, list) else [t]):
+                why += "; strict=True closes objects that declare properties: strict=False keeps them open"
         elif t == "boolean":
             kind = _finite([False, True])
         elif t == "null":
@@ -191,6 +203,37 @@ def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
                               f"exceeds the {len(kind.domain)} distinct values the items allow: no output "
                               "satisfies it")
     return kind
+
+
+# Keywords an open item may carry, per JSON type (beside `type` and annotations): none bounds the value's
+# completions (an object can take one more additional key, an array one more item, a string one more
+# character, a number one more digit).
+_OPEN_KEYS = {"object": {"properties", "required", "minProperties"}, "array": {"items", "minItems"},
+              "string": {"minLength"}, "number": set()}
+
+
+def _open(root, node, depth: int = 0) -> bool:
+    """Whether every prefix of a value `node` admits, in the grammar, has infinitely many completions: an
+    object that admits additional properties, an array without an upper bound, an unbounded string or
+    number, or a `type` list of these (its keywords allowed for each listed type)."""
+    seen = 0
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and \
+            not (set(node) - _ANNOTATIONS - {"$ref"}) and seen < 32:
+        node, seen = _resolve(root, node["$ref"]), seen + 1
+    if not isinstance(node, dict) or depth > 8:
+        return False
+    types = node.get("type")
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(types, list) or not types or not all(t in _OPEN_KEYS for t in types):
+        return False
+    keys = set(node) - _ANNOTATIONS - {"type"}
+    if keys - set().union(*(_OPEN_KEYS[t] for t in types)):
+        return False
+    if "items" in node and not (node["items"] is True or isinstance(node["items"], dict)):
+        return False  # `items: false` (or a list: tuple items) bounds the array
+    if "properties" in node and not isinstance(node["properties"], dict):
+        return False
+    return True
 
 
 def _finite(values: list) -> UniqueArray:
@@ -230,17 +273,23 @@ def value_key(value: Any):
         return ("null",)
     if isinstance(value, bool):
         return ("bool", value)
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float, Decimal)):
         return ("num", Decimal(repr(value) if isinstance(value, float) else value).normalize(_EXACT))
     if isinstance(value, str):
         return ("str", value)
+    if isinstance(value, list):
+        return ("arr", tuple(value_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("obj", frozenset((k, value_key(v)) for k, v in value.items()))
     return ("json", json.dumps(value, sort_keys=True))
 
 
 def _text_key(raw: bytes):
-    """value_key of a complete JSON scalar as written (numbers compared exactly, not via float)."""
+    """value_key of a complete JSON value as written (numbers compared exactly, not via float)."""
     text = raw.decode("utf-8")
     c = text[:1]
+    if c in "{[":  # an open item, compared as a parsed value (numbers exactly)
+        return value_key(json.loads(text, parse_float=Decimal, parse_int=Decimal))
     if c == '"':
         return ("str", json.loads(text))
     if c in "tfn":
@@ -287,25 +336,52 @@ class _Frame:
     used: frozenset = frozenset()  # keys of its completed items
     key: str | None = None  # objects: the last key read
     expect_key: bool = True  # objects: the next string is a key
+    item_start: int | None = None  # unique arrays: the offset of the object/array item in progress
 
 
 @dataclasses.dataclass(frozen=True)
 class ScanState:
-    """The JSON parse of the output so far (immutable: states are kept per token for rollback)."""
+    """The JSON parse of the output so far, at byte offset `pos` (immutable: states are kept per token for
+    rollback)."""
 
     stack: tuple = ()
     lex: bytes | None = None  # the scalar being read (a string starts with `"`), or None
     escaped: bool = False
+    pos: int = 0
 
     def top_unique(self) -> _Frame | None:
         return self.stack[-1] if self.stack and self.stack[-1].spec is not None else None
 
+    def open_item(self) -> int | None:
+        """How many closing brackets complete the innermost object/array item in progress of a unique
+        array (None when there is none)."""
+        for depth, frame in enumerate(reversed(self.stack)):
+            if frame.spec is not None and frame.item_start is not None:
+                return depth
+        return None
 
-def scan(state: ScanState, data: bytes, arrays: dict[tuple, UniqueArray]) -> ScanState | None:
-    """`state` after the bytes `data`, or None when they complete an item that repeats an earlier one
-    of its unique array. Assumes `data` is what the grammar allows (well-formed JSON so far)."""
-    stack, lex, escaped = state.stack, state.lex, state.escaped
+
+class Text:
+    """The output `out[:base] + data`, sliced without copying `out` whole (an item is short, the output
+    may be long). Shared with the contains layer."""
+
+    def __init__(self, out: bytes, data: bytes, base: int):
+        self.out, self.data, self.base = out, data, base
+
+    def slice(self, start: int, end: int) -> bytes:
+        if start >= self.base:
+            return self.data[start - self.base:end - self.base]  # (the token's own bytes)
+        return bytes(self.out[start:self.base]) + self.data[:max(0, end - self.base)]
+
+
+def scan(state: ScanState, data: bytes, arrays: dict[tuple, UniqueArray], out: bytes = b"") -> ScanState | None:
+    """`state` after the bytes `data` (`out`: the output before them), or None when they complete an item
+    that repeats an earlier one of its unique array. Assumes `data` is what the grammar allows
+    (well-formed JSON so far)."""
+    stack, lex, escaped, pos = state.stack, state.lex, state.escaped, state.pos
+    text = Text(out, data, pos)
     for b in data:
+        pos += 1  # the offset after this byte
         if lex is not None and lex[:1] == b'"':
             lex += bytes((b,))
             if escaped:
@@ -333,6 +409,8 @@ def scan(state: ScanState, data: bytes, arrays: dict[tuple, UniqueArray]) -> Sca
                 stack = stack[:-1] + (dataclasses.replace(stack[-1], expect_key=True),)
             continue
         if b in (0x7B, 0x5B):  # `{` `[`
+            if stack and stack[-1].spec is not None and stack[-1].item_start is None:
+                stack = stack[:-1] + (dataclasses.replace(stack[-1], item_start=pos - 1),)  # an open item
             path = _child_path(stack)
             stack = stack + ((_Frame("o", path),) if b == 0x7B else (_Frame("a", path, arrays.get(path)),))
             continue
@@ -340,9 +418,13 @@ def scan(state: ScanState, data: bytes, arrays: dict[tuple, UniqueArray]) -> Sca
             stack = stack[:-1]
             if stack and stack[-1].kind == "o":
                 stack = stack[:-1] + (dataclasses.replace(stack[-1], expect_key=False),)
+            elif stack and stack[-1].spec is not None and stack[-1].item_start is not None:
+                stack = _complete(stack, text.slice(stack[-1].item_start, pos))
+                if stack is None:
+                    return None
             continue
         lex = bytes((b,))  # `"` or the first byte of a number / literal
-    return ScanState(stack, lex, escaped)
+    return ScanState(stack, lex, escaped, pos)
 
 
 def _child_path(stack: tuple) -> tuple:
@@ -365,7 +447,7 @@ def _complete(stack: tuple, raw: bytes) -> tuple | None:
     key = _text_key(raw)
     if key in top.used:
         return None
-    return stack[:-1] + (dataclasses.replace(top, used=top.used | {key}),)
+    return stack[:-1] + (dataclasses.replace(top, used=top.used | {key}, item_start=None),)
 
 
 def viable(state: ScanState, opening: bool) -> bool:
@@ -407,39 +489,53 @@ class UniqueMatcher(Matcher):
         self._bytes, self._has_quote, self._char_len = token_bytes, has_quote, char_len
         self.vocab_size, self.eos_ids = inner.vocab_size, inner.eos_ids
         self._states = [ScanState()]  # one per accepted token (+ the start)
+        self._out = bytearray()  # the output's bytes (open items are sliced from it)
+        self._closes = None
+        if any(spec.kind == "open" for spec in arrays.values()):  # closing brackets per id
+            self._closes = np.array([t.count(b"}") + t.count(b"]") for t in token_bytes] + [0], dtype=np.int32)
 
     def _next(self, tok: int) -> ScanState | None:
         state = self._states[-1]
         if tok in self.eos_ids:
             return state
         data = self._bytes[tok] if tok < len(self._bytes) else b""
-        nxt = scan(state, data, self._arrays)
+        nxt = scan(state, data, self._arrays, self._out)
         if nxt is None:
             return None
         opened = bool(data) and data.rstrip(b" \t\n\r")[-1:] in (b",", b"[")
         return nxt if viable(nxt, opened) else None
 
-    def allowed(self) -> np.ndarray:
-        base = self._inner.allowed()
-        state = self._states[-1]
-        top = state.top_unique()
-        if top is None or base.size == 0:
-            return base
-        if state.lex is not None and state.lex[:1] == b'"' and top.spec.kind == "string" and not state.escaped:
+    def _candidates(self, base: np.ndarray, state: ScanState) -> np.ndarray:
+        """The ids of `base` the layer could exclude: those that can complete or open an item."""
+        top, depth = state.top_unique(), state.open_item()
+        check = np.zeros(base.size, dtype=bool)
+        if depth is not None:  # an open object/array item completes only with `depth` closing brackets
+            check |= self._closes[np.minimum(base, len(self._closes) - 1)] >= depth
+        if top is None:
+            pass
+        elif state.lex is not None and state.lex[:1] == b'"' and top.spec.kind in ("string", "open") and \
+                not state.escaped:
             # Inside a string item only a `"` completes it, and only reaching maxLength leaves a single
             # completion: other tokens cannot fail.
             ids = np.minimum(base, len(self._has_quote) - 1)
-            check = self._has_quote[ids]
+            quote = self._has_quote[ids]
             if top.spec.max_length is not None:
                 try:
                     length = len(json.loads(state.lex.decode("utf-8") + '"'))
-                    check = check | (length + self._char_len[ids] >= top.spec.max_length)
+                    quote = quote | (length + self._char_len[ids] >= top.spec.max_length)
                 except ValueError:
-                    check = np.ones_like(check)
-            candidates = base[check]
+                    quote = np.ones_like(quote)
+            check |= quote
         else:
-            candidates = base
-        bad = [t for t in candidates.tolist() if self._next(t) is None]
+            check[:] = True
+        return base[check]
+
+    def allowed(self) -> np.ndarray:
+        base = self._inner.allowed()
+        state = self._states[-1]
+        if base.size == 0 or (state.top_unique() is None and state.open_item() is None):
+            return base
+        bad = [t for t in self._candidates(base, state).tolist() if self._next(t) is None]
         if not bad:
             return base
         kept = np.setdiff1d(base, np.asarray(bad, dtype=base.dtype), assume_unique=True)
@@ -456,7 +552,8 @@ class UniqueMatcher(Matcher):
                 break
             out.append(tok)
             states = nxt
-        if not out and self._states[-1].top_unique() is not None:
+        state = self._states[-1]
+        if not out and (state.top_unique() is not None or state.open_item() is not None):
             allowed = self.allowed()  # the layer may leave one token where the grammar allows several
             if allowed.size == 1 and int(allowed[0]) not in self.eos_ids:
                 out = [int(allowed[0])]
@@ -470,6 +567,11 @@ class UniqueMatcher(Matcher):
         finally:
             self._states = saved
 
+    def _push(self, tok: int, state: ScanState) -> None:
+        self._states.append(state)
+        if tok not in self.eos_ids and tok < len(self._bytes):
+            self._out += self._bytes[tok]
+
     def accept(self, token_id: int) -> None:
         token_id = int(token_id)
         self._inner.accept(token_id)  # raises ValueError for a token the grammar does not allow
@@ -477,7 +579,7 @@ class UniqueMatcher(Matcher):
         if nxt is None:
             self._inner.rollback(1)
             raise ValueError(f"token {token_id} is not allowed here (it would repeat an item of a unique array)")
-        self._states.append(nxt)
+        self._push(token_id, nxt)
 
     def try_accept(self, token_ids) -> int:
         n = 0
@@ -488,7 +590,7 @@ class UniqueMatcher(Matcher):
             if nxt is None:
                 self._inner.rollback(1)
                 break
-            self._states.append(nxt)
+            self._push(int(tok), nxt)
             n += 1
         return n
 
@@ -497,6 +599,7 @@ class UniqueMatcher(Matcher):
         self._inner.rollback(n)
         if n:
             del self._states[-n:]
+            del self._out[self._states[-1].pos:]
 
     def can_stop(self) -> bool:
         return self._inner.can_stop()
