@@ -107,6 +107,16 @@ CASES = {
         "n": {"type": "string", "maxLength": 2}, "v": {"type": "integer"}}, "required": ["n"]}, "uniqueItems": True},
         [[{"n": "a"}, {"n": "b"}], [{"n": "a"}, {"n": "a"}], [{"n": "a", "v": 1}, {"v": 1.0, "n": "a"}],
          [{"n": "a"}, {"n": "a", "x": None}], [], [{"v": 1}]]),
+    # drafts 3-7 ignore the keywords beside a `$ref` (2019-09+ intersect them): the draft decides
+    "draft-07: keywords beside $ref ignored": ({"$schema": "http://json-schema.org/draft-07/schema#",
+        "definitions": {"a": {"type": "object", "properties": {"w": {"type": "integer"}}}}, "type": "object",
+        "additionalProperties": {"$ref": "#/definitions/a", "properties": {"g": {"type": "integer"}},
+                                 "additionalProperties": False}},
+        [{"x": {"w": 1}}, {"x": {"g": "s", "z": 1}}, {"x": {"w": "s"}}, {"x": 1}]),
+    "2020-12: keywords beside $ref apply": ({"$defs": {"a": {"type": "object", "properties": {"w": {"type": "integer"}}}},
+        "type": "object", "additionalProperties": {"$ref": "#/$defs/a", "properties": {"g": {"type": "integer"}},
+                                                   "additionalProperties": False}},
+        [{"x": {"g": 2}}, {"x": {}}, {"x": {"g": "s"}}, {"x": {"w": 1}}, {"x": 1}]),
     "uniqueItems strings or arrays": ({"type": "object", "properties": {"f": {
         "type": "array", "items": {"type": ["string", "array"]}, "uniqueItems": True}}},
         [{"f": ["a", ["a"]]}, {"f": [["a", 1], ["a", 1]]}, {"f": ["a", "a"]}, {"f": [[], [[]]]}, {"f": [1]}]),
@@ -751,6 +761,19 @@ def test_generation_with_contains(engine, prompt, schema, stops):
         assert r.valid and valid(schema, json.loads(r.text)), r.text
     else:
         assert r.finish_reason == "length" and not r.valid and r.value is None, r.text
+
+
+def test_accepts_reorders_keys_by_pattern_properties(tk):
+    """strict=False: the keys of an object reached through patternProperties are put in the order its
+    schema declares (the grammar's), so a valid instance written in another order is accepted."""
+    schema = {"type": "object", "patternProperties": {"^p-": {  # optional keys: too many orders to search
+        "type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(12)},
+        "additionalProperties": False}}, "additionalProperties": False}
+    c = compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+    value = {"p-a": {f"k{i}": i for i in reversed(range(12))}}
+    assert valid(schema, value) and c.accepts(compact_json(value))
+    value["p-a"]["k3"] = "x"
+    assert not valid(schema, value) and not c.accepts(compact_json(value))
 
 
 def test_key_order_search_follows_the_grammar(tk):

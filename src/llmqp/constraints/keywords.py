@@ -1420,15 +1420,31 @@ def reorder(value: Any, schema: Any, root: Any = None, depth: int = 0) -> Any:
     if not isinstance(value, dict):
         return value
     declared: dict[str, Any] = {}
+    patterns: list[tuple[str, Any]] = []
     extra = None
     for part in _parts(schema, root, value):
         if isinstance(part.get("properties"), dict):
             for name, sub in part["properties"].items():
                 declared.setdefault(name, sub)
+        if isinstance(part.get("patternProperties"), dict):
+            patterns.extend(part["patternProperties"].items())
         if extra is None and isinstance(part.get("additionalProperties"), dict):
             extra = part["additionalProperties"]
     keys = [k for k in declared if k in value] + [k for k in value if k not in declared]
-    return {k: reorder(value[k], declared.get(k, extra), root, depth + 1) for k in keys}
+    return {k: reorder(value[k], declared[k] if k in declared else _pattern_schema(patterns, k, extra), root,
+                       depth + 1) for k in keys}
+
+
+def _pattern_schema(patterns: list[tuple[str, Any]], key: str, extra: Any) -> Any:
+    """The schema of the first pattern property `key` matches (Python's `re` reading the pattern: only
+    for ordering keys, never for validity), else `extra`."""
+    for pattern, sub in patterns:
+        try:
+            if re.search(pattern, key):
+                return sub
+        except (re.error, TypeError):
+            continue
+    return extra
 
 
 def _parts(schema: Any, root: Any, value: Any = None) -> list[dict]:

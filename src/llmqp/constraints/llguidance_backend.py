@@ -535,6 +535,7 @@ class LLGuidanceBackend(ConstraintBackend):
         if "x-guidance" in schema:
             raise ConstraintError('json_schema: "x-guidance" options are not accepted; use '
                                   "strict= and whitespace= instead")
+        schema = schema_tools.ignore_ref_siblings(schema)
         schema_tools.check_keywords(schema)
         if keywords.needs_rewrite(schema, one_of=one_of):
             # before closing: `not` must see the open schema

@@ -1,5 +1,6 @@
 """JSON-Schema preparation that the backend does not do for us.
 
+* `ignore_ref_siblings` drops the keywords beside a `$ref` that drafts 3-7 ignore.
 * `check_keywords` rejects JSON-Schema keywords that llguidance would *silently ignore* (it already
   rejects the ones it knows it does not implement: `not`, `if`, `uniqueItems`, ...; those errors are
   located by `locate_keyword` so the message can name the place).
@@ -15,6 +16,7 @@ properties). Paths are JSON pointers (`#/properties/a/items`).
 from __future__ import annotations
 
 import copy
+import re
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -108,6 +110,24 @@ def walk(schema: Any) -> Iterator[tuple[dict, str]]:
         if isinstance(node, dict):
             yield node, path
             stack.extend((child, p) for _, child, p in reversed(list(subschemas(node, path))))
+
+
+_LEGACY_DRAFT = re.compile(r"json-schema\.org/draft-0?[3-7]/schema")
+
+
+def ignore_ref_siblings(schema: Any) -> Any:
+    """Drafts 3 to 7 (the root's `$schema` says which) ignore every keyword beside a `$ref` (`jsonschema`
+    does too); llguidance, like drafts 2019-09+, would intersect them with the target. Returns a copy
+    without them (annotations and definitions stay), or `schema` itself for other drafts."""
+    if not isinstance(schema, dict) or not isinstance(schema.get("$schema"), str) or \
+            not _LEGACY_DRAFT.search(schema["$schema"]):
+        return schema
+    schema = copy.deepcopy(schema)
+    for node, _ in walk(schema):  # (a node's children are listed after it is changed: dropped ones are skipped)
+        if isinstance(node.get("$ref"), str):
+            for key in [k for k in node if k != "$ref" and k not in _ANNOTATIONS and k not in _DEFS]:
+                del node[key]
+    return schema
 
 
 def check_keywords(schema: Any) -> None:
