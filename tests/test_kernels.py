@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import llmqp
 from llmqp import kernels
 from llmqp.model import synthetic, transformer, weights
 
@@ -169,6 +170,31 @@ def test_trunk_uses_the_kernel_and_agrees_with_xla(make_cfg):
 
 
 @needs_kernel
+@pytest.mark.parametrize("make_cfg", [_llama_cfg, _gemma_cfg], ids=["llama", "gemma3"])
+def test_prefill_through_the_kernels_does_not_depend_on_the_chunking(make_cfg):
+    """A prompt prefilled in chunks of up to ATTENTION_MAX_T positions (the engine's prefill chunk with the
+    kernels) gives every position the same hidden state and keys/values, bit for bit, however it is cut."""
+    cfg = make_cfg()
+    raw = weights.pack_params(cfg, synthetic.random_raw(cfg))
+    params = kernels.with_packed_weights(jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), raw),
+                                         raw["layers"])
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 80).astype(np.int32)
+
+    def prefill(cuts):
+        cache, hidden = transformer.init_cache(cfg, 1, 128), []
+        for a, b in zip(cuts, cuts[1:]):
+            h, cache = transformer.forward_jit(params, cache, jnp.asarray(ids[None, a:b]), jnp.asarray([a], jnp.int32),
+                                               cfg=cfg)
+            hidden.append(np.asarray(h[0]))
+        return np.concatenate(hidden), [np.asarray(c)[:, :80] for c in cache["k"] + cache["v"]]
+
+    h64, kv64 = prefill([0, 64, 80])
+    for cuts in ([0, 16, 32, 48, 64, 80], [0, 7, 40, 41, 80], [0, 1, 2, 66, 80]):
+        h, kv = prefill(cuts)
+        assert np.array_equal(h, h64) and all(np.array_equal(a, b) for a, b in zip(kv, kv64)), cuts
+
+
+@needs_kernel
 def test_dense_head_through_the_kernel_gives_every_row_its_one_row_logits():
     """The dense LM head of 2-64 rows (draft windows, scheduler batches) goes through the kernel when the head
     carries `unembed_packed`: each row's logits equal that row's alone (one row: XLA's dot), bit for bit, and
@@ -200,6 +226,8 @@ def test_disabled_by_environment_falls_back_with_a_reason():
 def test_engine_trunk_carries_packed_weights_where_the_kernel_is_built(engine):
     on = kernels.available() and jax.default_backend() == "cpu" and engine.dtype == "float32"
     assert all(("packed" in layer) == on for layer in engine.params["layers"])
+    # ... and then prefills in chunks the kernels take (else the spec's default)
+    assert engine.spec.prefill_chunk == (kernels.ATTENTION_MAX_T if on else llmqp.DecodeSpec().prefill_chunk)
 
 
 @pytest.mark.slow

@@ -306,3 +306,46 @@ def test_control_token_text_in_user_content_is_plain_text(engine):
     assert im_start not in raw
     msgs = engine.prompt_ids([{"role": "user", "content": "<|im_end|>"}])
     assert msgs.count(im_end) == plain.count(im_end)
+
+
+def test_prefix_cache_reuses_prompt_prefixes_exactly(tiny):
+    """A prompt that starts like an earlier one reuses its cached prefill chunks (the engine's kernels make a
+    position's keys/values the same bits however it was prefilled): the same result fields as without them,
+    greedy and sampled, alone and in a running batch."""
+    cache = tiny.prefix_cache
+    if cache is None:
+        pytest.skip("no prefix cache: the CPU kernels are not in use")
+    block = cache.block
+    words = "the quick brown fox jumps over a lazy dog and then some more words follow here".split()
+    shared = " ".join(words[i % len(words)] for i in range(3 * block))  # > 2 blocks of tokens (raw prompt)
+    reqs = [llmqp.Request(prompt=shared + tail, raw=True, max_tokens=12, **kw)
+            for tail, kw in ((" one", {}), (" two three", dict(temperature=0.8, seed=3)),
+                             (" four", dict(regex="[a-z ]{1,20}")))]
+    cache.clear()
+    cold = []
+    for r in reqs:
+        cache.clear()  # every prompt prefilled whole
+        cold.append(_fields(tiny.generate_batch([r])[0]))
+    cache.clear()
+    hits = cache.stats["hit_tokens"]
+    warm = [_fields(tiny.generate_batch([r])[0]) for r in reqs]  # the 2nd and 3rd reuse the 1st one's blocks
+    assert cache.stats["hit_tokens"] - hits >= 2 * 2 * block
+    assert warm == cold
+    together = [_fields(r) for r in tiny.generate_batch(reqs)]  # all cached now, in one running batch
+    assert together == cold
+    assert len(cache) <= cache.capacity
+
+
+def test_prefix_cache_keeps_at_most_its_capacity(tiny, tmp_path):
+    from llmqp.core.prefix import PrefixCache
+
+    pc = PrefixCache(block=4, capacity=2)
+    ids = np.arange(13, dtype=np.int32)
+    for start in (0, 4, 8, 12):  # 12: not a whole block of the prompt, never stored
+        pc.store(ids, transformer.init_cache(tiny.config, 1, 16), start)
+    assert len(pc) == 2 and pc.stats["stored_blocks"] == 3 and pc.stats["evicted_blocks"] == 1
+    filled, _ = pc.reuse(ids, transformer.init_cache(tiny.config, 1, 16))
+    assert filled == 0  # the block at 0 was evicted: a prefix is reused from its start only
+    with pytest.raises(llmqp.InvalidArgument, match="prefix_cache_blocks"):
+        llmqp.Engine(write_tiny_gguf(tmp_path / "t.gguf"), prefix_cache_blocks=-1)
+    assert llmqp.Engine(write_tiny_gguf(tmp_path / "u.gguf"), prefix_cache_blocks=0).prefix_cache is None

@@ -97,15 +97,16 @@ def export(engine, prompt, out_dir, *, regex=None, choice=None, json_schema=None
            whitespace: str = "compact", max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
            top_k: int = 0, seed: int = 0, raw: bool = False, forced: bool = True,
            sparse_threshold: int | None = None, prompt_bucket: int | None = None, platforms=DEFAULT_PLATFORMS,
-           tables: ConstraintTables | None = None, spec: DecodeSpec = DEFAULT_SPEC) -> ExportInfo:
+           tables: ConstraintTables | None = None, spec: DecodeSpec | None = None) -> ExportInfo:
     """Write the artifact for generating from `prompt` under the constraint (none: unconstrained).
 
     forced: the artifact feeds forced runs whole, like `Engine.generate(forced=True)` (default), or
     scores every step like forced=False; its tokens equal the engine's with the same setting.
     prompt_bucket: the padded prompt length P: later prompts must fit in P tokens (default: the
     engine's prefill bucket for `prompt`, at least 128). The artifact prefills P positions in one
-    forward; the engine prefills in chunks of `DecodeSpec.prefill_chunk` (256), so beyond that the two may
-    differ in the last bits. tables: given
+    forward; the engine prefills in chunks of its `DecodeSpec.prefill_chunk` (256; 64 with the CPU
+    kernels), so beyond that the two may differ in the last bits. spec: the decode rules (default: the
+    engine's). tables: given
     tables instead of compiling the constraint (synthetic automata). Raises ExportError when the
     constraint is not regular (the reason says why) or the directory cannot be written. Takes tens of
     seconds for the default model (lowering + serialization + 0.5 GB of weights), plus one run of the
@@ -113,6 +114,7 @@ def export(engine, prompt, out_dir, *, regex=None, choice=None, json_schema=None
     from llmqp.compiled.api import constraint_tables
 
     t_start = time.perf_counter()
+    spec = spec or engine.spec
     sp = sampling.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if int(max_tokens) != max_tokens or max_tokens < 1:
         raise ExportError(f"max_tokens must be a positive integer, got {max_tokens}")

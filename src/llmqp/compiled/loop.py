@@ -338,14 +338,16 @@ def _on_device(tables: ConstraintTables, shape: tuple[int, int]) -> dict:
 
 def run_fused(engine, prompt_ids, tables: ConstraintTables, sampling_params: sampling.SamplingParams, max_tokens: int,
               *, forced: bool = True, sparse_threshold: int | None = None, timings: dict | None = None,
-              spec: DecodeSpec = DEFAULT_SPEC) -> FusedOutput:
+              spec: DecodeSpec | None = None) -> FusedOutput:
     """Generate with the fused loop. engine: an `llmqp.Engine` or anything with .params and .config.
     prompt_ids: token ids (already templated). forced: feed the host's forced runs whole (the engine's
     forced=True) or score every step (forced=False); either way the tokens equal the host loop's with
     the same setting. sparse_threshold: largest K scored sparsely (default and cap: spec.sparse_limit;
     it changes speed, never tokens, and never triggers a compile). timings, when a dict, receives
-    prefill_ms/decode_ms (decode: the loop alone). Compiles the loop only for a new size class (see
+    prefill_ms/decode_ms (decode: the loop alone). spec: the decode rules (default: the engine's, so
+    the prompt is prefilled in the host loop's chunks). Compiles the loop only for a new size class (see
     the module docstring)."""
+    spec = spec or getattr(engine, "spec", DEFAULT_SPEC)
     cfg = engine.config
     fc = config_for(cfg, tables, sampling_params, max_tokens, forced=forced, spec=spec)
     dev = _on_device(tables, table_shape(tables, wide=fc.wide))

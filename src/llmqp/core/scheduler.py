@@ -58,6 +58,8 @@ class Scheduler:
         self.engine = engine
         self.spec = spec or engine.spec
         self.executor = ModelExecutor(engine, self.spec, max_slots)
+        prefix = getattr(engine, "prefix_cache", None)  # usable where its blocks are this spec's prefill chunks
+        self._prefix = prefix if prefix is not None and prefix.block == self.spec.prefill_chunk else None
         self.max_slots = self.executor.max_slots
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: Sequence | None = None
@@ -133,6 +135,10 @@ class Scheduler:
             seq.status = Status.PREFILLING
             seq.row_cache = self.executor.new_row_cache(max(seq.row_seq_len, self.executor.seq_len))
             seq.t_prefill = time.perf_counter()
+            if self._prefix is not None:  # cached blocks of the prompt's prefix: the same bits as prefilling
+                filled, seq.row_cache = self._prefix.reuse(seq.prompt_ids, seq.row_cache)
+                seq.chunks = [c for c in seq.chunks if c[0] >= filled]  # (blocks are prefill chunks)
+                self.stats["prefix_hit_tokens"] += filled
             self._prefilling = seq
         seq = self._prefilling
         if seq is None:
@@ -140,6 +146,8 @@ class Scheduler:
         start, width = seq.chunks[seq.next_chunk]
         hidden, seq.row_cache = self.executor.prefill_chunk(seq.row_cache, seq.prompt_ids, start, width)
         self.stats["prefill_chunks"] += 1
+        if self._prefix is not None:
+            self._prefix.store(seq.prompt_ids, seq.row_cache, start)
         seq.next_chunk += 1
         if seq.next_chunk < len(seq.chunks):
             return

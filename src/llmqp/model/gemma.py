@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmqp import kernels
+from llmqp.model import exact
 from llmqp.model.config import ModelConfig
 
 # Queries per block in a local (sliding-window) layer: scores take B x H x block x (block + window - 1).
@@ -36,7 +37,7 @@ LOCAL_QUERY_BLOCK = 256
 
 def _rms_norm(x, weight, eps: float):
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = x32 * jax.lax.rsqrt(exact.mean_square(x32) + eps)  # row-count independent (exact.py)
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 

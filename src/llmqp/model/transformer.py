@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmqp import kernels
+from llmqp.model import exact
 from llmqp.model import gemma
 from llmqp.model.config import ModelConfig, RopeStyle
 
@@ -51,7 +52,7 @@ def init_cache(cfg: ModelConfig, batch: int, seq_len: int, dtype=jnp.float32) ->
 def rms_norm(x, weight, eps: float):
     # Normalise in f32 whatever the compute dtype: bf16 variance is too coarse.
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = x32 * jax.lax.rsqrt(exact.mean_square(x32) + eps)  # row-count independent (exact.py)
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
