@@ -512,8 +512,8 @@ class UniqueMatcher(Matcher):
         if depth is not None:  # an open object/array item completes only with `depth` closing brackets
             check |= self._closes[np.minimum(base, len(self._closes) - 1)] >= depth
         if top is None:
-            pass
-        elif state.lex is not None and state.lex[:1] == b'"' and top.spec.kind in ("string", "open") and \
+            return base[check]
+        if state.lex is not None and state.lex[:1] == b'"' and top.spec.kind in ("string", "open") and \
                 not state.escaped:
             # Inside a string item only a `"` completes it, and only reaching maxLength leaves a single
             # completion: other tokens cannot fail.

@@ -64,10 +64,11 @@ class PrefixCache:
         with self._lock:
             self.stats["lookups"] += 1
             for end in range(self.block, len(ids), self.block):  # end <= len(ids) - 1
-                block = self._blocks.get(_key(ids, end))
+                key = _key(ids, end)
+                block = self._blocks.get(key)
                 if block is None:
                     break
-                self._blocks.move_to_end(_key(ids, end))
+                self._blocks.move_to_end(key)
                 found.append(block)
         for j, block in enumerate(found):
             row_cache = _write(row_cache, block, jnp.int32(j * self.block))
