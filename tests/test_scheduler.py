@@ -269,6 +269,12 @@ def test_spec_rules():
     spec = DecodeSpec()
     assert spec.prefill_chunks(600) == [(0, 256), (256, 256), (512, 128)]
     assert spec.prefill_chunks(5) == [(0, 16)]
+    # past a cached prefix of 272 positions: up to the next chunk boundary, then whole chunks
+    assert spec.prefill_chunks(600, 272) == [(272, 256), (512, 128)]
+    assert spec.prefill_chunks(300, 288) == [(288, 16)]
+    assert [spec.feed_width(b) for b in (1, 2, 4, 8, 16, 32)] == [32, 8, 4, 2, 1, 1]
+    with pytest.raises(ValueError, match="prefix_block"):
+        DecodeSpec(prefix_block=12)
     assert spec.cache_len(600, 10) == 1024 and spec.cache_len(5, 10) == 512
     assert spec.feed_chunks(45) == [32, 8, 4, 1] and spec.feed_chunks(0) == []
     assert spec.k_buckets(49152)[:3] == [8, 32, 128] and spec.k_buckets(49152)[-1] == 49152
@@ -328,8 +334,13 @@ def test_prefix_cache_reuses_prompt_prefixes_exactly(tiny):
         cold.append(_fields(tiny.generate_batch([r])[0]))
     cache.clear()
     hits = cache.stats["hit_tokens"]
-    warm = [_fields(tiny.generate_batch([r])[0]) for r in reqs]  # the 2nd and 3rd reuse the 1st one's blocks
-    assert cache.stats["hit_tokens"] - hits >= 2 * 2 * block
+    warm, reused = [], []
+    for r in reqs:  # the 2nd and 3rd reuse the 1st one's blocks
+        warm.append(_fields(tiny.generate_batch([r])[0]))
+        reused.append(cache.stats["hit_tokens"] - hits)
+        hits = cache.stats["hit_tokens"]
+    assert reused[0] == 0 and min(reused[1:]) >= 2 * block
+    assert any(n % tiny.spec.prefill_chunk for n in reused)  # a reuse that ends inside a prefill chunk
     assert warm == cold
     together = [_fields(r) for r in tiny.generate_batch(reqs)]  # all cached now, in one running batch
     assert together == cold

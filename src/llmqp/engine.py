@@ -71,14 +71,14 @@ class Engine:
     `llmqp.cache_dir()`); `Engine.from_pretrained(path)` loads a llama GGUF file or a Hugging Face
     directory (Llama, Qwen2). dtype "float32" (default) or "bfloat16" for the weights. `spec` holds the
     decode rules (buckets, thresholds) every path shares (default: `DecodeSpec()`, prefilling in chunks of
-    64 where the CPU kernels run). prefix_cache_blocks: how many prefill chunks of prompt prefixes to keep
-    for later prompts that start the same way (`llmqp.core.prefix`; 0: none); kept only where the CPU
+    64 where the CPU kernels run). prefix_cache_blocks: how many blocks of prompt prefixes (`spec.prefix_block`
+    positions each) to keep for later prompts that start the same way (`llmqp.core.prefix`; 0: none); kept only where the CPU
     kernels make a prefix's keys/values the same bits however it was prefilled. devices: a device count or a 1-D
     `jax.sharding.Mesh` to spread the model over (`llmqp.sharding`: the vocabulary matrices split, each
     device scoring only the allowed ids in its range; the trunk replicated) — identical tokens to one device."""
 
     def __init__(self, model: str | Path | None = None, *, dtype: str = "float32", use_cache: bool = True,
-                 spec: DecodeSpec | None = None, devices=None, prefix_cache_blocks: int = 64):
+                 spec: DecodeSpec | None = None, devices=None, prefix_cache_blocks: int = 256):
         if dtype not in ("float32", "bfloat16"):
             raise InvalidArgument(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         _enable_compile_cache()
@@ -104,7 +104,7 @@ class Engine:
         # alone (the CPU kernels take whole prefill chunks), see llmqp.core.prefix.
         if int(prefix_cache_blocks) < 0:
             raise InvalidArgument(f"prefix_cache_blocks must be >= 0, got {prefix_cache_blocks}")
-        self.prefix_cache = PrefixCache(spec.prefill_chunk, int(prefix_cache_blocks)) \
+        self.prefix_cache = PrefixCache(spec.prefix_block, int(prefix_cache_blocks)) \
             if self.trunk_kernel and spec.prefill_chunk <= kernels.ATTENTION_MAX_T and prefix_cache_blocks else None
         self.mesh = None
         self.plans = dict(plans_mod.PLANS)

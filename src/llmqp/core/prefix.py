@@ -7,11 +7,12 @@ Where the engine's trunk computes a position's keys and values from the tokens u
 prefilling would: outputs do not depend on what was cached. Elsewhere (XLA's prefill dots, a GPU, bf16) a
 position's bits depend on the chunk it was computed in, so the engine keeps no prefix cache there.
 
-Blocks are `block` positions long (the engine's prefill chunk), aligned at multiples of `block`, and keyed
-by a hash of every token up to the block's end, so a hit for block j implies the whole prefix matches. A
-prompt reuses its longest run of cached blocks from position 0 that leaves at least one token to prefill
-(the last prompt token's hidden state starts decoding). Least recently used blocks are dropped past
-`capacity` blocks.
+Blocks are `block` positions long (`DecodeSpec.prefix_block`, 16: a prompt that diverges from a cached one
+recomputes at most 15 shared positions; prefill chunks hold several blocks), aligned at multiples of
+`block`, and keyed by a hash of every token up to the block's end, so a hit for block j implies the whole
+prefix matches. A prompt reuses its longest run of cached blocks from position 0 that leaves at least one
+token to prefill (the last prompt token's hidden state starts decoding) and is prefilled from there. Least
+recently used blocks are dropped past `capacity` blocks.
 """
 
 from __future__ import annotations
@@ -76,12 +77,15 @@ class PrefixCache:
         self.stats["hit_tokens"] += filled
         return filled, row_cache
 
-    def store(self, ids: np.ndarray, row_cache, start: int) -> None:
-        """Keep the block at [start, start + block) of `row_cache`, holding the prompt `ids` there (only
-        whole blocks of real prompt tokens, aligned at multiples of `block`)."""
+    def store(self, ids: np.ndarray, row_cache, start: int, end: int | None = None) -> None:
+        """Keep the blocks of `row_cache` that [start, end) (default: one block) prefilled with the prompt
+        `ids`: only whole blocks of real prompt tokens, aligned at multiples of `block`."""
         ids = np.asarray(ids)
-        if start % self.block or start + self.block > len(ids):
-            return
+        end = min(len(ids), start + self.block if end is None else end)
+        for b in range(-(-start // self.block) * self.block, end - self.block + 1, self.block):
+            self._store_block(ids, row_cache, b)
+
+    def _store_block(self, ids: np.ndarray, row_cache, start: int) -> None:
         key = _key(ids, start + self.block)
         with self._lock:
             if key in self._blocks:

@@ -36,7 +36,7 @@ from llmqp.core.executor import ModelExecutor
 from llmqp.core.request import Request
 from llmqp.core.sequence import DONE, SKIP, Sequence, Status
 from llmqp.core.spec import DecodeSpec, FinishReason, pow2_at_least
-from llmqp.planner.drafts import context_key
+from llmqp.planner.drafts import DRAFT_ARMS, LOSSY_ARMS, context_key
 from llmqp.planner import StepContext
 from llmqp.plans import PlanKind
 from llmqp.sampling import InvalidArgument
@@ -58,8 +58,8 @@ class Scheduler:
         self.engine = engine
         self.spec = spec or engine.spec
         self.executor = ModelExecutor(engine, self.spec, max_slots)
-        prefix = getattr(engine, "prefix_cache", None)  # usable where its blocks are this spec's prefill chunks
-        self._prefix = prefix if prefix is not None and prefix.block == self.spec.prefill_chunk else None
+        prefix = getattr(engine, "prefix_cache", None)  # usable where its blocks tile this spec's prefill chunks
+        self._prefix = prefix if prefix is not None and self.spec.prefill_chunk % prefix.block == 0 else None
         self.max_slots = self.executor.max_slots
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: Sequence | None = None
@@ -137,7 +137,8 @@ class Scheduler:
             seq.t_prefill = time.perf_counter()
             if self._prefix is not None:  # cached blocks of the prompt's prefix: the same bits as prefilling
                 filled, seq.row_cache = self._prefix.reuse(seq.prompt_ids, seq.row_cache)
-                seq.chunks = [c for c in seq.chunks if c[0] >= filled]  # (blocks are prefill chunks)
+                if filled:
+                    seq.chunks = self._chunks_after(seq, filled)
                 self.stats["prefix_hit_tokens"] += filled
             self._prefilling = seq
         seq = self._prefilling
@@ -147,7 +148,7 @@ class Scheduler:
         hidden, seq.row_cache = self.executor.prefill_chunk(seq.row_cache, seq.prompt_ids, start, width)
         self.stats["prefill_chunks"] += 1
         if self._prefix is not None:
-            self._prefix.store(seq.prompt_ids, seq.row_cache, start)
+            self._prefix.store(seq.prompt_ids, seq.row_cache, start, start + width)
         seq.next_chunk += 1
         if seq.next_chunk < len(seq.chunks):
             return
@@ -162,6 +163,15 @@ class Scheduler:
         seq.status = Status.RUNNING
         self._running[seq.rid] = seq
         self._prefilling = None
+
+    def _chunks_after(self, seq: Sequence, filled: int) -> list[tuple[int, int]]:
+        """The prefill chunks of a prompt whose first `filled` positions came from the prefix cache. Where the
+        first chunk's padding would run past the row's cache, prefilling restarts at the chunk boundary
+        below `filled` instead (the positions in between are computed again, to the same bits)."""
+        chunks = self.spec.prefill_chunks(len(seq.prompt_ids), filled)
+        if max(s + w for s, w in chunks) <= seq.row_cache["k"][0].shape[1]:
+            return chunks
+        return self.spec.prefill_chunks(len(seq.prompt_ids), filled - filled % self.spec.prefill_chunk)
 
     # ------------------------------------------------------------ one decode tick
     def _decode_tick(self, events: list) -> None:
@@ -199,18 +209,24 @@ class Scheduler:
         r = seq.request
         seq.draft_ctx = None
         lossy = r.amortize == "margin" and seq.last_margin >= r.amortize_tau
+        # draft="auto" drafts within the width a shared batch leaves a row (DecodeSpec.feed_width): the widest
+        # row pads every row's forward. An explicit draft="lookup" drafts its full length.
+        width = self.spec.feed_width(batch) if r.draft == "auto" else self.spec.feed_max
 
         def choose_k() -> int:
             if r.draft == "lookup":
                 return -self.spec.draft_lookup_len if lossy else self.spec.draft_lookup_len
+            arms = tuple(a for a in (LOSSY_ARMS if lossy else DRAFT_ARMS) if abs(a) < width)
+            if arms == (0,):
+                return 0  # no room for a draft: nothing to choose, nothing to learn
             key = context_key("lookup", seq.constraint_kind, seq.accept_rate, batch, seq.last_k)
             seq.draft_ctx = key
             if lossy:
-                return self.engine.draft_planner.choose_lossy(key + "|lossy", r.amortize_lambda)
-            return self.engine.draft_planner.choose(key)
+                return self.engine.draft_planner.choose_lossy(key + "|lossy", r.amortize_lambda, arms)
+            return self.engine.draft_planner.choose(key, arms)
         seq.draft_lossy = lossy
         try:
-            seq.prepare(choose_k)
+            seq.prepare(choose_k, width)
         except Exception as e:
             seq.fail(e)
             return

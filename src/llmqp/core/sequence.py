@@ -139,10 +139,11 @@ class Sequence:
         """Prepared and fully fed: its window can be scored this tick."""
         return self.window is not None and not self.feed_queue
 
-    def prepare(self, choose_k) -> None:
+    def prepare(self, choose_k, width: int | None = None) -> None:
         """After the confirmed tokens: emit the constraint's certain run (fed with them), then draft up to
         choose_k() speculative tokens (lookup + the forced runs between them) and set the window the next
-        scoring verifies. choose_k is called only when a draft is possible."""
+        scoring verifies, at most `width` positions (default `feed_max`). choose_k is called only when a draft
+        is possible."""
         self.window, self.draft, self.certain = None, [], []
         self.draft_k, self.unverified, self.check = 0, False, False
         if self.finish is not None:
@@ -152,7 +153,7 @@ class Sequence:
             self._emit_certain()
             if self.finish is not None:
                 return
-        room = min(self.request.max_tokens - len(self.out) - 1, self.spec.feed_max - 1)
+        room = min(self.request.max_tokens - len(self.out) - 1, (width or self.spec.feed_max) - 1)
         window: list = []
         # A fresh row (nothing to feed) is scored on its prefill hidden state: no draft then.
         if room > 0 and self.feed_queue and self.lookup is not None:
@@ -244,10 +245,10 @@ class Sequence:
         `DecodeSpec.feed_chunks` at batch 1, one token per tick in a shared batch. Otherwise the queue is cut
         from its end: the last piece holds at least the whole window (the last confirmed token and the draft)
         — a sampled token and the forced run after it go through one forward — and the earlier pieces at most
-        `feed_max / batch` tokens each."""
+        `DecodeSpec.feed_width(batch)` tokens each."""
         q = self.feed_queue
         if self.request.draft != "none":
-            cap = max(1, self.spec.feed_max // batch)
+            cap = self.spec.feed_width(batch)
             tail = max(len(self.draft) + 1, min(cap, len(q)))
             head = len(q) - tail
             n = len(q) if head <= 0 else min(self.spec.feed_chunks(head)[0], cap)

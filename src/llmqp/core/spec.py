@@ -5,7 +5,9 @@ rules from a spec object; none restates them. Shapes are bucketed so the number 
 small and bounded:
 
 - prefill runs in chunks of at most `prefill_chunk` positions, each padded to a power of two
-  >= `prefill_min_bucket` (so at most log2(prefill_chunk / prefill_min_bucket) + 1 chunk shapes);
+  >= `prefill_min_bucket` (so at most log2(prefill_chunk / prefill_min_bucket) + 1 chunk shapes), ending at
+  multiples of `prefill_chunk`; a prompt whose first positions come from the prefix cache starts at a
+  multiple of `prefix_block`;
 - the KV cache holds a power of two >= `min_cache` positions per row (grown by doubling, never past the
   model's context rounded up);
 - the decode batch is a power of two <= `max_slots`;
@@ -46,7 +48,14 @@ class DecodeSpec:
     set exceeds this share of the vocabulary only consider the dense plan — gathering that many rows never
     beats the full head and would materialise B x K x d floats. feed_max: the largest multi-token chunk a
     forced run is fed in (and the longest window a draft is verified in). draft_lookup_len: the draft length of
-    draft="lookup" (draft="auto" lets the planner choose among `planner.drafts.DRAFT_ARMS`)."""
+    draft="lookup" (draft="auto" lets the planner choose among `planner.drafts.DRAFT_ARMS`). prefix_block: the
+    granularity (positions) at which the prefix cache keeps and reuses prompt prefixes (`llmqp.core.prefix`).
+    shared_feed_positions: in a batch of B live rows, a row feeds at most shared_feed_positions // B tokens a
+    tick (`feed_width`) unless its request asked for drafts outright (draft="lookup"): every row's forward is
+    padded to the widest piece, so one row's long draft or forced run is paid for by every row. On the 2-core
+    CPU each position past the first ~8 of a forward costs ~1.3 ms against ~16 ms for a one-token step
+    (`benchmarks/limits.py`); 16 lets 8 rows feed 2 tokens each (a tick ~1.3 decode steps), and measured
+    1.2x the throughput of the old cap (feed_max / B, full drafts) on `benchmarks/batching.py`'s workload."""
 
     prefill_chunk: int = 256
     prefill_min_bucket: int = 16
@@ -56,20 +65,26 @@ class DecodeSpec:
     sparse_max_fraction: float = 0.25
     feed_max: int = 32
     draft_lookup_len: int = 7
+    prefix_block: int = 16
+    shared_feed_positions: int = 16
 
     def __post_init__(self):
-        for name in ("prefill_chunk", "prefill_min_bucket", "min_cache", "feed_max"):
+        for name in ("prefill_chunk", "prefill_min_bucket", "min_cache", "feed_max", "prefix_block",
+                     "shared_feed_positions"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"DecodeSpec.{name} must be a power of two, got {v}")
 
     # ------------------------------------------------------------ prefill and cache
-    def prefill_chunks(self, n: int) -> list[tuple[int, int]]:
-        """[(start, padded width)] of the chunks a prompt of n tokens is prefilled in."""
-        out = []
-        for start in range(0, n, self.prefill_chunk):
-            real = min(self.prefill_chunk, n - start)
-            out.append((start, pow2_at_least(real, self.prefill_min_bucket)))
+    def prefill_chunks(self, n: int, start: int = 0) -> list[tuple[int, int]]:
+        """[(start, padded width)] of the chunks a prompt of n tokens is prefilled in, from position `start`
+        (0, or past a prefix taken from the prefix cache): each ends at the next multiple of `prefill_chunk`
+        or at n."""
+        out, pos, c = [], start, self.prefill_chunk
+        while pos < n:
+            end = min(n, (pos // c + 1) * c)
+            out.append((pos, pow2_at_least(end - pos, self.prefill_min_bucket)))
+            pos = end
         return out
 
     def prefill_end(self, n: int) -> int:
@@ -111,6 +126,11 @@ class DecodeSpec:
         return arms
 
     # ------------------------------------------------------------ feeding runs
+    def feed_width(self, batch: int) -> int:
+        """The most tokens a row feeds in one tick in a batch of `batch` rows: feed_max alone, else
+        shared_feed_positions // batch (at least 1)."""
+        return self.feed_max if batch <= 1 else max(1, min(self.feed_max, self.shared_feed_positions // batch))
+
     def feed_chunks(self, n: int) -> list[int]:
         """Chunk sizes (powers of two, largest first, each <= feed_max) that feed a run of n tokens."""
         out = []
