@@ -100,6 +100,30 @@ def interleaved_rounds(variants: dict[str, Callable[[], float]], *, min_rounds: 
     return samples
 
 
+def clear_prefix_cache(engine) -> None:
+    """Empty the engine's prefix cache (`llmqp.core.prefix`), where it keeps one: a measurement of prefill
+    must not find its prompt, or a prompt sharing its start, already prefilled by an earlier round."""
+    if getattr(engine, "prefix_cache", None) is not None:
+        engine.prefix_cache.clear()
+
+
+def warm_until_compiled(fn: Callable[[], object], *, max_calls: int = 6) -> dict:
+    """Call fn() until one call compiles nothing (XLA compilations counted by `CompileLog`), at most
+    `max_calls` times. A fresh engine's draft planner tries each draft length a few times first, and each new
+    forward width compiles once (seconds on a GPU): a timed run must not pay for that. Returns {"calls": n,
+    "compile_s": seconds spent compiling, "compiled_nothing_at_end": bool}."""
+    from llmqp.compiled.compile_log import CompileLog
+
+    total, calls, quiet = 0.0, 0, False
+    while calls < max_calls and not quiet:
+        with CompileLog() as log:
+            fn()
+        calls += 1
+        total += log.seconds()
+        quiet = log.count() == 0
+    return {"calls": calls, "compile_s": total, "compiled_nothing_at_end": quiet}
+
+
 def interleaved_runs(run: Callable[[str], dict], names, *, rounds: int, key: str = "tokens_per_s"):
     """`interleaved_rounds` over the variants `names`, keeping each run's whole result (`run(name)` returns
     a dict): ({name: [result per round]}, {name: [result[key] per round]})."""

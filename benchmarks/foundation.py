@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import fmt_spread, interleaved_rounds, quick_mode, summary, write_result
+from common import (clear_prefix_cache, fmt_spread, interleaved_rounds, quick_mode, summary, warm_until_compiled,
+                    write_result)
 
 HERE = Path(__file__).parent
 PROMPT_LENGTHS = (32, 128, 512)
@@ -68,6 +69,7 @@ def bench_dtype(model, dtype: str, rounds: int, decode_tokens: int) -> dict:
 
     def first_token(n):
         def run():
+            clear_prefix_cache(engine)  # time the prefill, not a copy of an earlier round's
             t = time.perf_counter()
             r = engine.generate(prompts[n], raw=True, max_tokens=1)
             ms = (time.perf_counter() - t) * 1e3
@@ -79,7 +81,8 @@ def bench_dtype(model, dtype: str, rounds: int, decode_tokens: int) -> dict:
         first_token(n)()
     ttft = interleaved_rounds({str(n): first_token(n) for n in PROMPT_LENGTHS}, min_rounds=rounds,
                               max_rounds=rounds)
-    engine.generate(STORY, max_tokens=8)  # compile the decode step
+    # compile the decode step and every forward width the draft planner tries first
+    warmup = warm_until_compiled(lambda: engine.generate(STORY, max_tokens=decode_tokens))
     decoded = []
 
     def decode():
@@ -95,7 +98,7 @@ def bench_dtype(model, dtype: str, rounds: int, decode_tokens: int) -> dict:
         prefill[str(n)] = {"prompt_tokens": tokens, "time_to_first_token_ms": ms,
                            "prefill_tokens_per_s": summary([tokens / (v / 1e3) for v in ttft[str(n)]])}
     return {"prefill": prefill, "decode_tokens_per_s": summary(tps), "decode_tokens": decoded,
-            "decode_max_tokens": decode_tokens}
+            "decode_max_tokens": decode_tokens, "decode_warmup": warmup}
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import (interleaved_rounds, paired_ratio_summary, quick_mode, summary, timed_ms,
+from common import (clear_prefix_cache, interleaved_rounds, paired_ratio_summary, quick_mode, summary, timed_ms,
                     write_result)
 
 KS = (8, 32, 128, 1024)
@@ -125,6 +125,7 @@ def valid_extraction(text: str) -> bool:
 def ours(engine, max_tokens: int, **kw):
     """One prompt through `engine.generate` -> (tokens, wall s, prefill s, text, steps [(plan, K)])."""
     def one(prompt: str):
+        clear_prefix_cache(engine)  # every prompt prefilled whole, as llama.cpp's (reset) are
         t0 = time.perf_counter()
         r = engine.generate(prompt, raw=True, max_tokens=max_tokens, temperature=0, **kw)
         wall = time.perf_counter() - t0
