@@ -71,9 +71,10 @@ class Engine:
     `llmqp.cache_dir()`); `Engine.from_pretrained(path)` loads a llama GGUF file or a Hugging Face
     directory (Llama, Qwen2). dtype "float32" (default) or "bfloat16" for the weights. `spec` holds the
     decode rules (buckets, thresholds) every path shares (default: `DecodeSpec()`, prefilling in chunks of
-    64 where the CPU kernels run). prefix_cache_blocks: how many blocks of prompt prefixes (`spec.prefix_block`
-    positions each) to keep for later prompts that start the same way (`llmqp.core.prefix`; 0: none); kept only where the CPU
-    kernels make a prefix's keys/values the same bits however it was prefilled. devices: a device count or a 1-D
+    64 where the CPU kernels run). prefix_cache_blocks: how many blocks of prompt prefixes
+    (`spec.prefix_block` positions each) to keep for later prompts that start the same way
+    (`llmqp.core.prefix`; 0: none); kept only where the CPU kernels make a prefix's keys/values the same bits
+    however it was prefilled. devices: a device count or a 1-D
     `jax.sharding.Mesh` to spread the model over (`llmqp.sharding`: the vocabulary matrices split, each
     device scoring only the allowed ids in its range; the trunk replicated) — identical tokens to one device."""
 
