@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_rounds, paired_ratio_summary, quick_mode, summary, write_result  # noqa: E402
+from common import (clear_prefix_cache, interleaved_rounds, paired_ratio_summary, quick_mode, summary,  # noqa: E402
+                    write_result)
 
 import llmqp  # noqa: E402
 
@@ -208,8 +209,7 @@ def _hit_tokens(engine) -> int:
 
 def _cold_prefix_cache(engine) -> int:
     """Empty the engine's prefix cache; returns its hit counter (to subtract)."""
-    if engine.prefix_cache is not None:
-        engine.prefix_cache.clear()
+    clear_prefix_cache(engine)
     return _hit_tokens(engine)
 
 
