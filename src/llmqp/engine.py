@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmqp.core import memory
 from llmqp.core.events import FinishedEvent, TokenEvent
 from llmqp.core.prefix import PrefixCache
 from llmqp.core.request import ContextLengthError, Request
@@ -83,6 +84,7 @@ class Engine:
         if dtype not in ("float32", "bfloat16"):
             raise InvalidArgument(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         _enable_compile_cache()
+        memory.return_freed_memory()
         t0 = time.perf_counter()
         loaded = loader.load(model, use_cache=use_cache)
         self.config = loaded.config
