@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import llmqp
+from llmqp.core import executor as executor_mod
 from llmqp.core.detok import IncrementalDetokenizer
 from llmqp.core.spec import DecodeSpec
 from llmqp.model import transformer
@@ -80,15 +81,19 @@ def test_same_tokens_alone_in_a_static_batch_and_in_a_running_scheduler(tiny):
     assert {a.finish_reason for a in alone} >= {"stop", "length"}
     batch = tiny.generate_batch(requests)
     assert [_fields(b) for b in batch] == [_fields(a) for a in alone]
-    for seed in range(3):  # randomized interleavings: requests join a running scheduler at random ticks
-        order = list(range(len(requests)))
+    shared = 0  # prefill chunks that ran in a forward with another prompt's chunk
+    for seed in (*range(3), None):  # randomized interleavings: requests join a running scheduler at random
+        order = list(range(len(requests)))  # ticks; then (None) all at once, shuffled
         random.Random(seed).shuffle(order)
         sched = llmqp.Scheduler(tiny, max_slots=4)
-        results, deltas, _ = _run(sched, [(str(i), requests[i]) for i in order], random.Random(seed), p_add=0.4)
+        rng = random.Random(seed) if seed is not None else None
+        results, deltas, _ = _run(sched, [(str(i), requests[i]) for i in order], rng, p_add=0.4)
+        shared += sched.stats["prefill_chunks"] - sched.stats["prefill_forwards"]
         for i, a in enumerate(alone):
             assert _fields(results[str(i)]) == _fields(a), (seed, i)
             np.testing.assert_allclose(results[str(i)].logprobs, a.logprobs, atol=1e-4)
             assert "".join(deltas.get(str(i), [])) == a.text
+    assert shared > 0  # the equalities above cover prompts prefilled side by side in one forward
 
 
 def _finished(events) -> set:
@@ -101,7 +106,7 @@ def test_joining_request_waits_at_most_one_prefill_chunk(tiny):
     for i in range(7):
         sched.add_request(dict(prompt=f"row {i} text", raw=True, max_tokens=200), request_id=f"r{i}")
     done = set()  # rows that drafts carried to max_tokens early
-    while sched.num_waiting or sched._prefilling is not None:  # let the seven start decoding
+    while sched.num_waiting or sched._prefilling:  # let the seven start decoding
         done |= _finished(sched.step())
     # a short request joins: its first token comes in the tick that runs its (only) prefill chunk
     sched.add_request(dict(prompt="short one", raw=True, max_tokens=3), request_id="new")
@@ -207,6 +212,7 @@ def test_abort_frees_the_row_at_once(tiny):
 def test_compiled_programs_stay_bounded(tiny):
     before = transformer.decode_step._cache_size()
     prefill_before = transformer.forward_jit._cache_size()
+    rows_before = executor_mod._prefill_rows._cache_size()
     rng = random.Random(7)
     sched = llmqp.Scheduler(tiny, max_slots=8)
     _run(sched, [(str(i), r) for i, r in enumerate(_requests(30, rng))], rng, p_add=0.5)
@@ -217,6 +223,10 @@ def test_compiled_programs_stay_bounded(tiny):
     # prefill chunk widths 16..256 at batch 1 (5 shapes) and multi-token feeds (forced runs, drafts) of width
     # 2..32 (5) per batch bucket (4), per cache length
     assert prefill <= 5 + 5 * 4
+    # chunks of several prompts in one forward: rows x width <= prefill_chunk (64), width >= 16: (2, 16),
+    # (3, 16), (4, 16), (2, 32) per cache length
+    assert sched.stats["prefill_forwards"] < sched.stats["prefill_chunks"]
+    assert executor_mod._prefill_rows._cache_size() - rows_before <= 4
 
 
 def test_stop_strings_end_the_request_and_are_not_returned(tiny):

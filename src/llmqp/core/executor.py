@@ -5,10 +5,12 @@ The slot cache is one KV cache of shape (B, S, KV, hd) per layer: B is a power o
 doubles when a request needs a slot and shrinks by half when at most half the rows are live, so a lone
 request decodes at batch 1 as cheaply as before), S a power of two from `DecodeSpec.cache_len` (grown by
 doubling when a longer request joins). Every row has its own position. A joining request is prefilled into
-its own one-row cache, one chunk per call, then inserted into a free row between decode steps; no shape
-depends on the batch composition, so the compiled programs are bounded by
+its own one-row cache, one chunk per call (several prompts' chunks per call, stacked, where the scheduler
+groups them), then inserted into a free row between decode steps; no shape depends on the batch
+composition, so the compiled programs are bounded by
 (log2 max_slots + 1) x (number of S buckets) x ({decode, insert, resize} + multi-token feed widths 2..feed_max)
-plus the prefill chunk widths, and the gather of scored positions per (B, width, row bucket).
+plus the prefill chunk widths (and the (rows, width) of grouped chunks: rows x width <= prefill_chunk), and
+the gather of scored positions per (B, width, row bucket).
 """
 
 from __future__ import annotations
@@ -54,6 +56,21 @@ def _zero_cache(*, cfg, batch: int, seq_len: int, dtype):
 def _set_row(hidden, row, slot):
     # hidden: (B, T, d); the inserted row's state goes to its first position
     return hidden.at[slot, 0].set(row)
+
+
+@jax.jit
+def _at_position(hidden, r, t):
+    # hidden: (R, T, d) -> (1, d): row r, position t (one dispatch; indexing eagerly costs several)
+    return jax.lax.dynamic_slice(hidden, (r, t, 0), (1, 1, hidden.shape[2]))[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches",))
+def _prefill_rows(params, caches, tokens, starts, *, cfg):
+    """One forward over the prefill chunks of several one-row caches (tokens (R, T), starts (R,)): the caches
+    are stacked, fed and split again."""
+    cache = jax.tree.map(lambda *rows: jnp.concatenate(rows, axis=0), *caches)
+    hidden, cache = transformer.forward(params, cache, tokens, starts, cfg=cfg)
+    return hidden, tuple(jax.tree.map(lambda c, r=r: c[r : r + 1], cache) for r in range(len(caches)))
 
 
 @jax.jit
@@ -121,8 +138,8 @@ class ModelExecutor:
             self._rebatch(list(range(self.batch)), pow2_at_least(self.batch + 1))
         slot = self.slots.index(None)
         self.next_greedy = None
-        self.cache = _insert_row(self.cache, row_cache, jnp.int32(slot))
-        self.hidden = _set_row(self.hidden, row_hidden[0], jnp.int32(slot))
+        self.cache = _insert_row(self.cache, row_cache, np.int32(slot))
+        self.hidden = _set_row(self.hidden, row_hidden[0], np.int32(slot))
         self.row_end[slot] = 1
         self.slots[slot] = rid
         return slot
@@ -162,14 +179,24 @@ class ModelExecutor:
     def new_row_cache(self, seq_len: int):
         return _zero_cache(cfg=self.cfg, batch=1, seq_len=seq_len, dtype=self.dtype)
 
-    def prefill_chunk(self, row_cache, prompt: np.ndarray, start: int, width: int):
-        """Feed prompt[start : start + width] (zero-padded to `width`) into a one-row cache.
-        Returns (hidden (1, width, d), cache)."""
-        chunk = prompt[start : start + width]
-        tokens = np.zeros((1, width), np.int32)
-        tokens[0, : len(chunk)] = chunk
-        return transformer.forward_jit(self.params, row_cache, jnp.asarray(tokens),
-                                       jnp.asarray([start], jnp.int32), cfg=self.cfg)
+    def prefill_rows(self, row_caches: list, prompts: list, starts: list[int], width: int):
+        """One forward over a chunk of each prompt: prompts[r][starts[r] : starts[r] + width] (zero-padded to
+        `width`) into row_caches[r] (one-row caches of one length, donated). Returns (hidden (R, width, d), the
+        R caches). Only for a trunk that computes every row alone (the scheduler's `_prefill_group`)."""
+        tokens = np.zeros((len(prompts), width), np.int32)
+        for r, (prompt, start) in enumerate(zip(prompts, starts)):
+            chunk = prompt[start : start + width]
+            tokens[r, : len(chunk)] = chunk
+        starts = np.asarray(starts, np.int32)
+        if len(row_caches) == 1:
+            hidden, cache = transformer.forward_jit(self.params, row_caches[0], tokens, starts, cfg=self.cfg)
+            return hidden, (cache,)
+        return _prefill_rows(self.params, tuple(row_caches), tokens, starts, cfg=self.cfg)
+
+    @staticmethod
+    def prompt_end(hidden, r: int, t: int):
+        """The hidden state (1, d) at row r, position t of a prefill forward's (R, T, d): a prompt's last token."""
+        return _at_position(hidden, np.int32(r), np.int32(t))
 
     # ------------------------------------------------------------ decode
     def feed(self, pieces: dict[str, tuple[list[int], int]], all_ids=None) -> None:

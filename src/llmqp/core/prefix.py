@@ -38,9 +38,14 @@ def _read(cache, start, *, size: int):
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def _write(cache, block, start):
-    return jax.tree.map(lambda c, b: jax.lax.dynamic_update_slice_in_dim(c, b.astype(c.dtype), start, axis=1),
-                        cache, block)
+def _write(cache, blocks, start):
+    """Write the consecutive `blocks` (a tuple of blocks, each a cache pytree `block` positions long) into a
+    one-row cache from position `start`, in one program. Called with runs of 1, 2, 4, ... blocks, so the
+    programs compiled stay a handful per cache length."""
+    def one(c, *bs):
+        run = bs[0] if len(bs) == 1 else jnp.concatenate(bs, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(c, run.astype(c.dtype), start, axis=1)
+    return jax.tree.map(one, cache, *blocks)
 
 
 class PrefixCache:
@@ -71,8 +76,11 @@ class PrefixCache:
                     break
                 self._blocks.move_to_end(key)
                 found.append(block)
-        for j, block in enumerate(found):
-            row_cache = _write(row_cache, block, jnp.int32(j * self.block))
+        j = 0
+        while j < len(found):  # in runs of the largest power of two that is left: one call per run
+            n = 1 << ((len(found) - j).bit_length() - 1)
+            row_cache = _write(row_cache, tuple(found[j : j + n]), np.int32(j * self.block))
+            j += n
         filled = len(found) * self.block
         self.stats["hit_tokens"] += filled
         return filled, row_cache
@@ -91,7 +99,7 @@ class PrefixCache:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
                 return
-        block = _read(row_cache, jnp.int32(start), size=self.block)
+        block = _read(row_cache, np.int32(start), size=self.block)
         with self._lock:
             self._blocks[key] = block
             self.stats["stored_blocks"] += 1

@@ -3,9 +3,14 @@ by one tick and returns events; `generate`, `stream`, `generate_batch`, the serv
 clients of it (vLLM's `EngineCore.step()`, JetStream's prefill -> insert -> generate).
 
 One tick:
-  1. admission: the next waiting request is tokenized and its constraint compiled (a failure ends that
-     request alone), then prefilled one chunk per tick into its own cache; after its last chunk it is
-     inserted into a free row of the slot cache and takes part in this tick's scoring;
+  1. admission: waiting requests, as many as there are free rows (one while every row is taken), are
+     tokenized and their constraints compiled (a failure ends that request alone), then prefilled one chunk
+     per tick into their own caches: the oldest request's chunk, and where the trunk computes every row
+     alone (the CPU kernels) other prompts' chunks beside it in the same forward, within one chunk's
+     positions (`_prefill_group`). A prompt that shares a chunk-long prefix with one still prefilling waits
+     for it and takes those positions from the prefix cache. After its last chunk a request is inserted into
+     a free row of the slot cache and takes part in this tick's scoring (or, every row taken, in the tick
+     after one frees);
   2. one scoring call for every window position of every row whose tokens are all fed (plan: the
      planner's, or the rows' common fixed plan), copying back only the chosen ids and their log-probs; a row
      verifies its draft (`Sequence.verify`: the longest prefix the sampler agrees with, plus the sampler's
@@ -30,6 +35,7 @@ import time
 import jax
 import numpy as np
 
+from llmqp import kernels
 from llmqp import plans as plans_mod
 from llmqp.core.events import FinishedEvent, TokenEvent
 from llmqp.core.executor import ModelExecutor
@@ -62,12 +68,16 @@ class Scheduler:
         self._prefix = prefix if prefix is not None and self.spec.prefill_chunk % prefix.block == 0 else None
         self.max_slots = self.executor.max_slots
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self._prefilling: Sequence | None = None
+        self._prefilling: list[Sequence] = []  # admitted, prefilling or prefilled and waiting for a row
+        # Several prompts' chunks share one prefill forward only where every row is computed alone, bit for
+        # bit (the CPU kernels): elsewhere a position's bits would depend on the rows beside it.
+        self._group_prefill = bool(getattr(engine, "trunk_kernel", False)) and getattr(engine, "mesh", None) is None \
+            and self.spec.prefill_chunk <= kernels.ATTENTION_MAX_T
         self._running: dict[str, Sequence] = {}
         self._pending: list = []  # events produced outside step() (aborts)
         self._known: set[str] = set()
         self._all_ids: dict[int, tuple] = {}
-        self.stats = collections.Counter()  # ticks, prefill_chunks, decode_steps, feeds
+        self.stats = collections.Counter()  # ticks, prefill_chunks, prefill_forwards, decode_steps, feeds
 
     # ------------------------------------------------------------ the client API
     def add_request(self, request, request_id: str | None = None) -> str:
@@ -89,7 +99,7 @@ class Scheduler:
         if seq.status is Status.WAITING:
             self._waiting.remove(seq)
         elif seq.status is Status.PREFILLING:
-            self._prefilling = None
+            self._prefilling.remove(seq)
         else:
             del self._running[seq.rid]
             self.executor.free_slot(seq.rid)
@@ -102,7 +112,7 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self._running) + (self._prefilling is not None)
+        return len(self._running) + len(self._prefilling)
 
     @property
     def num_waiting(self) -> int:
@@ -121,7 +131,15 @@ class Scheduler:
 
     # ------------------------------------------------------------ admission and prefill
     def _admit(self, events: list) -> None:
-        while self._prefilling is None and self._waiting and len(self._running) < self.max_slots:
+        # Prefilled requests take free rows first (in the order they finished prefilling).
+        for seq in [s for s in self._prefilling if s.prefilled is not None]:
+            if len(self._running) == self.max_slots:
+                break
+            self._prefilling.remove(seq)
+            self._insert(seq, seq.prefilled)
+        # As many requests prefill as there are free rows, plus one while every row is taken: it is then
+        # ready for the first row that frees instead of leaving that row empty for the ticks of its prefill.
+        while self._waiting and len(self._prefilling) < max(1, self.max_slots - len(self._running)):
             seq = self._waiting.popleft()
             try:
                 seq.admit(self.engine)
@@ -133,36 +151,88 @@ class Scheduler:
                 seq.compiled_reason = ("the fused loop runs a request that has the scheduler to itself; "
                                        "this one shared it with other requests")
             seq.status = Status.PREFILLING
-            seq.row_cache = self.executor.new_row_cache(max(seq.row_seq_len, self.executor.seq_len))
-            seq.t_prefill = time.perf_counter()
-            if self._prefix is not None:  # cached blocks of the prompt's prefix: the same bits as prefilling
-                filled, seq.row_cache = self._prefix.reuse(seq.prompt_ids, seq.row_cache)
-                if filled:
-                    seq.chunks = self._chunks_after(seq, filled)
-                self.stats["prefix_hit_tokens"] += filled
-            self._prefilling = seq
-        seq = self._prefilling
-        if seq is None:
+            self._prefilling.append(seq)
+        for seq in self._prefilling:
+            if seq.row_cache is None and seq.prefilled is None and not self._waits_for_prefix(seq):
+                self._start_prefill(seq)
+        group = self._prefill_group()
+        if not group:
             return
-        start, width = seq.chunks[seq.next_chunk]
-        hidden, seq.row_cache = self.executor.prefill_chunk(seq.row_cache, seq.prompt_ids, start, width)
-        self.stats["prefill_chunks"] += 1
-        if self._prefix is not None:
-            self._prefix.store(seq.prompt_ids, seq.row_cache, start, start + width)
-        seq.next_chunk += 1
-        if seq.next_chunk < len(seq.chunks):
-            return
-        last = len(seq.prompt_ids) - 1 - start
-        row_hidden = hidden[:, last]
+        chunks = [seq.chunks[seq.next_chunk] for seq in group]
+        width = max(w for _, w in chunks)
+        hidden, caches = self.executor.prefill_rows([seq.row_cache for seq in group],
+                                                    [seq.prompt_ids for seq in group], [st for st, _ in chunks], width)
+        self.stats["prefill_chunks"] += len(group)
+        self.stats["prefill_forwards"] += 1
+        for r, (seq, (start, w), cache) in enumerate(zip(group, chunks, caches)):
+            seq.row_cache = cache
+            if self._prefix is not None:
+                self._prefix.store(seq.prompt_ids, seq.row_cache, start, start + w)
+            seq.next_chunk += 1
+            if seq.next_chunk < len(seq.chunks):
+                continue
+            seq.prefilled = self.executor.prompt_end(hidden, r, len(seq.prompt_ids) - 1 - start)
+            if len(self._running) < self.max_slots:  # else it waits, prefilled, for the next free row
+                self._prefilling.remove(seq)
+                self._insert(seq, seq.prefilled)
+
+    def _waits_for_prefix(self, seq: Sequence) -> bool:
+        """Whether `seq` should wait before it starts prefilling: a prompt that is still prefilling shares at
+        least one prefill chunk of its prefix (a shared context, few-shot examples). Started together, both
+        would compute those positions; once the other is done, `seq` takes them from the prefix cache."""
+        if self._prefix is None:
+            return False
+        for other in self._prefilling:
+            if other is seq:
+                return False  # only requests admitted before it hold it back
+            if other.row_cache is None or other.prefilled is not None:
+                continue
+            n = min(len(seq.prompt_ids), len(other.prompt_ids), self.spec.prefill_chunk)
+            if n == self.spec.prefill_chunk and np.array_equal(seq.prompt_ids[:n], other.prompt_ids[:n]):
+                return True
+        return False
+
+    def _start_prefill(self, seq: Sequence) -> None:
+        seq.row_cache = self.executor.new_row_cache(max(seq.row_seq_len, self.executor.seq_len))
+        seq.t_prefill = time.perf_counter()
+        if self._prefix is not None:  # cached blocks of the prompt's prefix: the same bits as prefilling
+            filled, seq.row_cache = self._prefix.reuse(seq.prompt_ids, seq.row_cache)
+            if filled:
+                seq.chunks = self._chunks_after(seq, filled)
+            self.stats["prefix_hit_tokens"] += filled
+
+    def _prefill_group(self) -> list[Sequence]:
+        """The requests whose next prefill chunk runs in this tick's forward: the oldest prefilling request,
+        and where the trunk computes every row alone (the CPU kernels), others whose chunks fit beside it
+        within one chunk's positions (rows x the widest chunk <= prefill_chunk) and whose caches have its
+        length. A tick's prefill then never costs more than one chunk's time, however many prompts share
+        it; short prompts (or the tails after a prefix-cache hit) are admitted several per tick."""
+        todo = [seq for seq in self._prefilling if seq.row_cache is not None and seq.prefilled is None]
+        if not todo:
+            return []
+        group = todo[:1]
+        if not self._group_prefill:
+            return group
+        length = group[0].row_cache["k"][0].shape[1]
+        width = group[0].chunks[group[0].next_chunk][1]
+        for seq in todo[1:]:
+            start, w = seq.chunks[seq.next_chunk]
+            wider = max(width, w)
+            if ((len(group) + 1) * wider <= self.spec.prefill_chunk and seq.row_cache["k"][0].shape[1] == length
+                    and all(s.chunks[s.next_chunk][0] + wider <= length for s in group + [seq])):
+                group.append(seq)
+                width = wider
+        return group
+
+    def _insert(self, seq: Sequence, row_hidden) -> None:
         self.executor.insert(seq.rid, seq.row_cache, row_hidden, seq.row_cache["k"][0].shape[1])
-        seq.row_cache = None
+        seq.row_cache = seq.prefilled = None
         row_hidden.block_until_ready()
         now = time.perf_counter()
         seq.prefill_ms = (now - seq.t_prefill) * 1e3
         seq.t_start = seq.t_last = now
         seq.status = Status.RUNNING
         self._running[seq.rid] = seq
-        self._prefilling = None
 
     def _chunks_after(self, seq: Sequence, filled: int) -> list[tuple[int, int]]:
         """The prefill chunks of a prompt whose first `filled` positions came from the prefix cache. Where the
@@ -434,8 +504,9 @@ class Scheduler:
         return out + [FinishedEvent(seq.rid, seq.result(), seq.error)]
 
     def _find(self, rid: str) -> Sequence | None:
-        if self._prefilling is not None and self._prefilling.rid == rid:
-            return self._prefilling
+        for seq in self._prefilling:
+            if seq.rid == rid:
+                return seq
         if rid in self._running:
             return self._running[rid]
         return next((s for s in self._waiting if s.rid == rid), None)

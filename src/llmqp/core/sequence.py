@@ -46,10 +46,10 @@ class Sequence:
         self.eos: frozenset[int] = frozenset()
         # prefill progress
         self.row_cache = None
+        self.prefilled = None  # the last prompt position's hidden state while it waits for a free row
         self.row_seq_len = 0
         self.chunks: list[tuple[int, int]] = []
         self.next_chunk = 0
-        self.row_hidden = None
         self.t_prefill = 0.0
         # decoding
         self.pos = 0  # next cache position to write
