@@ -137,7 +137,7 @@ class Scheduler:
                 break
             self._prefilling.remove(seq)
             self._insert(seq, seq.prefilled)
-        # As many requests prefill as there are free rows, plus one while every row is taken: it is then
+        # As many requests prefill as there are free rows, or one while every row is taken: that one is then
         # ready for the first row that frees instead of leaving that row empty for the ticks of its prefill.
         while self._waiting and len(self._prefilling) < max(1, self.max_slots - len(self._running)):
             seq = self._waiting.popleft()
@@ -216,8 +216,7 @@ class Scheduler:
         length = group[0].row_cache["k"][0].shape[1]
         width = group[0].chunks[group[0].next_chunk][1]
         for seq in todo[1:]:
-            start, w = seq.chunks[seq.next_chunk]
-            wider = max(width, w)
+            wider = max(width, seq.chunks[seq.next_chunk][1])
             if ((len(group) + 1) * wider <= self.spec.prefill_chunk and seq.row_cache["k"][0].shape[1] == length
                     and all(s.chunks[s.next_chunk][0] + wider <= length for s in group + [seq])):
                 group.append(seq)
