@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import platform
 import subprocess
 import sys

@@ -136,7 +136,7 @@ class Scheduler:
             if len(self._running) == self.max_slots:
                 break
             self._prefilling.remove(seq)
-            self._insert(seq, seq.prefilled)
+            self._insert(seq)
         # As many requests prefill as there are free rows, or one while every row is taken: that one is then
         # ready for the first row that frees instead of leaving that row empty for the ticks of its prefill.
         while self._waiting and len(self._prefilling) < max(1, self.max_slots - len(self._running)):
@@ -174,7 +174,7 @@ class Scheduler:
             seq.prefilled = self.executor.prompt_end(hidden, r, len(seq.prompt_ids) - 1 - start)
             if len(self._running) < self.max_slots:  # else it waits, prefilled, for the next free row
                 self._prefilling.remove(seq)
-                self._insert(seq, seq.prefilled)
+                self._insert(seq)
 
     def _waits_for_prefix(self, seq: Sequence) -> bool:
         """Whether `seq` should wait before it starts prefilling: a prompt that is still prefilling shares at
@@ -223,7 +223,9 @@ class Scheduler:
                 width = wider
         return group
 
-    def _insert(self, seq: Sequence, row_hidden) -> None:
+    def _insert(self, seq: Sequence) -> None:
+        """Place a prefilled request (its cache and `prefilled` hidden state) into a free row."""
+        row_hidden = seq.prefilled
         self.executor.insert(seq.rid, seq.row_cache, row_hidden, seq.row_cache["k"][0].shape[1])
         seq.row_cache = seq.prefilled = None
         row_hidden.block_until_ready()
