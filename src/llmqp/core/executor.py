@@ -66,8 +66,11 @@ def _at_position(hidden, r, t):
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches",))
 def _prefill_rows(params, caches, tokens, starts, *, cfg):
-    """One forward over the prefill chunks of several one-row caches (tokens (R, T), starts (R,)): the caches
-    are stacked, fed and split again."""
+    """One forward over the prefill chunks of several one-row caches (tokens (R, T), starts (R,)). A Llama-style
+    trunk takes the caches as they are (each row writes and attends to its own, updated in place); Gemma's
+    forward takes one stacked cache, so its caches are stacked, fed and split again (two copies of each)."""
+    if cfg.arch != "gemma3":
+        return transformer.forward(params, tuple(caches), tokens, starts, cfg=cfg)
     cache = jax.tree.map(lambda *rows: jnp.concatenate(rows, axis=0), *caches)
     hidden, cache = transformer.forward(params, cache, tokens, starts, cfg=cfg)
     return hidden, tuple(jax.tree.map(lambda c, r=r: c[r : r + 1], cache) for r in range(len(caches)))

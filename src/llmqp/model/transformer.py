@@ -173,9 +173,16 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
     Returns (hidden: (B, T, d) f32 after the final norm, cache). Positions past a row's real length may
     hold padding: their cache entries are overwritten before any later query can see them, because a
     query at position p only attends to keys at positions <= p and position p is written first.
-    The caller guarantees start + T <= S (dynamic_update_slice would otherwise clamp the offset)."""
+    The caller guarantees start + T <= S (dynamic_update_slice would otherwise clamp the offset).
+
+    `cache` may also be a tuple of B one-row caches (the scheduler's prompts prefilling side by side): the
+    products then run on all B x T positions at once and each row writes and attends to its own cache, so
+    no cache is copied into a stacked one and out again (Llama-style trunks; returns the tuple)."""
     if cfg.arch == "gemma3":
+        if isinstance(cache, tuple):
+            raise ValueError("gemma.forward takes one stacked cache, not a tuple of one-row caches")
         return gemma.forward(params, cache, tokens, start, cfg=cfg)
+    row_caches = cache if isinstance(cache, tuple) else None
     x = params["embed"][tokens].astype(jnp.float32)  # (B, T, d)
     b, t = tokens.shape
     q_pos = start[:, None] + jnp.arange(t, dtype=start.dtype)[None, :]  # (B, T)
@@ -193,28 +200,44 @@ def forward(params, cache, tokens, start, *, cfg: ModelConfig):
         v = qkv[..., cfg.q_size + cfg.kv_size :].reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         q = apply_rope(q, cos, sin, cfg.rope_style)
         k = apply_rope(k, cos, sin, cfg.rope_style)
-        k = k.astype(cache["k"][i].dtype)
-        v = v.astype(cache["v"][i].dtype)
-        k_all = _write_rows(cache["k"][i], k, start)
-        v_all = _write_rows(cache["v"][i], v, start)
-        new_k.append(k_all)
-        new_v.append(v_all)
-        if kernels.attends(packed, q, k_all):
-            attn = kernels.attention(q, k_all, v_all, q_pos, scale=1.0 / math.sqrt(cfg.head_dim)).reshape(
-                b, t, cfg.q_size)
-        elif b > 1 and t <= SMALL_ATTENTION_MAX_T:
-            groups = cfg.n_heads // cfg.n_kv_heads
-            attn = _attention_small(q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim), k_all, v_all, q_pos,
-                                    cfg).reshape(b, t, cfg.q_size)
-        else:
-            attn = _attention(q, k_all, v_all, q_pos, cfg)
+        if row_caches is None:
+            attn, k_all, v_all = _attend(q, k, v, cache["k"][i], cache["v"][i], start, q_pos, packed, cfg)
+            new_k.append(k_all)
+            new_v.append(v_all)
+        else:  # each row against its own cache
+            outs = [_attend(q[r : r + 1], k[r : r + 1], v[r : r + 1], c["k"][i], c["v"][i], start[r : r + 1],
+                            q_pos[r : r + 1], packed, cfg) for r, c in enumerate(row_caches)]
+            attn = jnp.concatenate([o[0] for o in outs], axis=0)
+            new_k.append([o[1] for o in outs])
+            new_v.append([o[2] for o in outs])
         x = x + _linear(attn, mats["w_o"], packed.get("w_o"))
         h = rms_norm(x, layer["ffn_norm"], cfg.rms_eps)
         gate_up = _linear(h, mats["w_gate_up"], packed.get("w_gate_up"))
         gate, up = gate_up[..., : cfg.ffn_size], gate_up[..., cfg.ffn_size :]
         x = x + _linear(jax.nn.silu(gate) * up, mats["w_down"], packed.get("w_down"))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_eps)
+    if row_caches is not None:
+        return hidden, tuple({"k": [layer[r] for layer in new_k], "v": [layer[r] for layer in new_v]}
+                             for r in range(len(row_caches)))
     return hidden, {"k": new_k, "v": new_v}
+
+
+def _attend(q, k, v, cache_k, cache_v, start, q_pos, packed, cfg: ModelConfig):
+    """Write one layer's new keys/values (B, T, KV, hd) at each row's `start` and attend to the cache.
+    Returns (attention output (B, T, q_size), updated cache_k, cache_v)."""
+    b, t = q.shape[:2]
+    k_all = _write_rows(cache_k, k.astype(cache_k.dtype), start)
+    v_all = _write_rows(cache_v, v.astype(cache_v.dtype), start)
+    if kernels.attends(packed, q, k_all):
+        attn = kernels.attention(q, k_all, v_all, q_pos, scale=1.0 / math.sqrt(cfg.head_dim)).reshape(
+            b, t, cfg.q_size)
+    elif b > 1 and t <= SMALL_ATTENTION_MAX_T:
+        groups = cfg.n_heads // cfg.n_kv_heads
+        attn = _attention_small(q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim), k_all, v_all, q_pos,
+                                cfg).reshape(b, t, cfg.q_size)
+    else:
+        attn = _attention(q, k_all, v_all, q_pos, cfg)
+    return attn, k_all, v_all
 
 
 def dense_logits(params, hidden):
