@@ -195,6 +195,35 @@ def test_prefill_through_the_kernels_does_not_depend_on_the_chunking(make_cfg):
 
 
 @needs_kernel
+def test_forward_over_one_row_caches_equals_each_row_alone():
+    """The scheduler's grouped prefill: a forward over a tuple of one-row caches (each row at its own start)
+    gives every row the hidden states and keys/values of its own forward, bit for bit, and leaves the other
+    positions of each cache as they were."""
+    cfg = _llama_cfg()
+    raw = weights.pack_params(cfg, synthetic.random_raw(cfg))
+    params = kernels.with_packed_weights(jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), raw),
+                                         raw["layers"])
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, cfg.vocab_size, (3, 8)).astype(np.int32)
+    starts = np.asarray([0, 5, 16], np.int32)
+
+    def filled(seed):  # a one-row cache whose positions already hold values (a prefix written earlier)
+        c = transformer.init_cache(cfg, 1, 32)
+        vals = np.random.default_rng(seed).standard_normal(c["k"][0].shape).astype(np.float32)
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(vals), c)
+
+    alone = [transformer.forward_jit(params, filled(r), jnp.asarray(tokens[r : r + 1]),
+                                     jnp.asarray(starts[r : r + 1]), cfg=cfg) for r in range(3)]
+    hidden, caches = transformer.forward_jit(params, tuple(filled(r) for r in range(3)), jnp.asarray(tokens),
+                                             jnp.asarray(starts), cfg=cfg)
+    assert isinstance(caches, tuple) and len(caches) == 3
+    for r, (h, c) in enumerate(alone):
+        assert np.array_equal(np.asarray(hidden[r]), np.asarray(h[0]))
+        for name in ("k", "v"):
+            assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(caches[r][name], c[name]))
+
+
+@needs_kernel
 def test_dense_head_through_the_kernel_gives_every_row_its_one_row_logits():
     """The dense LM head of 2-64 rows (draft windows, scheduler batches) goes through the kernel when the head
     carries `unembed_packed`: each row's logits equal that row's alone (one row: XLA's dot), bit for bit, and

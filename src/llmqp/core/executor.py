@@ -5,9 +5,9 @@ The slot cache is one KV cache of shape (B, S, KV, hd) per layer: B is a power o
 doubles when a request needs a slot and shrinks by half when at most half the rows are live, so a lone
 request decodes at batch 1 as cheaply as before), S a power of two from `DecodeSpec.cache_len` (grown by
 doubling when a longer request joins). Every row has its own position. A joining request is prefilled into
-its own one-row cache, one chunk per call (several prompts' chunks per call, stacked, where the scheduler
-groups them), then inserted into a free row between decode steps; no shape depends on the batch
-composition, so the compiled programs are bounded by
+its own one-row cache, one chunk per call (several prompts' chunks in one forward where the scheduler
+groups them, each row against its own cache), then inserted into a free row between decode steps; no shape
+depends on the batch composition, so the compiled programs are bounded by
 (log2 max_slots + 1) x (number of S buckets) x ({decode, insert, resize} + multi-token feed widths 2..feed_max)
 plus the prefill chunk widths (and the (rows, width) of grouped chunks: rows x width <= prefill_chunk), and
 the gather of scored positions per (B, width, row bucket).
