@@ -357,6 +357,65 @@ def test_prefix_cache_reuses_prompt_prefixes_exactly(tiny):
     assert len(cache) <= cache.capacity
 
 
+def test_short_prompts_are_not_queued_behind_a_long_prefill(tiny):
+    """Prompts arriving while a long one prefills get their chunks first (fewest positions left), but the long
+    prompt still runs a chunk at least every other tick: it finishes within its own chunks plus one tick per
+    chunk given to the short ones."""
+    long_req = llmqp.Request(prompt="q " * 800, raw=True, max_tokens=2)
+    shorts = [llmqp.Request(prompt=f"short {i} " * (3 + 5 * i), raw=True, max_tokens=3) for i in range(3)]
+    n_long = len(tiny.spec.prefill_chunks(len(tiny.prompt_ids(long_req.prompt, raw=True))))
+    n_short = sum(len(tiny.spec.prefill_chunks(len(tiny.prompt_ids(r.prompt, raw=True)))) for r in shorts)
+    assert n_long >= 10
+    if tiny.prefix_cache is not None:
+        tiny.prefix_cache.clear()
+    sched = llmqp.Scheduler(tiny, max_slots=8)
+    sched.add_request(long_req, request_id="long")
+    sched.step()
+    for i, r in enumerate(shorts):
+        sched.add_request(r, request_id=f"s{i}")
+    _, _, ticks = _run(sched, [])
+    first = {}
+    for i, events in enumerate(ticks, start=1):  # tick 0 was the long prompt's first chunk
+        for e in events:
+            if isinstance(e, llmqp.TokenEvent) and e.token_ids:
+                first.setdefault(e.request_id, i)
+    assert max(first[f"s{i}"] for i in range(3)) <= 2 * n_short
+    assert first["long"] <= n_long + n_short
+
+
+def test_a_prompt_sharing_a_long_prompts_start_waits_only_for_the_shared_part(tiny):
+    """A short prompt that starts like a long one still prefilling (a shared system prompt) waits until the long
+    one's chunks have passed the shared positions, then reuses them from the prefix cache: its first token
+    comes long before the long prompt's, with the same result fields as alone."""
+    cache = tiny.prefix_cache
+    if cache is None:
+        pytest.skip("no prefix cache: the CPU kernels are not in use")
+    shared = "w " * 100
+    long_req = llmqp.Request(prompt=shared + "x " * 700, raw=True, max_tokens=2)
+    short_req = llmqp.Request(prompt=shared + "y z", raw=True, max_tokens=4)
+    long_ids, short_ids = (tiny.prompt_ids(r.prompt, raw=True) for r in (long_req, short_req))
+    n_shared = next(i for i, (a, b) in enumerate(zip(long_ids, short_ids)) if a != b)
+    chunk, block = tiny.spec.prefill_chunk, cache.block
+    assert n_shared >= chunk and len(long_ids) >= n_shared + 6 * chunk
+    cache.clear()
+    alone = _fields(tiny.generate_batch([short_req])[0])
+    cache.clear()
+    sched = llmqp.Scheduler(tiny, max_slots=8)
+    sched.add_request(long_req, request_id="long")
+    sched.step()
+    sched.add_request(short_req, request_id="short")
+    results, _, ticks = _run(sched, [])
+    first = {rid: next(i for i, events in enumerate(ticks) if any(
+        isinstance(e, llmqp.TokenEvent) and e.request_id == rid and e.token_ids for e in events))
+        for rid in ("long", "short")}
+    # the long prompt's chunks up to the shared positions, then the short one's own chunks (+1 tick to spare)
+    waits = -(-(n_shared - n_shared % block) // chunk)
+    assert first["short"] <= waits + len(tiny.spec.prefill_chunks(len(short_ids), n_shared - n_shared % block))
+    assert first["short"] < first["long"]
+    assert sched.stats["prefix_hit_tokens"] >= n_shared - n_shared % block
+    assert _fields(results["short"]) == alone
+
+
 def test_prefix_cache_keeps_at_most_its_capacity(tiny, tmp_path):
     from llmqp.core.prefix import PrefixCache
 

@@ -178,8 +178,10 @@ class Scheduler:
 
     def _waits_for_prefix(self, seq: Sequence) -> bool:
         """Whether `seq` should wait before it starts prefilling: a prompt that is still prefilling shares at
-        least one prefill chunk of its prefix (a shared context, few-shot examples). Started together, both
-        would compute those positions; once the other is done, `seq` takes them from the prefix cache."""
+        least one prefill chunk of its prefix (a shared context, few-shot examples) and has not computed all of
+        the shared part yet. Started together, both would compute those positions; `seq` waits only until the
+        other's chunks have passed them (each chunk is stored in the prefix cache as it completes), not for the
+        rest of a long prompt that merely starts like it (a shared system prompt)."""
         if self._prefix is None:
             return False
         for other in self._prefilling:
@@ -187,8 +189,15 @@ class Scheduler:
                 return False  # only requests admitted before it hold it back
             if other.row_cache is None or other.prefilled is not None:
                 continue
-            n = min(len(seq.prompt_ids), len(other.prompt_ids), self.spec.prefill_chunk)
-            if n == self.spec.prefill_chunk and np.array_equal(seq.prompt_ids[:n], other.prompt_ids[:n]):
+            n = min(len(seq.prompt_ids), len(other.prompt_ids))
+            if n < self.spec.prefill_chunk:
+                continue
+            differ = np.flatnonzero(seq.prompt_ids[:n] != other.prompt_ids[:n])
+            shared = int(differ[0]) if differ.size else n
+            if shared < self.spec.prefill_chunk:
+                continue
+            computed = other.chunks[other.next_chunk][0]  # the other's positions before its next chunk
+            if computed < shared - shared % self._prefix.block:
                 return True
         return False
 
@@ -202,26 +211,39 @@ class Scheduler:
             self.stats["prefix_hit_tokens"] += filled
 
     def _prefill_group(self) -> list[Sequence]:
-        """The requests whose next prefill chunk runs in this tick's forward: the oldest prefilling request,
-        and where the trunk computes every row alone (the CPU kernels), others whose chunks fit beside it
-        within one chunk's positions (rows x the widest chunk <= prefill_chunk) and whose caches have its
-        length. A tick's prefill then never costs more than one chunk's time, however many prompts share
-        it; short prompts (or the tails after a prefix-cache hit) are admitted several per tick."""
+        """The requests whose next prefill chunk runs in this tick's forward. First the one with the fewest
+        prompt positions left (the oldest among equals), so a short prompt is not queued behind every chunk of
+        a long one; but the oldest prefilling request never waits two ticks in a row, so a long prompt still
+        advances at least every other tick however many short ones arrive. Then, where the trunk computes
+        every row alone (the CPU kernels), others whose chunks fit beside it within one chunk's positions
+        (rows x the widest chunk <= prefill_chunk) and whose caches have its length. A tick's prefill then
+        never costs more than one chunk's time, however many prompts share it; short prompts (or the tails
+        after a prefix-cache hit) are admitted several per tick."""
         todo = [seq for seq in self._prefilling if seq.row_cache is not None and seq.prefilled is None]
         if not todo:
             return []
-        group = todo[:1]
-        if not self._group_prefill:
-            return group
+        if todo[0].prefill_passed:
+            lead = todo[0]
+        else:
+            lead = min(todo, key=lambda s: len(s.prompt_ids) - s.chunks[s.next_chunk][0])  # min keeps the oldest
+        group = [lead]
+        if self._group_prefill:
+            self._fill_group(group, [seq for seq in todo if seq is not lead])
+        chosen = {id(seq) for seq in group}
+        for seq in todo:
+            seq.prefill_passed = 0 if id(seq) in chosen else seq.prefill_passed + 1
+        return group
+
+    def _fill_group(self, group: list[Sequence], others: list[Sequence]) -> None:
+        """Add to `group` the requests of `others` (in order) whose next chunks fit beside its chunks."""
         length = group[0].row_cache["k"][0].shape[1]
         width = group[0].chunks[group[0].next_chunk][1]
-        for seq in todo[1:]:
+        for seq in others:
             wider = max(width, seq.chunks[seq.next_chunk][1])
             if ((len(group) + 1) * wider <= self.spec.prefill_chunk and seq.row_cache["k"][0].shape[1] == length
                     and all(s.chunks[s.next_chunk][0] + wider <= length for s in group + [seq])):
                 group.append(seq)
                 width = wider
-        return group
 
     def _insert(self, seq: Sequence) -> None:
         """Place a prefilled request (its cache and `prefilled` hidden state) into a free row."""

@@ -50,6 +50,7 @@ class Sequence:
         self.row_seq_len = 0
         self.chunks: list[tuple[int, int]] = []
         self.next_chunk = 0
+        self.prefill_passed = 0  # ticks in a row its prefill could have run a chunk and did not
         self.t_prefill = 0.0
         # decoding
         self.pos = 0  # next cache position to write
