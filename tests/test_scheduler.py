@@ -229,6 +229,25 @@ def test_compiled_programs_stay_bounded(tiny):
     assert executor_mod._prefill_rows._cache_size() - rows_before <= 4
 
 
+def test_warm_up_compiles_every_prefill_shape_ahead(tiny):
+    """`Scheduler.warm_up()` compiles every prefill shape (chunk widths, and the (rows, width) groups whose use
+    depends on arrival times) for a cache length: a burst afterwards compiles no prefill program."""
+    sched = llmqp.Scheduler(tiny, max_slots=8)
+    for bad in (0, 100, 256, "512", True):
+        with pytest.raises(llmqp.InvalidArgument, match="seq_len"):
+            sched.warm_up(bad)
+    grouped = sched._group_prefill
+    assert sched.warm_up() == (3 + 4 if grouped else 3)  # widths 16, 32, 64; groups (2|3|4, 16), (2, 32)
+    before = executor_mod._prefill_rows._cache_size()
+    rng = random.Random(11)
+    reqs = [llmqp.Request(prompt=" ".join(["word"] * rng.randint(1, 60)), raw=True, max_tokens=2) for _ in range(12)]
+    _run(sched, [(str(i), r) for i, r in enumerate(reqs)])
+    if grouped:
+        assert sched.stats["prefill_forwards"] < sched.stats["prefill_chunks"]
+    assert executor_mod._prefill_rows._cache_size() == before
+    assert sched.warm_up() == (7 if grouped else 3)
+
+
 def test_stop_strings_end_the_request_and_are_not_returned(tiny):
     base = tiny.generate("stop test", raw=True, max_tokens=30, temperature=1.0, seed=1)
     assert len(base.text) > 6

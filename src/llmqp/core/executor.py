@@ -196,6 +196,24 @@ class ModelExecutor:
             return hidden, (cache,)
         return _prefill_rows(self.params, tuple(row_caches), tokens, starts, cfg=self.cfg)
 
+    def compile_prefill(self, seq_len: int, grouped: bool) -> int:
+        """Run once (so compile) every prefill forward shape for one-row caches of `seq_len` positions: each chunk
+        width, and with `grouped` every (rows >= 2, width) with rows x width <= prefill_chunk. Returns how many
+        shapes ran. Which grouped shapes a run needs depends on when requests arrive, so a warm-up that replays
+        a workload may miss some; this covers them all."""
+        widths, w = [], self.spec.prefill_min_bucket
+        while w <= self.spec.prefill_chunk:
+            widths.append(w)
+            w *= 2
+        shapes = [(rows, w) for w in widths for rows in range(1, self.spec.prefill_chunk // w + 1)
+                  if rows == 1 or grouped]
+        for rows, w in shapes:
+            zeros = np.zeros(w, np.int32)
+            hidden, _ = self.prefill_rows([self.new_row_cache(seq_len) for _ in range(rows)], [zeros] * rows,
+                                          [0] * rows, w)
+            hidden.block_until_ready()
+        return len(shapes)
+
     @staticmethod
     def prompt_end(hidden, r: int, t: int):
         """The hidden state (1, d) at row r, position t of a prefill forward's (R, T, d): a prompt's last token."""

@@ -118,6 +118,20 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def warm_up(self, seq_len: int | None = None) -> int:
+        """Compile ahead the prefill programs this scheduler may use for prompts whose cache holds `seq_len`
+        positions (default: the smallest, `DecodeSpec.min_cache`): every chunk width and, where prompts share
+        prefill forwards, every (rows, width) group — which groups form depends on arrival times, so the first
+        burst of a server or benchmark would otherwise pay seconds of XLA compiles. Returns the number of
+        shapes; those already compiled cost one forward each."""
+        if seq_len is None:
+            seq_len = self.spec.min_cache
+        if (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < self.spec.min_cache
+                or seq_len & (seq_len - 1)):
+            raise InvalidArgument(f"seq_len must be a power of two >= {self.spec.min_cache} (a cache length), "
+                                  f"got {seq_len!r}")
+        return self.executor.compile_prefill(seq_len, self._group_prefill)
+
     def step(self) -> list:
         events, self._pending = self._pending, []
         self.stats["ticks"] += 1
