@@ -237,7 +237,8 @@ def test_warm_up_compiles_every_prefill_shape_ahead(tiny):
         with pytest.raises(llmqp.InvalidArgument, match="seq_len"):
             sched.warm_up(bad)
     grouped = sched._group_prefill
-    assert sched.warm_up() == (3 + 4 if grouped else 3)  # widths 16, 32, 64; groups (2|3|4, 16), (2, 32)
+    widths = (sched.spec.prefill_chunk // sched.spec.prefill_min_bucket).bit_length()  # 16..64: 3, 16..256: 5
+    assert sched.warm_up() == widths + (4 if grouped else 0)  # groups (2|3|4, 16), (2, 32)
     before = executor_mod._prefill_rows._cache_size()
     rng = random.Random(11)
     reqs = [llmqp.Request(prompt=" ".join(["word"] * rng.randint(1, 60)), raw=True, max_tokens=2) for _ in range(12)]
@@ -245,7 +246,7 @@ def test_warm_up_compiles_every_prefill_shape_ahead(tiny):
     if grouped:
         assert sched.stats["prefill_forwards"] < sched.stats["prefill_chunks"]
     assert executor_mod._prefill_rows._cache_size() == before
-    assert sched.warm_up() == (7 if grouped else 3)
+    assert sched.warm_up() == widths + (4 if grouped else 0)
 
 
 def test_stop_strings_end_the_request_and_are_not_returned(tiny):

@@ -165,6 +165,31 @@ def test_cli_serve_bad_model_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_warm_up_compiles_every_prefill_shape_before_health(tmp_path, caplog):
+    """`llmqp serve --warm-up`: the flag reaches the config, and the server compiles every prefill shape
+    (`Scheduler.warm_up`) before /health answers 200 (a tiny random model keeps it short)."""
+    import argparse
+    import logging
+
+    import llmqp
+    from llmqp.server.cli import add_serve_arguments, config_from_args
+    from tiny_gguf import write_tiny_gguf
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert config_from_args(parser.parse_args(["--warm-up"])).warm_up
+    assert not config_from_args(parser.parse_args([])).warm_up
+    tiny = llmqp.Engine(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    expected = 7 if llmqp.Scheduler(tiny)._group_prefill else 5  # widths 16..64 and 4 groups; 16..256 alone
+    with caplog.at_level(logging.INFO, logger="llmqp.server"):
+        s = Server(tiny, warm_up=True)
+    try:
+        assert httpx.get(s.base + "/health").status_code == 200
+        assert f"compiled {expected} prefill shapes ahead" in caplog.text
+    finally:
+        s.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
 def test_api_key_required(server, headers):

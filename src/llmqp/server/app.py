@@ -72,9 +72,15 @@ class ServerState:
 
             if self.engine is None:
                 self.engine = llmqp.Engine(self.config.model, dtype=self.config.dtype)
-            engine, slots = self.engine, self.config.max_batch
-            self.worker = EngineWorker(lambda: llmqp.Scheduler(engine, max_slots=slots), on_step=self._gauges,
-                                       on_event=self._count)
+            engine, slots, warm = self.engine, self.config.max_batch, self.config.warm_up
+
+            def scheduler():
+                sched = llmqp.Scheduler(engine, max_slots=slots)
+                if warm:
+                    log.info("compiled %d prefill shapes ahead", sched.warm_up())
+                return sched
+
+            self.worker = EngineWorker(scheduler, on_step=self._gauges, on_event=self._count)
             self.worker.start()
             self.ready.set()
         except Exception as e:  # a missing/bad checkpoint: report it on /health and to the CLI

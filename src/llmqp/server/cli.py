@@ -30,6 +30,9 @@ def add_serve_arguments(p) -> None:
                         "(default: $LLMQP_API_KEY, else no key)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGINT/SIGTERM, seconds running requests may finish before they are aborted")
+    p.add_argument("--warm-up", action="store_true",
+                   help="compile every prefill shape before /health reports ready (the first burst then waits for "
+                        "no XLA compile; ~30 s on the first start, later starts read the compile cache)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -52,7 +55,7 @@ def config_from_args(args):
                         compile_timeout_s=args.compile_timeout, max_body_bytes=args.max_body_bytes,
                         default_max_tokens=args.default_max_tokens,
                         api_key=args.api_key or os.environ.get("LLMQP_API_KEY") or None,
-                        shutdown_timeout_s=args.shutdown_timeout)
+                        shutdown_timeout_s=args.shutdown_timeout, warm_up=args.warm_up)
 
 
 def cli_serve(args) -> int:

@@ -18,7 +18,9 @@ class ServerConfig:
     `max_tokens` nor `max_completion_tokens` (always capped by the context left after the prompt).
     api_key: when set, every endpoint but /health needs `Authorization: Bearer <api_key>`.
     compile_workers: threads that compile constraints (a timed-out compile keeps its thread until it ends).
-    shutdown_timeout_s: on SIGINT/SIGTERM, how long running requests may finish before they are aborted."""
+    shutdown_timeout_s: on SIGINT/SIGTERM, how long running requests may finish before they are aborted.
+    warm_up: compile every prefill shape (`Scheduler.warm_up`) before /health reports ready, so the first burst
+    of requests does not wait for XLA compiles."""
 
     model: str | None = None
     model_name: str | None = None
@@ -33,6 +35,7 @@ class ServerConfig:
     api_key: str | None = None
     compile_workers: int = 2
     shutdown_timeout_s: float = 30.0
+    warm_up: bool = False
 
     def served_name(self) -> str:
         if self.model_name:
