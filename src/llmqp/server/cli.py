@@ -32,7 +32,7 @@ def add_serve_arguments(p) -> None:
                    help="on SIGINT/SIGTERM, seconds running requests may finish before they are aborted")
     p.add_argument("--warm-up", action="store_true",
                    help="compile every prefill shape before /health reports ready (the first burst then waits for "
-                        "no XLA compile; ~30 s on the first start, later starts read the compile cache)")
+                        "no XLA compile; ~30 s on the first start, ~10 s once in the compile cache)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
