@@ -237,7 +237,7 @@ def test_warm_up_compiles_every_prefill_shape_ahead(tiny):
         with pytest.raises(llmqp.InvalidArgument, match="seq_len"):
             sched.warm_up(bad)
     grouped = sched._group_prefill
-    widths = (sched.spec.prefill_chunk // sched.spec.prefill_min_bucket).bit_length()  # 16..64: 3, 16..256: 5
+    widths = len(sched.spec.prefill_widths())  # 16, 32, 64 with the CPU kernels; 16..256 without
     assert sched.warm_up() == widths + (4 if grouped else 0)  # groups (2|3|4, 16), (2, 32)
     before = executor_mod._prefill_rows._cache_size()
     rng = random.Random(11)
@@ -302,6 +302,8 @@ def test_spec_rules():
     # past a cached prefix of 272 positions: up to the next chunk boundary, then whole chunks
     assert spec.prefill_chunks(600, 272) == [(272, 256), (512, 128)]
     assert spec.prefill_chunks(300, 288) == [(288, 16)]
+    assert spec.prefill_widths() == [16, 32, 64, 128, 256]
+    assert {w for n in range(1, 600) for _, w in spec.prefill_chunks(n)} == set(spec.prefill_widths())
     assert [spec.feed_width(b) for b in (1, 2, 4, 8, 16, 32)] == [32, 8, 4, 2, 1, 1]
     with pytest.raises(ValueError, match="prefix_block"):
         DecodeSpec(prefix_block=12)

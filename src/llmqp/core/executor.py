@@ -201,11 +201,7 @@ class ModelExecutor:
         width, and with `grouped` every (rows >= 2, width) with rows x width <= prefill_chunk. Returns how many
         shapes ran. Which grouped shapes a run needs depends on when requests arrive, so a warm-up that replays
         a workload may miss some; this covers them all."""
-        widths, w = [], self.spec.prefill_min_bucket
-        while w <= self.spec.prefill_chunk:
-            widths.append(w)
-            w *= 2
-        shapes = [(rows, w) for w in widths for rows in range(1, self.spec.prefill_chunk // w + 1)
+        shapes = [(rows, w) for w in self.spec.prefill_widths() for rows in range(1, self.spec.prefill_chunk // w + 1)
                   if rows == 1 or grouped]
         for rows, w in shapes:
             zeros = np.zeros(w, np.int32)

@@ -87,6 +87,15 @@ class DecodeSpec:
             pos = end
         return out
 
+    def prefill_widths(self) -> list[int]:
+        """Every padded width a prefill chunk can take: the powers of two from prefill_min_bucket to
+        prefill_chunk."""
+        out, w = [], self.prefill_min_bucket
+        while w <= self.prefill_chunk:
+            out.append(w)
+            w *= 2
+        return out
+
     def prefill_end(self, n: int) -> int:
         """The last cache position (exclusive) that prefilling n tokens writes, padding included."""
         start, width = self.prefill_chunks(n)[-1]
