@@ -231,7 +231,7 @@ def test_compiled_programs_stay_bounded(tiny):
 
 def test_warm_up_compiles_every_prefill_shape_ahead(tiny):
     """`Scheduler.warm_up()` compiles every prefill shape (chunk widths, and the (rows, width) groups whose use
-    depends on arrival times) for a cache length: a burst afterwards compiles no prefill program."""
+    depends on arrival times) for a cache length: a burst afterwards compiles no grouped prefill program."""
     sched = llmqp.Scheduler(tiny, max_slots=8)
     for bad in (0, 100, 256, "512", True):
         with pytest.raises(llmqp.InvalidArgument, match="seq_len"):
@@ -430,7 +430,8 @@ def test_a_prompt_sharing_a_long_prompts_start_waits_only_for_the_shared_part(ti
     first = {rid: next(i for i, events in enumerate(ticks) if any(
         isinstance(e, llmqp.TokenEvent) and e.request_id == rid and e.token_ids for e in events))
         for rid in ("long", "short")}
-    # the long prompt's chunks up to the shared positions, then the short one's own chunks (+1 tick to spare)
+    # the long prompt's chunks up to the shared positions, then the short one's own chunks (ticks counted from
+    # the second step: the bound leaves a tick or two to spare)
     waits = -(-(n_shared - n_shared % block) // chunk)
     assert first["short"] <= waits + len(tiny.spec.prefill_chunks(len(short_ids), n_shared - n_shared % block))
     assert first["short"] < first["long"]
