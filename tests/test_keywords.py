@@ -100,6 +100,15 @@ CASES = {
     "uniqueItems strings or null": ({"type": "array", "items": {"type": ["string", "null"], "maxLength": 1},
                                      "uniqueItems": True},
                                     [["a", None], [None, None], ["a", "a"], [], [None, "b", None], ["ab"]]),
+    "uniqueItems strings with a pattern": ({"type": "array", "items": {"type": "string", "pattern": "^[ab]{1,2}$"},
+                                            "uniqueItems": True, "minItems": 1},
+                                           [["a"], ["a", "bb"], ["a", "a"], [], ["ab", "ba", "ab"], ["c"]]),
+    "uniqueItems strings with a pattern and lengths": ({"type": "array", "uniqueItems": True, "items": {
+        "type": "string", "pattern": "^x-", "minLength": 3, "maxLength": 4}},
+        [["x-a"], ["x-ab", "x-a"], ["x-a", "x-a"], ["x-"], ["y-ab"]]),
+    "uniqueItems strings or their enum": ({"type": "array", "uniqueItems": True, "items": {"anyOf": [
+        {"type": "string", "minLength": 1}, {"enum": ["red", "green"]}]}},
+        [["red", "blue"], ["red", "red"], [""], ["green", "x", "y"]]),
     "uniqueItems integers": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
                              [[0, 1], [0, 0], [-1, 1]]),
     # open items (objects that admit more keys, arrays, unbounded strings): compared when they complete
@@ -364,6 +373,26 @@ def test_unique_open_items_step_by_step(tk):
     assert m.count_allowed([token_id(tk, t) for t in ['"', "n", '"', ":", '"', "a", '"', "}", "]"]]) == 9
 
 
+def test_unique_pattern_items_step_by_step(tk):
+    """Strings with a pattern: the layer counts each item's unused completions on the pattern's automaton
+    and removes what would leave none (here `^[ab]$`: after "a", only "b" can follow)."""
+    from llmqp.testing import token_id, token_texts
+
+    c = compile_constraint(make_spec(json_schema={"type": "array", "items": {"type": "string", "pattern": "^[ab]$"},
+                                                  "uniqueItems": True}), tk)
+    m = c.matcher()
+    for text in ["[", '"', "a", '"', ",", '"']:
+        m.accept(token_id(tk, text))
+    assert token_texts(tk, m.allowed()) == {"b"}  # "a" is used
+    assert m.forced() == [token_id(tk, "b")]
+    for text in ["b", '"']:
+        m.accept(token_id(tk, text))
+    assert token_texts(tk, m.allowed()) == {"]"}  # a third item would have no unused value
+    m.rollback(4)  # back to `["a"`
+    assert token_texts(tk, m.allowed()) == {",", "]"}
+    assert m.count_allowed([token_id(tk, t) for t in [",", '"', "a"]]) == 2
+
+
 def test_contains_step_by_step(tk):
     """The layer removes exactly the tokens that close the array before an item matches."""
     from llmqp.testing import token_id, token_texts
@@ -408,7 +437,10 @@ def test_unique_items_use_json_equality(tk, schema, text):
     ({"type": "array", "items": {"type": "object", "additionalProperties": False}, "uniqueItems": True},
      "uniqueItems"),  # items: closed objects (a repeat could be forced)
     ({"type": "array", "items": {"type": "array", "maxItems": 2}, "uniqueItems": True}, "uniqueItems"),
-    ({"type": "array", "items": {"type": "string", "pattern": "^a"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "array", "items": {"type": "string", "pattern": "^(a)\\1"}, "uniqueItems": True},
+     "uniqueItems"),  # a back-reference: its completions are not counted
+    ({"type": "array", "items": {"type": "string", "pattern": "^[ab]$"}, "uniqueItems": True, "minItems": 3},
+     "uniqueItems"),  # only two distinct items exist
     ({"anyOf": [{"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
                 {"type": "array", "items": {"type": "string"}}]},
      "uniqueItems"),  # two options admit arrays: which one an array matches is not decidable from its place
@@ -690,6 +722,8 @@ def test_try_accept_and_rollback(tk):
     {"type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
                                                  "uniqueItems": True, "minItems": 3}}, "required": ["colors"]},
     {"type": "array", "items": {"type": "string", "maxLength": 3}, "uniqueItems": True, "minItems": 4,
+     "maxItems": 6},
+    {"type": "array", "items": {"type": "string", "pattern": "^[a-c]{1,2}$"}, "uniqueItems": True, "minItems": 4,
      "maxItems": 6},
     {"type": "object", "properties": {"day": {"type": "string", "format": "date"},
                                       "at": {"type": "string", "format": "time", "maxLength": 14}},

@@ -545,3 +545,107 @@ class _DFA:
                     live.add(q)
                     stack.append(q)
         return live
+
+
+# ------------------------------------------------------------------------------------ completions
+_COUNT_CAP = 1 << 40  # counts are exact below this
+_HORIZON = 48  # without maxLength, completions up to this many characters past minLength are counted
+
+
+class Completions:
+    """How many strings in the language of a pattern (search semantics, as `jsonschema` reads it) start
+    with a given prefix, within length bounds: the uniqueItems layer keeps an item in progress only while
+    it has a completion that no earlier item took.
+
+    Counts are lower bounds, exact for ASCII: a region of non-ASCII characters that only a class like
+    `\\w` names counts as none (its size under Rust's Unicode tables is not computed here), and without
+    a maximum length only completions up to _HORIZON characters longer than the minimum are counted.
+    A lower bound is the safe side: the layer may drop a continuation that still had an unused
+    completion, never keep one that has none."""
+
+    def __init__(self, pattern: str):
+        lang = _Lang.of([pattern])
+        dfa = lang.search_dfa(pattern)
+        self._regions = lang.regions
+        self._lows = [r[0] for r in lang.regions]
+        self._dfa = dfa
+        live = dfa.live_states()
+        self._live = live
+        self._edges: dict[int, list[tuple[int, int]]] = {}  # state -> [(target, characters)], live targets
+        for q in range(dfa.count):
+            weights: dict[int, int] = {}
+            for sym in range(dfa.n_symbols):
+                r = dfa.delta[(q, sym)]
+                lo, hi, sig = lang.regions[sym]
+                if r in live and sig is None:
+                    weights[r] = weights.get(r, 0) + hi - lo + 1
+            self._edges[q] = list(weights.items())
+        self._memo: dict[tuple, int] = {}
+
+    @classmethod
+    @functools.lru_cache(maxsize=256)
+    def of(cls, pattern: str) -> "Completions | None":
+        """The counter for `pattern`, or None where this module does not handle the pattern."""
+        if any(op in pattern for op in _RUST_AMBIGUOUS):
+            return None
+        try:
+            return cls(pattern)
+        except (_No, re.error, RecursionError, OverflowError):
+            return None
+
+    def _symbol(self, c: str) -> int:
+        import bisect
+
+        code = ord(c)
+        i = bisect.bisect_right(self._lows, code) - 1
+        sig = self._regions[i][2]
+        if sig is None:
+            return i
+        import unicodedata
+
+        cat = unicodedata.category(c)
+        sig = "d" if cat == "Nd" else "w" if (c.isalnum() or cat in ("Mn", "Mc", "Me", "Pc")) else \
+            "s" if c.isspace() else "o"
+        first = bisect.bisect_left(self._lows, self._regions[i][0])
+        return first + _SIGS.index(sig)
+
+    def state(self, text: str) -> int | None:
+        """The automaton's state after `text`, or None when no string of the language starts with it."""
+        q = self._dfa.start
+        for c in text:
+            q = self._dfa.delta[(q, self._symbol(c))]
+        return q if q in self._live else None
+
+    def count(self, text: str, min_length: int = 0, max_length: int | None = None) -> int:
+        """A lower bound (exact for ASCII, capped at 2**40) on the number of strings of the language
+        that start with `text` and have between `min_length` and `max_length` characters."""
+        q = self.state(text)
+        if q is None:
+            return 0
+        lo = max(0, min_length - len(text))
+        hi = (lo + _HORIZON) if max_length is None else max_length - len(text)
+        if hi < lo:
+            return 0
+        key = (q, lo, hi)
+        if key not in self._memo:
+            self._memo[key] = self._count(q, lo, hi)
+        return self._memo[key]
+
+    def _count(self, q: int, lo: int, hi: int) -> int:
+        accepting = self._dfa.accepting
+        vec, total = {q: 1}, 0
+        for length in range(hi + 1):
+            if length >= lo:
+                total += sum(n for r, n in vec.items() if r in accepting)
+                if total >= _COUNT_CAP:
+                    return _COUNT_CAP
+            if length == hi:
+                break
+            nxt: dict[int, int] = {}
+            for r, n in vec.items():
+                for t, w in self._edges[r]:
+                    nxt[t] = min(_COUNT_CAP, nxt.get(t, 0) + n * w)
+            if not nxt:
+                break
+            vec = nxt
+        return min(total, _COUNT_CAP)

@@ -18,15 +18,18 @@ is valid. Exactly where the array is, and what its items are, must be decidable 
     names it; a `uniqueItems: true` anywhere else (in one of several options that admit arrays, `allOf`,
     `additionalProperties`, a recursive `$ref`, ...) is refused with ConstraintError;
   * its items are scalars: an `enum`/`const` of scalars, `boolean`, `null`, a `string` (or `["string",
-    "null"]`) with at most `minLength`/`maxLength`, or an unbounded `integer`/`number`; or *open* values,
+    "null"]`) with at most `minLength`/`maxLength`, a `string` with a `pattern` (and lengths: an item in
+    progress is kept while the pattern's automaton counts a completion no earlier item took,
+    `regular.Completions`), an `anyOf` of one such schema and `enum`s it covers, or an unbounded
+    `integer`/`number`; or *open* values,
     every prefix of which has infinitely many completions: objects that admit additional properties (no
     `additionalProperties`/`patternProperties`/`propertyNames`/`maxProperties`, and not `strict=True`,
     which closes them), arrays without `maxItems`/`prefixItems`/`contains`, unbounded strings and
     numbers (a `type` list of these kinds). An open item is checked when it completes (compared as a
     parsed value: key order, `1` = `1.0`): where it would repeat an earlier item the layer removes the
     completing token, and the grammar still has another (one more key, item, character or digit).
-    Items with a `pattern`, `format`, bounds, closed objects or bounded arrays are refused (whether an
-    unused completion exists would not be decidable here).
+    Items with a `format` llguidance enforces itself, numeric bounds, closed objects or bounded arrays
+    are refused (whether an unused completion exists would not be decidable here).
 
 Cost: nothing outside unique arrays; inside one, the candidates that can complete or open an item are
 re-scanned in Python (inside a string item only the tokens holding a `"`; inside an open compound item
@@ -43,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from llmqp.constraints import regular
 from llmqp.constraints.base import Matcher
 from llmqp.constraints.schema import MISSING, walk_pointer
 from llmqp.errors import ConstraintError
@@ -64,6 +68,12 @@ class UniqueArray:
     domain: tuple = ()  # (key, texts) per value of a finite domain: its identity and its JSON spellings
     max_length: int | None = None  # strings
     nullable: bool = False  # strings: `null` is an item too (`"type": ["string", "null"]`)
+    pattern: str | None = None  # strings: a `pattern` (see `_completions`)
+    min_length: int = 0  # strings with a pattern
+
+    def completions(self):
+        """The completion counter of a string item's pattern (regular.Completions), or None."""
+        return regular.Completions.of(self.pattern) if self.pattern is not None else None
 
 
 # ----------------------------------------------------------------------------------- compile time
@@ -162,6 +172,7 @@ def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
     seen = 0
     while isinstance(items, dict) and "$ref" in items and not (set(items) - _ANNOTATIONS - {"$ref"}) and seen < 32:
         items, seen = _resolve(root, items["$ref"]), seen + 1
+    items = _without_subsumed_options(root, items)
     why = None
     kind = None
     if not isinstance(items, dict):
@@ -182,9 +193,14 @@ def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
         keys = set(items) - _ANNOTATIONS - {"type"}
         if (not isinstance(t, str) or t not in _SCALAR_KEYS or keys - _SCALAR_KEYS[t]) and _open(root, items):
             kind = UniqueArray(kind="open")
+        elif t == "string" and "pattern" in keys and not keys - {"pattern", "minLength", "maxLength"}:
+            kind = _pattern_strings(items)
+            if kind is None:
+                why = f"string items with this pattern ({json.dumps(items['pattern'])[:60]}): only patterns " \
+                      "without look-behind, back-references or flags are counted"
         elif not isinstance(t, str) or t not in _SCALAR_KEYS or keys - _SCALAR_KEYS[t]:
             why = f"items of this kind ({json.dumps(items)[:60]}): only enums of scalars, booleans, null, " \
-                  "strings with at most minLength/maxLength, unbounded integers/numbers, and open values " \
+                  "strings with at most pattern/minLength/maxLength, unbounded integers/numbers, and open values " \
                   "(objects that admit additional properties, arrays without maxItems, unbounded strings)"
             if items.get("additionalProperties") is False and "object" in (t if isinstance(t, list) else [t]):
                 why += "; strict=True closes objects that declare properties: strict=False keeps them open"
@@ -198,11 +214,59 @@ def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
             kind = UniqueArray(kind=t, max_length=items.get("maxLength") if t == "string" else None)
     if why:
         raise ConstraintError(f'json_schema: keyword "uniqueItems" at {where} is not supported for {why}')
+    if kind.pattern is not None and \
+            int(node.get("minItems", 0)) > kind.completions().count("", kind.min_length, kind.max_length):
+        raise ConstraintError(f'json_schema: keyword "uniqueItems" at {where}: minItems {node["minItems"]} '
+                              "exceeds the distinct strings the items' pattern and lengths allow")
     if kind.kind == "finite" and int(node.get("minItems", 0)) > len(kind.domain):
         raise ConstraintError(f'json_schema: keyword "uniqueItems" at {where}: minItems {node["minItems"]} '
                               f"exceeds the {len(kind.domain)} distinct values the items allow: no output "
                               "satisfies it")
     return kind
+
+
+def _without_subsumed_options(root, items):
+    """Items that are an `anyOf` of one schema and `enum`/`const` options whose every value that schema
+    accepts (`jsonschema` decides) are that schema: the same values, so the same unique items.
+    Anything else is returned as it is."""
+    if not isinstance(items, dict) or not isinstance(items.get("anyOf"), list) or set(items) - _ANNOTATIONS - {"anyOf"}:
+        return items
+    options = []
+    for option in items["anyOf"]:
+        seen = 0
+        while isinstance(option, dict) and isinstance(option.get("$ref"), str) and \
+                not (set(option) - _ANNOTATIONS - {"$ref"}) and seen < 32:
+            option, seen = _resolve(root, option["$ref"]), seen + 1
+        options.append(option)
+    finite = [o for o in options if isinstance(o, dict) and ("enum" in o or "const" in o) and
+              not set(o) - _ANNOTATIONS - {"enum", "const", "type"}]
+    rest = [o for o in options if not any(o is f for f in finite)]
+    if len(rest) != 1 or not finite or not isinstance(rest[0], dict) or '"format"' in json.dumps(rest[0]) or \
+            '"$ref"' in json.dumps(rest[0]):
+        return items
+    try:
+        from jsonschema.validators import validator_for
+
+        whole = validator_for(root)(root)
+        covers = whole.evolve(schema=rest[0])
+        for option in finite:
+            values = [option["const"]] if "const" in option else option["enum"]
+            own = whole.evolve(schema=option)  # (a value its own `type` rejects is no instance)
+            if not isinstance(values, list) or not all(covers.is_valid(v) for v in values if own.is_valid(v)):
+                return items
+    except Exception:  # noqa: BLE001 - a schema jsonschema cannot evaluate: keep the items as they are
+        return items
+    return rest[0]
+
+
+def _pattern_strings(items: dict) -> UniqueArray | None:
+    """Unique strings with a `pattern` (and min/maxLength): whether an item in progress still has an
+    unused completion is counted on the pattern's automaton (`regular.Completions`)."""
+    low, high = items.get("minLength", 0), items.get("maxLength")
+    if not isinstance(items["pattern"], str) or not isinstance(low, int) or \
+            not (high is None or isinstance(high, int)) or regular.Completions.of(items["pattern"]) is None:
+        return None
+    return UniqueArray(kind="string", max_length=high, pattern=items["pattern"], min_length=low)
 
 
 # Keywords an open item may carry, per JSON type (beside `type` and annotations): none bounds the value's
@@ -460,8 +524,20 @@ def viable(state: ScanState, opening: bool) -> bool:
     if raw is None:
         if not opening:
             return True
+        if spec.pattern is not None:
+            return spec.completions().count("", spec.min_length, spec.max_length) > \
+                sum(k[0] == "str" for k in top.used)
         return spec.kind != "finite" or any(k not in top.used for k, _ in spec.domain)
     text = raw.decode("utf-8", errors="ignore")
+    if spec.pattern is not None:
+        if state.escaped or text[:1] != '"':
+            return True  # inside an escape sequence: decided once the character is complete
+        try:
+            content = json.loads(text + '"')
+        except ValueError:
+            return True  # (a \u escape in progress)
+        taken = sum(k[0] == "str" and k[1].startswith(content) for k in top.used)
+        return spec.completions().count(content, spec.min_length, spec.max_length) > taken
     if spec.kind == "finite":
         return any(k not in top.used and any(t.startswith(text) for t in texts) for k, texts in spec.domain)
     if spec.kind == "integer":
@@ -475,6 +551,16 @@ def viable(state: ScanState, opening: bool) -> bool:
             return True  # inside an escape sequence: the grammar bounds the length
         return not (len(content) >= spec.max_length and ("str", content) in top.used)
     return True
+
+
+def _prefix_taken(lex: bytes, used: frozenset) -> bool:
+    """Whether an earlier string item starts with the string item in progress (`lex`, from its `"`);
+    True when that cannot be told (an escape in progress)."""
+    try:
+        content = json.loads(lex.decode("utf-8", errors="ignore") + '"')
+    except ValueError:
+        return True
+    return any(k[0] == "str" and k[1].startswith(content) for k in used)
 
 
 class UniqueMatcher(Matcher):
@@ -525,6 +611,8 @@ class UniqueMatcher(Matcher):
                     quote = quote | (length + self._char_len[ids] >= top.spec.max_length)
                 except ValueError:
                     quote = np.ones_like(quote)
+            if top.spec.pattern is not None and _prefix_taken(state.lex, top.used):
+                quote = np.ones_like(quote)  # an earlier item starts with this one: any token may exhaust it
             check |= quote
         else:
             check[:] = True
