@@ -473,6 +473,34 @@ def test_inexpressible_keywords_are_refused(tk, schema, keyword):
         compile_constraint(make_spec(json_schema=schema, strict=False), tk)
 
 
+def test_deep_rewrites_stay_within_the_backends_nesting_limit(tk):
+    """`not` of a value nested 60 deep is rewritten past the 128 levels llguidance's JSON reader takes;
+    deep parts move into definitions (schema.shallow), and the result is exact."""
+    from llmqp.constraints.schema import DEPTH_LIMIT, shallow
+
+    value: object = 1
+    for _ in range(60):
+        value = {"a": value}
+    schema = {"type": "object", "not": {"const": value}}
+    c = compile_constraint(make_spec(json_schema=schema), tk)
+    other = json.loads(json.dumps(value).replace("1", "2"))
+    for instance in (value, other, {"a": 1}, {}):
+        assert c.accepts(compact_json(instance)) == valid(schema, instance)
+    deep = {"anyOf": [{"properties": {"a": {"anyOf": [{"x": 1}]}}}]}
+    for _ in range(30):
+        deep = {"anyOf": [{"properties": {"a": deep}}]}
+    assert len(json.dumps(shallow(deep))) > len(json.dumps(deep))  # moved into $defs, referenced
+    assert _depth(shallow(deep)) <= DEPTH_LIMIT < _depth(deep)
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
 @pytest.mark.parametrize("pattern", ["^ab?$", "^[a/]{2,3}$", "^a[ab]+$", "^\\d", "ab", "aab", "^[^ab]*$", "[^a]",
                                      "^$", "^/b$"])
 def test_pattern_complement_is_exact(tk, pattern):

@@ -258,3 +258,62 @@ class _Resolver:
             if len(ref) > 1 else []
         path = "#" + "".join("/" + _escape(t) for t in tokens)
         return path if path in self.nodes else None
+
+
+# llguidance reads a schema with serde_json, which refuses JSON nested more than 128 deep ("recursion limit
+# exceeded"); exact rewrites of deep values (`not` of a nested `const`, ...) can pass that.
+DEPTH_LIMIT = 120
+_CHUNK = 48
+
+
+def _height(value: Any) -> int:
+    """How deeply `value` nests as JSON (a scalar: 0, `{}`: 1)."""
+    if isinstance(value, dict):
+        return 1 + max((_height(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_height(v) for v in value), default=0)
+    return 0
+
+
+def shallow(schema: Any) -> Any:
+    """`schema`, or when it nests past DEPTH_LIMIT, a copy in which deep subschemas are moved into the
+    root's `$defs` and referenced (`{"$ref": "#/$defs/..."}` accepts what the node accepts), so that no
+    part nests more than about _CHUNK levels. Left as it is where moving could change a meaning: a
+    nested `$id` (a base URI for relative refs) or a `$ref` pointing into a node that would move."""
+    if not isinstance(schema, dict) or _height(schema) <= DEPTH_LIMIT:
+        return schema
+    nodes = list(walk(schema))
+    if any(isinstance(node.get(k), str) for node, path in nodes[1:] for k in ("$id", "id")):
+        return schema
+    targets = {node["$ref"] for node, _ in nodes if isinstance(node.get("$ref"), str)}
+    schema = copy.deepcopy(schema)
+    defs = schema.setdefault("$defs", {}) if isinstance(schema.get("$defs", {}), dict) else None
+    if defs is None:
+        return schema
+    counter = [0]
+
+    def movable(path: str) -> bool:
+        return not any(t == path or t.startswith(path + "/") for t in targets)
+
+    def visit(node: Any, path: str) -> int:
+        if not isinstance(node, dict):
+            return _height(node)
+        children = [(child, p) for _, child, p in subschemas(node, path) if isinstance(child, dict)]
+        for child, p in children:
+            visit(child, p)
+        height = _height(node)
+        for child, p in sorted(children, key=lambda c: -_height(c[0])):
+            if height <= _CHUNK:
+                break
+            if not movable(p) or _height(child) < 2 or p.startswith("#/$defs/__llmqp_deep"):
+                continue
+            name = f"__llmqp_deep{counter[0]}"
+            counter[0] += 1
+            defs[name] = dict(child)
+            child.clear()
+            child["$ref"] = f"#/$defs/{name}"
+            height = _height(node)
+        return height
+
+    visit(schema, "#")  # (definitions first: they come through `subschemas` as well)
+    return schema
