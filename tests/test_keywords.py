@@ -109,6 +109,19 @@ CASES = {
     "uniqueItems strings or their enum": ({"type": "array", "uniqueItems": True, "items": {"anyOf": [
         {"type": "string", "minLength": 1}, {"enum": ["red", "green"]}]}},
         [["red", "blue"], ["red", "red"], [""], ["green", "x", "y"]]),
+    "uniqueItems under patternProperties": ({"type": "object", "properties": {"n": {"type": "integer"}},
+                                             "patternProperties": {"^t_": {"type": "array", "uniqueItems": True,
+                                                                           "items": {"enum": ["a", "b"]}}}},
+                                            [{"t_x": ["a", "b"]}, {"t_x": ["a", "a"]}, {"n": 1, "t_y": ["b"], "t_z": ["b"]},
+                                             {"t_x": ["b"], "t_y": ["b", "b"]}, {"n": 2}]),
+    "uniqueItems under additionalProperties": ({"type": "object", "properties": {"id": {"type": "string"}},
+                                                "additionalProperties": {"type": "array", "uniqueItems": True,
+                                                                         "items": {"type": "integer"}}},
+                                               [{"id": "x", "tags": [1, 2]}, {"tags": [1, 1]}, {"a": [], "b": [3, 3]},
+                                                {"id": "y"}, {"a": [0], "b": [0]}]),
+    "contains under additionalProperties": ({"type": "object", "additionalProperties": {
+        "type": "array", "items": {"type": "integer"}, "contains": {"const": 1}}},
+        [{"a": [1]}, {"a": [2]}, {"a": [2, 1], "b": [1]}, {"a": [1], "b": []}, {}]),
     "uniqueItems integers": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
                              [[0, 1], [0, 0], [-1, 1]]),
     # open items (objects that admit more keys, arrays, unbounded strings): compared when they complete
@@ -445,6 +458,16 @@ def test_unique_items_use_json_equality(tk, schema, text):
                 {"type": "array", "items": {"type": "string"}}]},
      "uniqueItems"),  # two options admit arrays: which one an array matches is not decidable from its place
     ({"type": "array", "items": {"type": "boolean"}, "uniqueItems": True, "minItems": 3}, "uniqueItems"),
+    ({"type": "object", "properties": {"tags": {"type": "array"}}, "patternProperties": {"^ta": {
+        "type": "array", "items": {"type": "string"}, "uniqueItems": True}}},
+     "uniqueItems"),  # `tags` is governed by both `properties` and the pattern
+    ({"type": "object", "patternProperties": {"^a": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                                              "b$": {"type": "array", "items": {"type": "integer"}}}},
+     "uniqueItems"),  # a key like "ab" matches both patterns
+    ({"type": "object", "allOf": [
+        {"properties": {"x": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}},
+        {"additionalProperties": {"type": "array", "items": {"type": "integer", "maximum": 3}, "uniqueItems": True}}]},
+     "uniqueItems"),  # `x` is additional to the second part: two schemas for one array
     ({"anyOf": [{"type": "array", "not": {"items": {"type": "integer"}}}, {"type": "array", "items": {"type": "string"}}]},
      "items"),  # "some item is not an integer" in one of two options that admit arrays: its place is not known
     ({"type": "array", "contains": {"type": "integer"}, "maxItems": 3}, "contains"),  # could fill up unmatched

@@ -9,10 +9,12 @@ and the schema's own draft (exact: S may be any schema, `$ref`s resolved against
 Exactly where the array is must be decidable from the schema, and closing must be the only thing the
 layer ever removes (so it never leaves a prefix without continuation):
 
-  * the array is reached from the root through `properties`, `items`, `allOf` parts, `$ref`s and the
-    one `anyOf`/`oneOf` option that admits arrays (objects) at its place (`places`); a node holding
-    `contains` that is also used anywhere else (an option among others, `not`, additional properties,
-    a recursive `$ref`, ...) keeps its `contains`, which the grammar backend then refuses;
+  * the array is reached from the root through `properties`, `items`, `allOf` parts, `$ref`s, the
+    one `anyOf`/`oneOf` option that admits arrays (objects) at its place, and `patternProperties` /
+    `additionalProperties` where one schema alone governs the key (`unique.KeyStep`: no declared name
+    or other pattern of the node may match it) (`places`); a node holding `contains` that is also used
+    anywhere else (an option among others, `not`, a pattern another may overlap, a recursive `$ref`,
+    ...) keeps its `contains`, which the grammar backend then refuses;
   * beside it: `type`, `items` (one schema, not `false`), `minItems`, and nothing that bounds the
     array's length (`maxItems`, `prefixItems`, item lists, `minContains`/`maxContains`: refused), so
     one more item can always be added until one matches S.
@@ -34,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from llmqp.constraints.base import Matcher
-from llmqp.constraints.unique import ITEM, _ANNOTATIONS, Text, _admits, _child_path, _resolve, arrays_hold
+from llmqp.constraints.unique import (ITEM, _ANNOTATIONS, Text, _admits, _child_path, _key_steps, _resolve, arrays_hold,
+                                      lookup, refuse_shared)
 from llmqp.errors import ConstraintError
 
 _BESIDE = {"type", "items", "minItems", "contains"}
@@ -95,6 +98,7 @@ def extract(schema: Any) -> tuple[Any, dict[tuple, ContainsArray]]:
             found.setdefault(path, []).append((node, where))
     if not found:
         return schema, {}
+    refuse_shared(found, "contains")
     root = cls(original)
     arrays = {}
     for path, nodes in found.items():
@@ -134,10 +138,12 @@ def places(root: Any, keyword: str) -> tuple[dict[int, list], set[int]]:
     for every use whose place is known, {id(node)} for nodes also used where it is not).
 
     A node's place is known when it is reached from the root through `properties` (of objects),
-    `items` (one schema, of arrays), `allOf` parts, `$ref`s, and `anyOf`/`oneOf` options that alone admit
-    arrays (objects) there -- for those values only. Any other route (`not`, `if`, `contains`, additional
-    or pattern properties, an option among several, a recursive `$ref` seen again) is a use whose
-    place is not known: a layer cannot enforce such a node, and must not remove its keyword."""
+    `items` (one schema, of arrays), `allOf` parts, `$ref`s, `anyOf`/`oneOf` options that alone admit
+    arrays (objects) there -- for those values only --, and `patternProperties` / `additionalProperties`
+    whose keys no other schema of the node governs (a `KeyStep` in the path). Any other route (`not`,
+    `if`, `contains`, a pattern a declared name or another pattern may match, an option among several,
+    a recursive `$ref` seen again) is a use whose place is not known: a layer cannot enforce such a
+    node, and must not remove its keyword."""
     placed: dict[int, list] = {}
     elsewhere: set[int] = set()
     seen_static: set = set()
@@ -200,6 +206,13 @@ def places(root: Any, keyword: str) -> tuple[dict[int, list], set[int]]:
                         static(option, path, owns, refs, f"{where}/{key}/{i}")
                     if any(_admits(root, option, k) for k in kinds - owns):
                         dynamic(option)  # values of another kind here may match it, or another option
+            elif key in ("patternProperties", "additionalProperties") and isinstance(value, dict) and \
+                    "object" in kinds:
+                for step, sub, sub_where in _key_steps(node, key):
+                    if step is None:
+                        dynamic(sub)  # a key two schemas may govern: not a known place
+                    else:
+                        static(sub, path + (step,), _BOTH, refs, where + sub_where)
             elif key not in ("definitions", "$defs"):  # definitions apply only through a $ref
                 for sub in _children(key, value):
                     dynamic(sub)
@@ -311,7 +324,7 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
         elif b in (0x7B, 0x5B):  # `{` `[`
             stack = _start_item(stack, pos)
             path = _child_path(stack)
-            stack = stack + (_Frame("o" if b == 0x7B else "a", path, arrays.get(path) if b == 0x5B else None),)
+            stack = stack + (_Frame("o" if b == 0x7B else "a", path, lookup(arrays, path) if b == 0x5B else None),)
         elif b in (0x7D, 0x5D):  # `}` `]`
             if stack[-1].spec is not None and len(stack[-1].satisfied) < len(stack[-1].spec.validators):
                 return None

@@ -13,10 +13,13 @@ token that would
 so every prefix the engine sees can still be completed to a valid output, and every output that stops
 is valid. Exactly where the array is, and what its items are, must be decidable from the schema:
 
-  * the array is reached from the root through `properties`, `items` and `anyOf`/`oneOf` options that
-    alone admit arrays (objects) at their place (plain `$ref`s followed), so its place in the output
-    names it; a `uniqueItems: true` anywhere else (in one of several options that admit arrays, `allOf`,
-    `additionalProperties`, a recursive `$ref`, ...) is refused with ConstraintError;
+  * the array is reached from the root through `properties`, `items`, `anyOf`/`oneOf` options that
+    alone admit arrays (objects) at their place (plain `$ref`s followed), and `patternProperties` /
+    `additionalProperties` whose keys no other schema of the node governs (`KeyStep`: a pattern that
+    no declared name and no other pattern of the node can match), so its place in the output names it;
+    a `uniqueItems: true` anywhere else (in one of several options that admit arrays, `allOf`,
+    overlapping patterns, a recursive `$ref`, ...), or where two registered places may name one array,
+    is refused with ConstraintError;
   * its items are scalars: an `enum`/`const` of scalars, `boolean`, `null`, a `string` (or `["string",
     "null"]`) with at most `minLength`/`maxLength`, a `string` with a `pattern` (and lengths: an item in
     progress is kept while the pattern's automaton counts a completion no earlier item took,
@@ -39,8 +42,10 @@ only those with enough closing brackets to complete it).
 from __future__ import annotations
 
 import dataclasses
-import json
 import decimal
+import functools
+import json
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -57,6 +62,110 @@ _ANNOTATIONS = {"$schema", "$id", "id", "$anchor", "$comment", "$defs", "definit
                 "description", "default", "examples", "example", "readOnly", "writeOnly", "deprecated"}
 _SCALAR_KEYS = {"string": {"minLength", "maxLength"}, "integer": set(), "number": set(), "boolean": set(),
                 "null": set()}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyStep:
+    """A path step into the values of an object's keys that one schema alone governs:
+    `patternProperties[pattern]` for keys that match `pattern` (and no declared name: `_key_steps`
+    makes sure none can), or `additionalProperties` (`pattern` None) for keys outside `names` that
+    match none of `others`, the node's patterns."""
+
+    pattern: str | None
+    names: frozenset = frozenset()
+    others: tuple = ()
+
+    def matches(self, key: Any) -> bool:
+        if not isinstance(key, str):
+            return False
+        if self.pattern is not None:
+            return _regex(self.pattern).search(key) is not None
+        return key not in self.names and not any(_regex(p).search(key) for p in self.others)
+
+
+@functools.lru_cache(maxsize=1024)
+def _regex(pattern: str):
+    return re.compile(pattern)
+
+
+def _key_steps(node: dict, key: str) -> list[tuple[KeyStep | None, Any, str]]:
+    """(step, subschema, where) for the values `patternProperties` / `additionalProperties` of `node`
+    govern; step None where the place is not known: a pattern that a declared name or another pattern
+    of the node may also match (two schemas would govern one key), or one Python reads otherwise or not."""
+    props, patterns = node.get("properties"), node.get("patternProperties")
+    names = frozenset(props) if isinstance(props, dict) else frozenset()
+    patterns = tuple(patterns) if isinstance(patterns, dict) else ()
+    readable = all(_readable(p) for p in patterns)
+    if key == "additionalProperties":
+        value = node[key]
+        return [(KeyStep(None, names, patterns) if readable else None, value, "/additionalProperties")]
+    from llmqp.constraints.keywords import _patterns_disjoint
+
+    out = []
+    for pattern, sub in node[key].items():
+        alone = readable and not any(_regex(pattern).search(n) for n in names) and \
+            all(_patterns_disjoint(pattern, other) for other in patterns if other != pattern)
+        out.append((KeyStep(pattern) if alone else None, sub, f"/patternProperties/{pattern}"))
+    return out
+
+
+def _readable(pattern: Any) -> bool:
+    """Whether Python's `re` reads `pattern` as llguidance's Rust regex does (as far as checked here)."""
+    if not isinstance(pattern, str) or any(op in pattern for op in ("&&", "--", "~~", "[[")):
+        return False
+    try:
+        _regex(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def lookup(arrays: dict, path: tuple):
+    """The layer's entry for the array at output `path` (object keys and ITEM), or None: registered paths
+    may hold KeyStep steps, which match keys by pattern."""
+    spec = arrays.get(path)
+    if spec is not None:
+        return spec
+    for registered, value in arrays.items():
+        if len(registered) == len(path) and any(isinstance(s, KeyStep) for s in registered) and \
+                all(a == b or (isinstance(a, KeyStep) and a.matches(b)) for a, b in zip(registered, path)):
+            return value
+    return None
+
+
+def refuse_shared(arrays: dict, keyword: str) -> None:
+    """ConstraintError when one output array could be at two registered paths (a KeyStep may match a
+    key that another path names, or two patterns may match one key): `lookup` would find one of them."""
+    keyed = [p for p in arrays if any(isinstance(s, KeyStep) for s in p)]
+    for a in keyed:
+        for b in arrays:
+            if a != b and _may_share(a, b):
+                raise ConstraintError(f'json_schema: keyword "{keyword}" is not supported where two schemas may '
+                                      "govern the same array (one through patternProperties or "
+                                      "additionalProperties)")
+
+
+def _may_share(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x == y:
+            continue
+        if not isinstance(x, KeyStep):
+            x, y = y, x
+        if not isinstance(x, KeyStep) or y == ITEM:
+            return False  # two names, or a name and the items
+        if isinstance(y, str):
+            if not x.matches(y):
+                return False
+        elif x.pattern is not None and y.pattern is not None:
+            from llmqp.constraints.keywords import _patterns_disjoint
+
+            if _patterns_disjoint(x.pattern, y.pattern):
+                return False
+        elif (x.pattern is None and y.pattern in x.others) or (y.pattern is None and x.pattern in y.others):
+            return False  # a node's additional properties and one of its patterns
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +213,7 @@ def extract(schema: Any) -> tuple[Any, dict[tuple, UniqueArray]]:
             raise ConstraintError(f'json_schema: keyword "uniqueItems" at {where} is not supported here: its '
                                   "node is also used where the layer cannot name the array (an option among "
                                   "others, not, additional properties, a recursive $ref, ...)")
+    refuse_shared(found, "uniqueItems")
     for node in nodes.values():
         del node["uniqueItems"]
     return schema, found
@@ -130,6 +240,11 @@ def _walk(root, node, path: tuple, refs: tuple, found: dict, nodes: dict) -> Non
             _walk(root, sub, path + (name,), refs, found, nodes)
     if isinstance(node.get("items"), dict):
         _walk(root, node["items"], path + (ITEM,), refs, found, nodes)
+    for key in ("patternProperties", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            for step, sub, _ in _key_steps(node, key):
+                if step is not None and isinstance(sub, dict):
+                    _walk(root, sub, path + (step,), refs, found, nodes)
     for key in ("anyOf", "oneOf"):  # an option that alone admits arrays (or objects) owns this place's
         options = node.get(key)    # arrays (objects): a valid output's array here must match it
         if not isinstance(options, list):
@@ -161,8 +276,16 @@ def _admits(root, node, kind: str) -> bool:
     return True
 
 
+def _where(step) -> str:
+    if step == ITEM:
+        return "/items"
+    if isinstance(step, KeyStep):
+        return "/additionalProperties" if step.pattern is None else f"/patternProperties/{step.pattern}"
+    return f"/properties/{step}"
+
+
 def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
-    where = "#" + "".join("/items" if p == ITEM else f"/properties/{p}" for p in path)
+    where = "#" + "".join(_where(p) for p in path)
     extra = set(node) - _ANNOTATIONS - {"type", "items", "minItems", "maxItems", "uniqueItems"}
     types = node.get("type", "array")
     if extra or not (types == "array" or (isinstance(types, list) and "array" in types)):
@@ -368,7 +491,8 @@ def arrays_hold(value: Any, arrays: dict, holds, path: tuple = ()) -> bool:
     """True when holds(arrays[path], items) for every array of `value` at a path in `arrays` (a layer's
     check of a whole value, for accepts())."""
     if isinstance(value, list):
-        if path in arrays and not holds(arrays[path], value):
+        spec = lookup(arrays, path)
+        if spec is not None and not holds(spec, value):
             return False
         return all(arrays_hold(v, arrays, holds, path + (ITEM,)) for v in value)
     if isinstance(value, dict):
@@ -476,7 +600,7 @@ def scan(state: ScanState, data: bytes, arrays: dict[tuple, UniqueArray], out: b
             if stack and stack[-1].spec is not None and stack[-1].item_start is None:
                 stack = stack[:-1] + (dataclasses.replace(stack[-1], item_start=pos - 1),)  # an open item
             path = _child_path(stack)
-            stack = stack + ((_Frame("o", path),) if b == 0x7B else (_Frame("a", path, arrays.get(path)),))
+            stack = stack + ((_Frame("o", path),) if b == 0x7B else (_Frame("a", path, lookup(arrays, path)),))
             continue
         if b in (0x7D, 0x5D):  # `}` `]`
             stack = stack[:-1]
