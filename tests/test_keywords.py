@@ -496,6 +496,23 @@ def test_inexpressible_keywords_are_refused(tk, schema, keyword):
         compile_constraint(make_spec(json_schema=schema, strict=False), tk)
 
 
+@pytest.mark.parametrize("schema, instances", [
+    ({"oneOf": [{"format": "uuid"}, {"pattern": "^\\$[A-Z]+"}]},
+     ["123e4567-e89b-12d3-a456-426614174000", "$ABC", 5, "xyz", None, "$abc"]),
+    ({"type": "string", "oneOf": [{"format": "ipv4"}, {"format": "ipv6"}]}, ["10.0.0.1", "::1", "fe80::1", "host"]),
+])
+def test_one_of_formats_told_apart_by_their_shapes(tk, schema, instances):
+    """oneOf options with formats llguidance enforces itself are disjoint where a superset pattern of each
+    format (a uuid is hex and dashes, an IPv6 address has a colon) shares no string with the other
+    option's: then oneOf is anyOf among strings, and non-strings (valid against both) are refused.
+    Checked against jsonschema with formats asserted, as MaskBench's labels are."""
+    c = compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+    checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    verdicts = {compact_json(v): checker.is_valid(v) for v in instances}
+    assert True in verdicts.values() and False in verdicts.values()
+    assert {text: c.accepts(text) for text in verdicts} == verdicts
+
+
 def test_deep_rewrites_stay_within_the_backends_nesting_limit(tk):
     """`not` of a value nested 60 deep is rewritten past the 128 levels llguidance's JSON reader takes;
     deep parts move into definitions (schema.shallow), and the result is exact."""

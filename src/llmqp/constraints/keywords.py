@@ -70,7 +70,7 @@ _VALIDATION = {"type", "enum", "const", "multipleOf", "maximum", "exclusiveMaxim
                "contentSchema", "divisibleBy", "disallow", "extends"}
 _KEY_TYPE = {**dict.fromkeys(("items", "additionalItems", "prefixItems", "minItems", "maxItems", "uniqueItems",
                               "contains", "minContains", "maxContains", "unevaluatedItems"), "array"),
-             **dict.fromkeys(("pattern", "minLength", "maxLength"), "string"),
+             **dict.fromkeys(("pattern", "minLength", "maxLength", "format"), "string"),
              **dict.fromkeys(("multipleOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"), "number"),
              **dict.fromkeys(("properties", "required", "additionalProperties", "patternProperties", "propertyNames",
                               "minProperties", "maxProperties", "dependencies", "dependentRequired",
@@ -1246,9 +1246,9 @@ def _disjoint(a: Any, b: Any, plain, depth: int = 0, context: frozenset | None =
     pa, pb = _possible_types(a, plain), _possible_types(b, plain)
     if pa is not None and pb is not None and not _overlap(pa, pb):
         return True
-    if ((ta is not None and ta <= {"string"}) or (tb is not None and tb <= {"string"})) and \
-            isinstance(a.get("pattern"), str) and isinstance(b.get("pattern"), str) and \
-            _patterns_disjoint(a["pattern"], b["pattern"]):
+    if ((ta is not None and ta <= {"string"}) or (tb is not None and tb <= {"string"}) or
+            (context is not None and context <= {"string"})) and \
+            any(_patterns_disjoint(x, y) for x in _string_shapes(a) for y in _string_shapes(b)):
         return True
     va, vb = _values(a), _values(b)
     if va is not None and vb is not None:
@@ -1282,6 +1282,24 @@ def _disjoint(a: Any, b: Any, plain, depth: int = 0, context: frozenset | None =
                 any(_disjoint(p, y, plain, depth + 1, context, required) for p in parts):
             return True
     return False
+
+
+# Patterns that every string of a format llguidance enforces itself matches (supersets of its regexes:
+# enough to prove two options disjoint, never used to enforce anything).
+_FORMAT_SHAPES = {"uuid": "^[0-9a-fA-F-]{36}$", "ipv4": "^[0-9.]{7,15}$", "ipv6": "^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*$",
+                  "hostname": "^[a-zA-Z0-9.-]+$", "email": "@", "duration": "^P"}
+
+
+def _string_shapes(schema: dict) -> list[str]:
+    """Patterns each of which every string valid against `schema` matches: its `pattern`, and the exact
+    pattern (formats.PATTERNS) or a superset (_FORMAT_SHAPES) of its `format`."""
+    out = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
+    name = schema.get("format")
+    if isinstance(name, str) and name in formats.PATTERNS:
+        out.append(formats.pattern(name))
+    elif isinstance(name, str) and name in _FORMAT_SHAPES:
+        out.append(_FORMAT_SHAPES[name])
+    return out
 
 
 def _key_conflict(x: dict, y: dict, plain, depth: int, required: frozenset = frozenset()) -> bool:
