@@ -4,8 +4,8 @@
 // Why: on a CPU a one-token step is bound by reading the weights, and a product of 2-16 rows should cost
 // about the same as one row. XLA:CPU's and OpenBLAS's small-M f32 GEMMs run 2-4x slower than that
 // (benchmarks/limits.py). This kernel streams each 64-column panel once, contiguously, keeping up to 4 rows
-// x 64 columns of accumulators in vector registers, and splits the panels over XLA's own intra-op thread
-// pool (parallel.h).
+// x 64 columns of accumulators in vector registers (AVX-512; with 256-bit vectors, 1 row x 64 columns or 2
+// rows x 32 columns), and splits the panels over XLA's own intra-op thread pool (parallel.h).
 //
 // Every output element is summed in the same order (k = 0, 1, ..., K-1, one fused multiply-add each)
 // whatever M is and whichever rows it is computed with, so a forward of T positions gives bit-identical
@@ -26,38 +26,56 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kPanel = 64;
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
+// Vectors as wide as the machine's registers: 16 floats with AVX-512 (32 registers), else 8 (AVX2: 16
+// registers). A tile is R rows x C vectors of accumulators; the widest tiles that stay in registers (no
+// spills: a 64-byte vector on AVX2 is two registers, and 4 rows x 64 columns of them spilled every
+// iteration, 4-13x slower than XLA's dot on an AVX2 machine) are chosen in RunChunk.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vec __attribute__((vector_size(kLanes * 4)));
+typedef float uvec __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));  // an unaligned load
+
+// Columns [c0, c0 + C * kLanes) of one panel for R rows: y[r, c0 + j] = sum_k x[r, k] * wp[k, c0 + j].
+template <int R, int C>
+inline void Tile(const float* __restrict x, int64_t K, const float* __restrict wp, int64_t c0, float* __restrict y,
+                 int64_t ldy, int64_t ncols) {
+  vec acc[R][C];  // (the loops over R and C are unrolled so that the accumulators stay in registers)
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[r][c] = vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = wp + k * kPanel + c0;
+#pragma GCC unroll 8
+    for (int i = 0; i < C * kLanes; i += 16) __builtin_prefetch(w + 16 * kPanel + i, 0, 3);  // 16 rows ahead
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const vec wc = *reinterpret_cast<const uvec*>(w + c * kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][c] += x[r * K + k] * wc;
+    }
+  }
+  const int64_t n = std::min<int64_t>(C * kLanes, ncols - c0);
+  if (n <= 0) return;
+  for (int r = 0; r < R; ++r) {
+    float out[C * kLanes];
+    std::memcpy(out, acc[r], sizeof out);
+    std::memcpy(y + r * ldy + c0, out, n * sizeof(float));
+  }
+}
+
+// One panel for R rows: the whole panel per pass where R rows of it fit in registers, else in column strips.
 template <int R>
 inline void Panel(const float* __restrict x, int64_t K, const float* __restrict wp, float* __restrict y,
                   int64_t ldy, int64_t ncols) {
-  v16 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = v16{};
-  for (int64_t k = 0; k < K; ++k) {
-    const float* w = wp + k * kPanel;
-    __builtin_prefetch(w + 16 * kPanel, 0, 3);
-    __builtin_prefetch(w + 16 * kPanel + 16, 0, 3);
-    __builtin_prefetch(w + 16 * kPanel + 32, 0, 3);
-    __builtin_prefetch(w + 16 * kPanel + 48, 0, 3);
-    v16 w0, w1, w2, w3;
-    std::memcpy(&w0, w, 64);
-    std::memcpy(&w1, w + 16, 64);
-    std::memcpy(&w2, w + 32, 64);
-    std::memcpy(&w3, w + 48, 64);
-    for (int r = 0; r < R; ++r) {
-      const float xv = x[r * K + k];
-      acc[r][0] += xv * w0;
-      acc[r][1] += xv * w1;
-      acc[r][2] += xv * w2;
-      acc[r][3] += xv * w3;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float out[kPanel];
-    std::memcpy(out, acc[r], sizeof out);
-    std::memcpy(y + r * ldy, out, ncols * sizeof(float));
-  }
+  constexpr int kVectors = kPanel / kLanes;              // vectors across a panel: 4 (AVX-512) or 8
+  constexpr int kRegs = kLanes == 16 ? 24 : 12;          // accumulators that leave room for weights and x
+  constexpr int C = R * kVectors <= kRegs ? kVectors : (kRegs / R >= 4 ? 4 : 2);
+  for (int64_t c0 = 0; c0 < kPanel; c0 += C * kLanes) Tile<R, C>(x, K, wp, c0, y, ldy, ncols);
 }
 
 struct Work {
@@ -74,7 +92,10 @@ void RunChunk(const Work& w, int64_t c) {
     const float* panel = w.wp + p * w.k * kPanel;
     float* y = w.y + p * kPanel;
     int64_t r = 0;
-    for (; r + 4 <= w.m; r += 4) Panel<4>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
+    if (kLanes == 16)  // 4 rows x 4 vectors: 16 of the 32 registers
+      for (; r + 4 <= w.m; r += 4) Panel<4>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
+    else  // 3 rows x 4 vectors: 12 of the 16
+      for (; r + 3 <= w.m; r += 3) Panel<3>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
     for (; r + 2 <= w.m; r += 2) Panel<2>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
     for (; r < w.m; ++r) Panel<1>(w.x + r * w.k, w.k, panel, y + r * w.n, w.n, ncols);
   }
