@@ -177,7 +177,7 @@ class UniqueArray:
     domain: tuple = ()  # (key, texts) per value of a finite domain: its identity and its JSON spellings
     max_length: int | None = None  # strings
     nullable: bool = False  # strings: `null` is an item too (`"type": ["string", "null"]`)
-    pattern: str | None = None  # strings: a `pattern` (see `_completions`)
+    pattern: str | None = None  # strings: a `pattern` (counted by `completions()`)
     min_length: int = 0  # strings with a pattern
 
     def completions(self):
