@@ -490,14 +490,13 @@ class LLGuidanceBackend(ConstraintBackend):
                 if inlined:
                     for ref in inlined:
                         keywords.inline_merged_refs(source_schema, ref)
-                    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_tools.shallow(source_schema),
-                                                                            overrides=self._options(spec))
+                    grammar = self._from_schema(source_schema, spec)
             elif circular and len(inlined) < _INLINE_ROUNDS and \
                     keywords.inline_merged_refs(source_schema, circular.group(1)):
                 # A recursive definition merged with other keywords: merge a copy of it instead (the
                 # same instances, see `keywords.inline_merged_refs`) and compile again.
                 inlined.append(circular.group(1))
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_tools.shallow(source_schema), overrides=self._options(spec))
+                grammar = self._from_schema(source_schema, spec)
             else:
                 break
             template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
@@ -550,10 +549,14 @@ class LLGuidanceBackend(ConstraintBackend):
             raise ConstraintError('json_schema: keyword "contains" beside "uniqueItems" on the same array is not '
                                   "supported (the two layers together could leave no token)")
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema_tools.shallow(schema), overrides=self._options(spec)), schema, \
-                arrays, with_contains
+            return self._from_schema(schema, spec), schema, arrays, with_contains
         except ValueError as e:
             raise ConstraintError(f"json_schema: {e}") from None
+
+    def _from_schema(self, schema, spec: ConstraintSpec) -> str:
+        """llguidance's grammar for a (rewritten) schema, nested no deeper than its JSON reader takes."""
+        return llguidance.LLMatcher.grammar_from_json_schema(schema_tools.shallow(schema),
+                                                             overrides=self._options(spec))
 
     @staticmethod
     def _options(spec: ConstraintSpec) -> dict:

@@ -4,7 +4,7 @@
 // Why: on a CPU a one-token step is bound by reading the weights, and a product of 2-16 rows should cost
 // about the same as one row. XLA:CPU's and OpenBLAS's small-M f32 GEMMs run 2-4x slower than that
 // (benchmarks/limits.py). This kernel streams each 64-column panel once, contiguously, keeping up to 4 rows
-// x 64 columns of accumulators in vector registers (AVX-512; with 256-bit vectors, 1 row x 64 columns or 2
+// x 64 columns of accumulators in vector registers (AVX-512; with 256-bit vectors, 1 row x 64 columns or 2-3
 // rows x 32 columns), and splits the panels over XLA's own intra-op thread pool (parallel.h).
 //
 // Every output element is summed in the same order (k = 0, 1, ..., K-1, one fused multiply-add each)
@@ -30,7 +30,7 @@ constexpr int64_t kPanel = 64;
 // Vectors as wide as the machine's registers: 16 floats with AVX-512 (32 registers), else 8 (AVX2: 16
 // registers). A tile is R rows x C vectors of accumulators; the widest tiles that stay in registers (no
 // spills: a 64-byte vector on AVX2 is two registers, and 4 rows x 64 columns of them spilled every
-// iteration, 4-13x slower than XLA's dot on an AVX2 machine) are chosen in RunChunk.
+// iteration, 4-13x slower than XLA's dot on an AVX2 machine): rows per tile in RunChunk, columns in Panel.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #else
