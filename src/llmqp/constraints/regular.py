@@ -20,8 +20,10 @@ MAX_STATES / MAX_REGEX_CHARS.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
+import unicodedata
 import warnings
 
 MAX_STATES = 400  # states of a determinised automaton
@@ -594,15 +596,11 @@ class Completions:
             return None
 
     def _symbol(self, c: str) -> int:
-        import bisect
-
         code = ord(c)
         i = bisect.bisect_right(self._lows, code) - 1
         sig = self._regions[i][2]
         if sig is None:
             return i
-        import unicodedata
-
         cat = unicodedata.category(c)
         sig = "d" if cat == "Nd" else "w" if (c.isalnum() or cat in ("Mn", "Mc", "Me", "Pc")) else \
             "s" if c.isspace() else "o"

@@ -283,7 +283,7 @@ def shallow(schema: Any) -> Any:
     if not isinstance(schema, dict) or _height(schema) <= DEPTH_LIMIT:
         return schema
     nodes = list(walk(schema))
-    if any(isinstance(node.get(k), str) for node, path in nodes[1:] for k in ("$id", "id")):
+    if any(isinstance(node.get(k), str) for node, _ in nodes[1:] for k in ("$id", "id")):
         return schema
     targets = {node["$ref"] for node, _ in nodes if isinstance(node.get("$ref"), str)}
     schema = copy.deepcopy(schema)
@@ -295,9 +295,7 @@ def shallow(schema: Any) -> Any:
     def movable(path: str) -> bool:
         return not any(t == path or t.startswith(path + "/") for t in targets)
 
-    def visit(node: Any, path: str) -> int:
-        if not isinstance(node, dict):
-            return _height(node)
+    def visit(node: dict, path: str) -> None:  # children first, then the tallest moved until `node` is short
         children = [(child, p) for _, child, p in subschemas(node, path) if isinstance(child, dict)]
         for child, p in children:
             visit(child, p)
@@ -305,7 +303,7 @@ def shallow(schema: Any) -> Any:
         for child, p in sorted(children, key=lambda c: -_height(c[0])):
             if height <= _CHUNK:
                 break
-            if not movable(p) or _height(child) < 2 or p.startswith("#/$defs/__llmqp_deep"):
+            if not movable(p) or _height(child) < 2:
                 continue
             name = f"__llmqp_deep{counter[0]}"
             counter[0] += 1
@@ -313,7 +311,6 @@ def shallow(schema: Any) -> Any:
             child.clear()
             child["$ref"] = f"#/$defs/{name}"
             height = _height(node)
-        return height
 
-    visit(schema, "#")  # (definitions first: they come through `subschemas` as well)
+    visit(schema, "#")  # (definitions too: `subschemas` lists them)
     return schema

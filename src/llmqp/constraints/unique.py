@@ -53,6 +53,7 @@ import numpy as np
 
 from llmqp.constraints import regular
 from llmqp.constraints.base import Matcher
+from llmqp.constraints.keywords import _patterns_disjoint
 from llmqp.constraints.schema import MISSING, walk_pointer
 from llmqp.errors import ConstraintError
 
@@ -99,8 +100,6 @@ def _key_steps(node: dict, key: str) -> list[tuple[KeyStep | None, Any, str]]:
     if key == "additionalProperties":
         value = node[key]
         return [(KeyStep(None, names, patterns) if readable else None, value, "/additionalProperties")]
-    from llmqp.constraints.keywords import _patterns_disjoint
-
     out = []
     for pattern, sub in node[key].items():
         alone = readable and not any(_regex(pattern).search(n) for n in names) and \
@@ -111,7 +110,7 @@ def _key_steps(node: dict, key: str) -> list[tuple[KeyStep | None, Any, str]]:
 
 def _readable(pattern: Any) -> bool:
     """Whether Python's `re` reads `pattern` as llguidance's Rust regex does (as far as checked here)."""
-    if not isinstance(pattern, str) or any(op in pattern for op in ("&&", "--", "~~", "[[")):
+    if not isinstance(pattern, str) or any(op in pattern for op in regular._RUST_AMBIGUOUS):
         return False
     try:
         _regex(pattern)
@@ -159,8 +158,6 @@ def _may_share(a: tuple, b: tuple) -> bool:
             if not x.matches(y):
                 return False
         elif x.pattern is not None and y.pattern is not None:
-            from llmqp.constraints.keywords import _patterns_disjoint
-
             if _patterns_disjoint(x.pattern, y.pattern):
                 return False
         elif (x.pattern is None and y.pattern in x.others) or (y.pattern is None and x.pattern in y.others):
@@ -649,19 +646,14 @@ def viable(state: ScanState, opening: bool) -> bool:
         if not opening:
             return True
         if spec.pattern is not None:
-            return spec.completions().count("", spec.min_length, spec.max_length) > \
-                sum(k[0] == "str" for k in top.used)
+            return spec.completions().count("", spec.min_length, spec.max_length) > _taken("", top.used)
         return spec.kind != "finite" or any(k not in top.used for k, _ in spec.domain)
     text = raw.decode("utf-8", errors="ignore")
     if spec.pattern is not None:
-        if state.escaped or text[:1] != '"':
+        content = None if state.escaped or text[:1] != '"' else _content(raw)
+        if content is None:
             return True  # inside an escape sequence: decided once the character is complete
-        try:
-            content = json.loads(text + '"')
-        except ValueError:
-            return True  # (a \u escape in progress)
-        taken = sum(k[0] == "str" and k[1].startswith(content) for k in top.used)
-        return spec.completions().count(content, spec.min_length, spec.max_length) > taken
+        return spec.completions().count(content, spec.min_length, spec.max_length) > _taken(content, top.used)
     if spec.kind == "finite":
         return any(k not in top.used and any(t.startswith(text) for t in texts) for k, texts in spec.domain)
     if spec.kind == "integer":
@@ -677,14 +669,24 @@ def viable(state: ScanState, opening: bool) -> bool:
     return True
 
 
+def _content(lex: bytes) -> str | None:
+    """The text of the string in progress `lex` (from its `"`), or None inside an escape sequence."""
+    try:
+        return json.loads(lex.decode("utf-8", errors="ignore") + '"')
+    except ValueError:
+        return None
+
+
+def _taken(prefix: str, used: frozenset) -> int:
+    """How many earlier string items start with `prefix`."""
+    return sum(k[0] == "str" and k[1].startswith(prefix) for k in used)
+
+
 def _prefix_taken(lex: bytes, used: frozenset) -> bool:
     """Whether an earlier string item starts with the string item in progress (`lex`, from its `"`);
     True when that cannot be told (an escape in progress)."""
-    try:
-        content = json.loads(lex.decode("utf-8", errors="ignore") + '"')
-    except ValueError:
-        return True
-    return any(k[0] == "str" and k[1].startswith(content) for k in used)
+    content = _content(lex)
+    return content is None or _taken(content, used) > 0
 
 
 class UniqueMatcher(Matcher):
