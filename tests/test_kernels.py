@@ -32,7 +32,8 @@ def test_pack_layout():
 
 @needs_kernel
 @pytest.mark.parametrize("lead,k,n", [((1,), 40, 24), ((3,), 576, 960), ((5,), 64, 130), ((16,), 33, 64),
-                                      ((64,), 48, 200), ((2, 3), 70, 65), ((1, 1), 576, 3072)])
+                                      ((64,), 48, 200), ((2, 3), 70, 65), ((1, 1), 576, 3072),
+                                      ((130,), 70, 65)])
 def test_matmul_matches_numpy(lead, k, n):
     rng = np.random.default_rng(k * n)
     x = rng.standard_normal((*lead, k)).astype(np.float32)
@@ -57,6 +58,8 @@ def test_rows_bit_identical_whatever_the_number_of_rows():
     in_threes = np.concatenate([np.asarray(mm(x[i:i + 3])) for i in range(0, 13, 3)])
     np.testing.assert_array_equal(together, alone)
     np.testing.assert_array_equal(together, in_threes)
+    many = jnp.asarray(rng.standard_normal((70, k)).astype(np.float32)).at[:13].set(x)  # past the 64 rows of a pass
+    np.testing.assert_array_equal(np.asarray(mm(many))[:13], together)
 
 
 def test_matmul_rejects_a_column_count_the_panels_cannot_hold():
