@@ -30,50 +30,60 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+// Lanes are computed as 16-lane blocks (a head of hd = 16 C floats is C blocks) whatever the machine, in
+// vectors as wide as its registers: one vector per block with AVX-512, two (lanes 0-7, 8-15) with AVX2, so
+// nothing spills and every lane gets the same operations in the same order on both.
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#else
+constexpr int kW = 8;
+#endif
+constexpr int kA = 16 / kW;  // vectors per 16-lane block
+typedef float vw __attribute__((vector_size(kW * 4)));
+typedef int32_t vwi __attribute__((vector_size(kW * 4)));
+typedef float uvw __attribute__((vector_size(kW * 4), aligned(4), may_alias));  // an unaligned load
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
-typedef int32_t v16i __attribute__((vector_size(64)));
 
-// The 16 lanes summed in a fixed tree (halves, then quarters, ...).
-inline float HSum(v16 a) {
-  const v8 s8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+inline vw Load(const float* p) { return *reinterpret_cast<const uvw*>(p); }
+
+inline void Store(float* p, vw v) { *reinterpret_cast<uvw*>(p) = v; }
+
+inline vw Splat(float x) { return vw{} + x; }
+
+// The 16 lanes of a block (kA vectors) summed in a fixed tree (halves, then quarters, ...).
+inline float HSum(const vw* a) {
+  v8 s8;
+  if constexpr (kW == 16)
+    s8 = __builtin_shufflevector(a[0], a[0], 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(a[0], a[0], 8, 9, 10, 11, 12, 13, 14, 15);
+  else
+    s8 = a[0] + a[kA - 1];
   const v4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-inline v16 Load(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, 64);
-  return v;
-}
-
-inline void Store(float* p, v16 v) { std::memcpy(p, &v, 64); }
-
-inline v16 Splat(float x) { return v16{} + x; }
-
-// e^x for x <= 0 on 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times
+// e^x for x <= 0, lane by lane (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times
 // 2^n), within ~2 ulp of the correctly rounded value; inputs below -87 give ~1e-38 instead of 0, which no
 // softmax sum notices.
-inline v16 Exp(v16 x) {
+inline vw Exp(vw x) {
   x = x < Splat(-87.0f) ? Splat(-87.0f) : x;
-  const v16 t = x * 1.44269504088896341f + 0.5f;
-  v16i n = __builtin_convertvector(t, v16i);             // truncates toward zero
-  n += (t < __builtin_convertvector(n, v16)) ? -1 : 0;   // floor
-  const v16 fn = __builtin_convertvector(n, v16);
-  const v16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  const v16 r2 = r * r;
-  v16 p = Splat(1.9875691500e-4f);
+  const vw t = x * 1.44269504088896341f + 0.5f;
+  vwi n = __builtin_convertvector(t, vwi);              // truncates toward zero
+  n += (t < __builtin_convertvector(n, vw)) ? -1 : 0;   // floor
+  const vw fn = __builtin_convertvector(n, vw);
+  const vw r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  const vw r2 = r * r;
+  vw p = Splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
-  const v16i bits = (n + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &bits, 64);
+  const vwi bits = (n + 127) << 23;
+  vw scale;
+  std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
 
@@ -81,21 +91,21 @@ inline v16 Exp(v16 x) {
 inline void Softmax(float* sc, int64_t n) {
   float m = sc[0];
   for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
-  v16 acc = {};
+  vw acc[kA] = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v16 e = Exp(Load(sc + i) - m);
-    Store(sc + i, e);
-    acc += e;
-  }
+  for (; i + 16 <= n; i += 16)
+    for (int a = 0; a < kA; ++a) {
+      const vw e = Exp(Load(sc + i + kW * a) - m);
+      Store(sc + i + kW * a, e);
+      acc[a] += e;
+    }
   if (i < n) {
     float tail[16];
     for (int j = 0; j < 16; ++j) tail[j] = i + j < n ? sc[i + j] - m : -87.0f;
-    v16 e = Exp(Load(tail));
-    Store(tail, e);
+    for (int a = 0; a < kA; ++a) Store(tail + kW * a, Exp(Load(tail + kW * a)));
     for (int64_t j = i; j < n; ++j) sc[j] = tail[j - i];
     for (int j = static_cast<int>(n - i); j < 16; ++j) tail[j] = 0.f;
-    acc += Load(tail);
+    for (int a = 0; a < kA; ++a) acc[a] += Load(tail + kW * a);
   }
   const float inv = 1.f / HSum(acc);
   for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
@@ -135,12 +145,14 @@ void RunUnit(const Work& w, int64_t unit, std::vector<float>& scores) {
     const float* q = w.q + (bt * w.h + j * g + gi) * hd;
     float* o = out + gi * hd;
     if constexpr (C > 0) {
-      v16 qv[C];
-      for (int c = 0; c < C; ++c) qv[c] = Load(q + 16 * c);
+      vw qv[C * kA];
+      for (int i = 0; i < C * kA; ++i) qv[i] = Load(q + kW * i);
       for (int64_t i = 0; i < n; ++i) {
         const float* kr = k0 + i * row_stride;
-        v16 acc = qv[0] * Load(kr);
-        for (int c = 1; c < C; ++c) acc += qv[c] * Load(kr + 16 * c);
+        vw acc[kA];
+        for (int a = 0; a < kA; ++a) acc[a] = qv[a] * Load(kr + kW * a);
+        for (int c = 1; c < C; ++c)
+          for (int a = 0; a < kA; ++a) acc[a] += qv[c * kA + a] * Load(kr + 16 * c + kW * a);
         sc[i] = HSum(acc) * w.scale;
       }
     } else {
@@ -155,14 +167,14 @@ void RunUnit(const Work& w, int64_t unit, std::vector<float>& scores) {
       for (int64_t i = 0; i < n; ++i) sc[i] = w.softcap * std::tanh(sc[i] / w.softcap);
     Softmax(sc, n);
     if constexpr (C > 0) {
-      v16 acc[C];
-      for (int c = 0; c < C; ++c) acc[c] = v16{};
+      vw acc[C * kA];
+      for (int c = 0; c < C * kA; ++c) acc[c] = vw{};
       for (int64_t i = 0; i < n; ++i) {
         const float* vr = v0 + i * row_stride;
         const float pi = sc[i];
-        for (int c = 0; c < C; ++c) acc[c] += pi * Load(vr + 16 * c);
+        for (int c = 0; c < C * kA; ++c) acc[c] += pi * Load(vr + kW * c);
       }
-      for (int c = 0; c < C; ++c) Store(o + 16 * c, acc[c]);
+      for (int c = 0; c < C * kA; ++c) Store(o + kW * c, acc[c]);
     } else {
       std::memset(o, 0, hd * sizeof(float));
       for (int64_t i = 0; i < n; ++i)
