@@ -30,6 +30,19 @@ def test_pack_layout():
     assert not p[2, :, 130 - 128:].any()  # zero past N
 
 
+def test_huge_page_buffers_lie_end_to_end_aligned_and_apart():
+    shapes = [(3, 5, 64), (1, 7, 64), (2, 2, 64)]
+    bufs = kernels.huge_page_buffers(shapes)
+    assert [b.shape for b in bufs] == shapes and all(b.dtype == np.float32 and b.flags.c_contiguous for b in bufs)
+    assert bufs[0].ctypes.data % kernels.HUGE_PAGE == 0 and all(b.ctypes.data % 64 == 0 for b in bufs)
+    for i, b in enumerate(bufs):
+        b[...] = i
+    assert [float(b.min()) for b in bufs] == [0.0, 1.0, 2.0] and [float(b.max()) for b in bufs] == [0.0, 1.0, 2.0]
+    w = np.random.default_rng(0).standard_normal((7, 70)).astype(np.float32)
+    into = kernels.huge_page_buffers([(2, 7, 64)])[0]
+    np.testing.assert_array_equal(kernels.pack(w, into), kernels.pack(w))
+
+
 @needs_kernel
 @pytest.mark.parametrize("lead,k,n", [((1,), 40, 24), ((3,), 576, 960), ((5,), 64, 130), ((16,), 33, 64),
                                       ((64,), 48, 200), ((2, 3), 70, 65), ((1, 1), 576, 3072),
