@@ -30,9 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (clear_prefix_cache, interleaved_rounds, paired_ratio_summary, quick_mode, summary,  # noqa: E402
-                    write_result)
+                    warm_until_compiled, write_result)
 
 import llmqp  # noqa: E402
+from llmqp.compiled.compile_log import CompileLog  # noqa: E402
 
 ROUND1_COMMIT = "a954563"  # the last commit before the scheduler (round 1's engine)
 REPO = Path(__file__).resolve().parents[1]
@@ -216,45 +217,60 @@ def _cold_prefix_cache(engine) -> int:
 def part2(engine, quick: bool) -> dict:
     n = 8 if quick else 32
     reqs = workload(n)
-    # Warm-up: every shape the measured runs use is compiled here (XLA compiles are not what we measure). Which
-    # prompts share a prefill forward depends on arrival times, so every grouped shape is compiled explicitly.
+    # Warm-up: XLA compiles are not what we measure. Every prefill shape is compiled explicitly (which prompts
+    # share a prefill forward depends on arrival times); the decode side (batch sizes, feed widths, gathers,
+    # heads) compiles on first use, so each timed run below is first replayed, untimed, until a replay compiles
+    # nothing (`warm_until_compiled`, at most 2 replays for the streams), and the timed run counts what it
+    # still compiled.
     llmqp.Scheduler(engine, max_slots=8).warm_up()
-    run_stream(engine, reqs, [0.0] * n, max_slots=8)
-    for r in reqs[:4]:
-        engine.generate_batch([r], max_slots=1)
-    # one at a time: each request alone, back to back (the arrival pattern cannot matter). Every timed run
-    # starts with an empty prefix cache (llmqp.core.prefix) and fills it as it goes, so no run inherits the
-    # prompts another one prefilled.
-    hits = _cold_prefix_cache(engine)
-    t0 = time.perf_counter()
-    seq_ids, seq_tokens, seq_ttft = {}, 0, []
-    for i, r in enumerate(reqs):
-        ts = time.perf_counter()
-        first = None
-        sched = llmqp.Scheduler(engine, max_slots=1)
-        sched.add_request(r, request_id=str(i))
-        while sched.has_work():
-            for e in sched.step():
-                if isinstance(e, llmqp.TokenEvent) and e.token_ids and first is None:
-                    first = time.perf_counter()
-                elif isinstance(e, llmqp.FinishedEvent):
-                    seq_ids[str(i)] = e.result.token_ids
-                    seq_tokens += len(e.result.token_ids)
-        seq_ttft.append(((first or time.perf_counter()) - ts) * 1e3)
-    seq_wall = time.perf_counter() - t0
-    sequential = {"output_tokens": seq_tokens, "wall_s": seq_wall, "tok_per_s": seq_tokens / seq_wall,
-                  "service_ttft_ms": {"p50": float(np.percentile(seq_ttft, 50))},
-                  "prompt_tokens": sum(len(engine.prompt_ids(r.prompt, r.raw)) for r in reqs),
-                  "prefix_cache_hit_tokens": _hit_tokens(engine) - hits}
+
+    def one_at_a_time() -> dict:
+        # each request alone, back to back (the arrival pattern cannot matter). Every run starts with an empty
+        # prefix cache (llmqp.core.prefix) and fills it as it goes, so no run inherits another one's prompts.
+        hits = _cold_prefix_cache(engine)
+        t0 = time.perf_counter()
+        seq_ids, seq_tokens, seq_ttft = {}, 0, []
+        for i, r in enumerate(reqs):
+            ts = time.perf_counter()
+            first = None
+            sched = llmqp.Scheduler(engine, max_slots=1)
+            sched.add_request(r, request_id=str(i))
+            while sched.has_work():
+                for e in sched.step():
+                    if isinstance(e, llmqp.TokenEvent) and e.token_ids and first is None:
+                        first = time.perf_counter()
+                    elif isinstance(e, llmqp.FinishedEvent):
+                        seq_ids[str(i)] = e.result.token_ids
+                        seq_tokens += len(e.result.token_ids)
+            seq_ttft.append(((first or time.perf_counter()) - ts) * 1e3)
+        seq_wall = time.perf_counter() - t0
+        return {"output_tokens": seq_tokens, "wall_s": seq_wall, "tok_per_s": seq_tokens / seq_wall,
+                "service_ttft_ms": {"p50": float(np.percentile(seq_ttft, 50))},
+                "prompt_tokens": sum(len(engine.prompt_ids(r.prompt, r.raw)) for r in reqs),
+                "prefix_cache_hit_tokens": _hit_tokens(engine) - hits, "ids": seq_ids}
+
+    warm = warm_until_compiled(one_at_a_time, max_calls=3)
+    with CompileLog() as log:
+        sequential = one_at_a_time()
+    sequential.update(warm_up=warm, compiles_while_timed=log.count())
+    seq_ids, seq_wall = sequential.pop("ids"), sequential["wall_s"]
     capacity = n / seq_wall  # requests/s the one-at-a-time loop sustains
     rates = {"low": 0.5 * capacity, "medium": 2 * capacity, "high": 16 * capacity}
     out = {"requests": n, "max_slots": 8, "sequential": sequential, "rates": {}}
     rng = np.random.default_rng(0)
     for name, rate in rates.items():
         arrivals = list(np.cumsum(rng.exponential(1 / rate, size=n)))
-        hits = _cold_prefix_cache(engine)
-        res = run_stream(engine, reqs, arrivals, max_slots=8)
-        res["prefix_cache_hit_tokens"] = _hit_tokens(engine) - hits
+
+        def stream(arrivals=arrivals) -> dict:
+            hits = _cold_prefix_cache(engine)
+            res = run_stream(engine, reqs, arrivals, max_slots=8)
+            res["prefix_cache_hit_tokens"] = _hit_tokens(engine) - hits
+            return res
+
+        warm = warm_until_compiled(stream, max_calls=2)
+        with CompileLog() as log:
+            res = stream()
+        res.update(warm_up=warm, compiles_while_timed=log.count())
         ids = res.pop("ids")
         res["same_outputs_as_sequential"] = ids == seq_ids
         res["rate_req_per_s"] = rate
