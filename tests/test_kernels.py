@@ -41,6 +41,11 @@ def test_huge_page_buffers_lie_end_to_end_aligned_and_apart():
     w = np.random.default_rng(0).standard_normal((7, 70)).astype(np.float32)
     into = kernels.huge_page_buffers([(2, 7, 64)])[0]
     np.testing.assert_array_equal(kernels.pack(w, into), kernels.pack(w))
+    # on the device without a copy, and uncommitted like jnp.asarray (a committed array lowers to another
+    # program: every compile would miss the persistent cache)
+    dev = kernels.pack_device(w)
+    assert not dev.committed and dev.unsafe_buffer_pointer() % kernels.HUGE_PAGE == 0
+    np.testing.assert_array_equal(np.asarray(dev), kernels.pack(w))
 
 
 @needs_kernel

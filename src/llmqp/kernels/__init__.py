@@ -170,14 +170,17 @@ def _packed_shape(w) -> tuple[int, int, int]:
 
 
 def _on_cpu(a: np.ndarray):
-    """`a` as a JAX array on the CPU, sharing its memory (JAX's CPU client aliases an aligned host buffer)."""
+    """`a` as a JAX array on the default device (the CPU: callers check), sharing its memory (JAX's CPU client
+    aliases an aligned host buffer). Uncommitted, like `jnp.asarray`: a committed array changes the lowered
+    program (its sharding), so every program would miss the persistent compile cache."""
     import jax
 
-    return jax.device_put(a, jax.devices("cpu")[0])
+    return jax.device_put(a)
 
 
 def pack_device(w):
-    """`pack` of a (K, N) f32 matrix (numpy or JAX), as a JAX array in huge pages."""
+    """`pack` of a (K, N) f32 matrix (numpy or JAX), as a JAX array in huge pages (on the default device: call
+    only where that is the CPU, as the kernel is)."""
     w = np.asarray(w)
     (buf,) = huge_page_buffers([_packed_shape(w)])
     return _on_cpu(pack(w, buf))
