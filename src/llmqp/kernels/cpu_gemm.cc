@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -33,7 +34,7 @@ constexpr int64_t kPanel = 64;
 // Vectors as wide as the machine's registers: 16 floats with AVX-512 (32 registers), else 8 (AVX2: 16
 // registers). A tile is R rows x C vectors of accumulators; the widest tiles that stay in registers (no
 // spills: a 64-byte vector on AVX2 is two registers, and 4 rows x 64 columns of them spilled every
-// iteration, 4-13x slower than XLA's dot on an AVX2 machine): rows per tile in RunChunk, columns in Panel.
+// iteration, 4-13x slower than XLA's dot on an AVX2 machine): rows per tile in ForGroups, columns in Cols.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #else
@@ -82,9 +83,20 @@ inline void Tile(const float* __restrict x, int64_t K, const float* __restrict w
     for (int c = 0; c < C; ++c) acc[r * kVectors + v0 + c] = a[r][c];
 }
 
-// The tiles of one k-block for `rows` rows: groups of the widest row count whose tiles stay in registers
-// (4 rows with AVX-512, 3 with AVX2), then 2, then 1; each group's strips in turn. Tile t of the G gets lines
-// [t L / G, (t + 1) L / G) of the L lines to prefetch, so the next block streams in while every tile runs.
+constexpr int kWide = kLanes == 16 ? 4 : 3;  // rows of the widest tile that stays in registers
+
+// f(std::integral_constant<int, R>, r) for the row groups of `rows` rows: groups of kWide rows (4 with AVX-512,
+// 3 with AVX2), then of 2, then 1.
+template <class F>
+void ForGroups(int64_t rows, F&& f) {
+  int64_t r = 0;
+  for (; r + kWide <= rows; r += kWide) f(std::integral_constant<int, kWide>{}, r);
+  for (; r + 2 <= rows; r += 2) f(std::integral_constant<int, 2>{}, r);
+  for (; r < rows; ++r) f(std::integral_constant<int, 1>{}, r);
+}
+
+// The tiles of one k-block: each row group's strips in turn. Tile t of the G gets lines [t L / G, (t + 1) L / G)
+// of the L lines to prefetch, so the next block streams in while every tile runs.
 struct Block {
   const float* x;
   int64_t K;
@@ -95,7 +107,7 @@ struct Block {
   int64_t lines, tiles, t;
 
   template <int R>
-  void Group(int64_t r) {
+  void Group(std::integral_constant<int, R>, int64_t r) {
     constexpr int C = Cols<R>();
     for (int v0 = 0; v0 < kVectors; v0 += C, ++t)
       Tile<R, C>(x + r * K, K, wp, v0, k0, k1, acc + r * kVectors, pf + 64 * (t * lines / tiles),
@@ -103,21 +115,14 @@ struct Block {
   }
 };
 
-constexpr int kWide = kLanes == 16 ? 4 : 3;  // rows of the widest group
-
-int64_t Tiles(int64_t rows) {
-  const int64_t wide = rows / kWide, rest = rows % kWide;
-  const int64_t twos = rest / 2, ones = rest % 2;
-  return wide * (kVectors / Cols<kWide>()) + twos * (kVectors / Cols<2>()) + ones * (kVectors / Cols<1>());
-}
-
 // y[rows, panel's columns] for up to kRowsMax rows: the panel is read from memory once, in k-blocks, each
 // block's tiles for all the rows taken while the next block is prefetched.
 void PanelRows(const float* __restrict x, int64_t rows, int64_t K, const float* __restrict wp, float* __restrict y,
                int64_t ldy, int64_t ncols) {
   vec acc[kRowsMax * kVectors];
   for (int64_t i = 0; i < rows * kVectors; ++i) acc[i] = vec{};
-  const int64_t tiles = Tiles(rows);
+  int64_t tiles = 0;
+  ForGroups(rows, [&](auto R, int64_t) { tiles += kVectors / Cols<decltype(R)::value>(); });
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t k1 = std::min(K, k0 + kBlock);
     // Prefetch the next block (the rest of this panel, else the start of the next one: panels lie end to end)
@@ -125,10 +130,7 @@ void PanelRows(const float* __restrict x, int64_t rows, int64_t K, const float* 
     // prefetcher alone reads faster (AVX2 machine, 120 products of a step: 21.7 ms against 27.3 with it).
     const int64_t lines = tiles > 1 ? kBlock * kPanel * 4 / 64 : 0;
     Block b{x, K, wp, k0, k1, acc, reinterpret_cast<const char*>(wp + k1 * kPanel), lines, tiles, 0};
-    int64_t r = 0;
-    for (; r + kWide <= rows; r += kWide) b.Group<kWide>(r);
-    for (; r + 2 <= rows; r += 2) b.Group<2>(r);
-    for (; r < rows; ++r) b.Group<1>(r);
+    ForGroups(rows, [&](auto R, int64_t r) { b.Group(R, r); });
   }
   for (int64_t r = 0; r < rows; ++r) {
     float out[kPanel];
