@@ -8,7 +8,7 @@
 // vector registers with AVX-512; with 256-bit vectors, 1 row x 64 columns or 2-3 rows x 32 columns) while the
 // next block is prefetched, so the arithmetic of many rows overlaps the stream (taking the row groups one
 // after another over the whole panel left memory idle during all but the first: on an AVX2 machine 8 rows
-// cost 1.7x one row, now 1.35x). The panels are split over XLA's own intra-op thread pool (parallel.h).
+// cost 1.7x one row, now 1.36x). The panels are split over XLA's own intra-op thread pool (parallel.h).
 //
 // Every output element is summed in the same order (k = 0, 1, ..., K-1, one fused multiply-add each)
 // whatever M is and whichever rows it is computed with, so a forward of T positions gives bit-identical
