@@ -124,9 +124,9 @@ def pack(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     into `out` when given: a C-contiguous f32 array of that shape)."""
     w = np.asarray(w, np.float32)
     k, n = w.shape
-    panels = -(-n // PANEL)
+    panels = _packed_shape(w)[0]
     if out is None:
-        out = np.empty((panels, k, PANEL), np.float32)
+        out = np.empty(_packed_shape(w), np.float32)
     full = n // PANEL
     out[:full] = w[:, :full * PANEL].reshape(k, full, PANEL).transpose(1, 0, 2)
     if full < panels:
@@ -144,7 +144,7 @@ def huge_page_buffers(shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     starts on a 2 MiB boundary and is advised (madvise) to be backed by transparent huge pages.
 
     Why: a step streams all the packed weights; with 4 KiB pages the hardware prefetcher stops at every page
-    and the TLB misses every 4 KiB (a two-thread read of 400 MB: ~20 GB/s, ~23-25 with huge pages, on the AVX2
+    and the TLB misses every 4 KiB (a two-thread read of 400 MB: 20-22 GB/s, 22-26 with huge pages, on the AVX2
     machine of benchmarks/limits.py). Where the advice is not taken (another OS, THP off) they are plain
     arrays."""
     sizes = [-(-math.prod(s) // 16) * 16 for s in shapes]
