@@ -748,6 +748,53 @@ def test_formats_are_rewritten_where_only_a_ref_reaches(tk):
         assert c.accepts(json.dumps(value)) == checker.is_valid(value)
 
 
+def _base64(value: str) -> bool:
+    import base64
+    import binascii
+
+    try:
+        base64.b64decode(value, validate=True)
+        return True
+    except (binascii.Error, ValueError):
+        return False
+
+
+def test_openapi_byte_is_padded_base64(tk):
+    """OpenAPI's `byte` (base64, RFC 4648): exactly what Python's strict decoder takes."""
+    c = compile_constraint(make_spec(json_schema={"type": "string", "format": "byte"}), tk)
+    values = ["", "QQ==", "QR==", "QUI=", "QUJD", "SGVsbG8gd29ybGQ=", "QUJDRA=", "QUJDRA", "Q===", "====",
+              "QUJD\nRA==", "QU JD", "-_ab", "ab+/cd==", "not base64", "-----BEGIN CERTIFICATE-----"]
+    verdicts = {v: _base64(v) for v in values}
+    assert True in verdicts.values() and False in verdicts.values()
+    assert {v: c.accepts(json.dumps(v)) for v in values} == verdicts
+
+
+@pytest.mark.parametrize("fmt", ["password", "binary"])
+def test_openapi_formats_without_a_constraint_take_any_string(tk, fmt):
+    c = compile_constraint(make_spec(json_schema={"type": "string", "format": fmt}), tk)
+    assert all(c.accepts(json.dumps(v, ensure_ascii=False)) for v in ["", "hunter2", "a b\n\u00e9\"", "\u0000"])
+    assert not c.accepts("1")
+
+
+@pytest.mark.parametrize("alias, fmt", [("host-name", "hostname"), ("ip-address", "ipv4")])
+def test_draft3_format_names_are_their_later_formats(tk, alias, fmt):
+    c = compile_constraint(make_spec(json_schema={"type": "string", "format": alias}), tk)
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    if fmt not in checker.checkers:
+        pytest.skip(f"jsonschema cannot check {fmt!r} here (install jsonschema[format])")
+    verdicts = {v: checker.conforms(v, fmt) for v in FORMATS[fmt]}
+    assert {v: c.accepts(json.dumps(v)) for v in verdicts} == verdicts
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "format": "int32"}, {"format": "int64"}])
+def test_numeric_openapi_formats_on_strings_are_refused(tk, schema):
+    """int32 on a string has no defined meaning (on numbers every format is an annotation)."""
+    with pytest.raises(ConstraintError, match='unknown format "int'):
+        compile_constraint(make_spec(json_schema=schema), tk)
+    number = compile_constraint(make_spec(json_schema={"type": "integer", "format": "int32"}), tk)
+    assert number.accepts(str(2**40))  # as jsonschema reads it
+
+
 def test_unknown_format_under_not_is_an_annotation(tk):
     schema = {"type": "string", "not": {"format": "url", "maxLength": 2}}  # not (maxLength 2)
     c = compile_constraint(make_spec(json_schema=schema, unknown_formats="annotation"), tk)
@@ -939,3 +986,46 @@ def test_try_accept_rollback_equals_replay(tk, name, seed=11):
             assert _state(m) == _state(fresh), (name, tk.decode([t for t in accepted if t != 0]))
         with pytest.raises(ValueError):
             m.rollback(len(accepted) + 1)
+
+
+_BIG = [10**18 - 1, 10**18, 2**53 + 1, 2**53, 2**63 - 1, 2**63, 10**20, -(10**18 - 1), -(2**53 + 1), -(2**63)]
+
+
+@pytest.mark.parametrize("kind", ["integer", "number"])
+@pytest.mark.parametrize("key", ["maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum"])
+def test_large_numeric_bounds_never_let_a_number_through(tk, kind, key):
+    """llguidance reads bounds as doubles (`maximum: 10**18 - 1` let 10**18 through): bounds are rewritten
+    to ones it reads exactly, tightened inward (schema.exact_bounds), or refused where no inward form exists."""
+    values = sorted({b + d for b in _BIG for d in (-2, -1, 0, 1, 2)} | {0, 5, -5})
+    for bound in _BIG:
+        schema = {"type": kind, key: bound}
+        try:
+            c = compile_constraint(make_spec(json_schema=schema), tk)
+        except ConstraintError:
+            assert (key.endswith("inimum") and bound > 0) or (key.endswith("aximum") and bound < 0), schema
+            continue
+        accepted = [v for v in values if c.accepts(str(v))]
+        assert all(valid(schema, v) for v in accepted), (schema, [v for v in accepted if not valid(schema, v)])
+        if abs(bound) < 2**53:  # doubles whose neighbours are doubles too: exact
+            assert accepted == [v for v in values if valid(schema, v)], schema
+
+
+def test_int64_range_compiles_and_rounds_inward(tk):
+    schema = {"type": "object", "properties": {"v": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}},
+              "required": ["v"]}
+    c = compile_constraint(make_spec(json_schema=schema), tk)
+    assert c.accepts('{"v":0}') and c.accepts('{"v":-9223372036854774784}') and c.accepts('{"v":9223372036854774784}')
+    assert not c.accepts('{"v":9223372036854775808}') and not c.accepts('{"v":-9223372036854775809}')
+    draft4 = {"type": "integer", "maximum": 10**18, "exclusiveMaximum": True}  # draft 4's flag
+    c = compile_constraint(make_spec(json_schema={"$schema": "http://json-schema.org/draft-04/schema#", **draft4}), tk)
+    assert c.accepts(str(10**18 - 128)) and not c.accepts(str(10**18))
+
+
+def test_bounds_are_made_exact_where_only_a_ref_reaches(tk):
+    schema = {"definitions": {"group": {"n": {"type": "integer", "maximum": 10**18 - 1}}},
+              "type": "object", "properties": {"a": {"$ref": "#/definitions/group/n"}}, "required": ["a"]}
+    c = compile_constraint(make_spec(json_schema=schema), tk)
+    assert c.accepts('{"a":5}') and not c.accepts('{"a":1000000000000000000}')
+    huge = {"type": "number", "minimum": 0, "maximum": 1.79769e308}  # tightened to the range the grammar has
+    c = compile_constraint(make_spec(json_schema={"anyOf": [huge]}), tk)
+    assert c.accepts("0.5") and c.accepts("9223372036854774784") and not c.accepts("-1")

@@ -20,6 +20,14 @@ grammar intersects it with any other `pattern`), so the grammar enforces the for
     relative-json-pointer   PATTERNS                    equal (as the checker reads the prefix: no digit
                                                         after a 0)
 
+OpenAPI's string formats (OpenAPI 3.0, section 4.4):
+    byte                    PATTERNS: RFC 4648 base64   equal to Python's base64.b64decode(s, validate=True)
+                            (padded)                    (jsonschema knows no `byte`: it accepts any string)
+    binary, password        PATTERNS: any string        equal (OpenAPI: any octets / a hint to obscure input)
+Draft 3's names of two formats above: `host-name` (hostname) and `ip-address` (ipv4), in any draft.
+OpenAPI's numeric formats (int32, int64, float, double) sit on numbers, where every format is an annotation
+(below); on a schema that admits strings they are refused as unknown.
+
 Every other format -- `regex` (not a regular language), `idn-hostname` (IDNA 2008 tables), `uri-template`
 and non-standard names (`url`, `path`, `int32` on a string, ...) -- is refused with ConstraintError by
 default. `unknown_formats="annotation"` treats the non-standard ones as annotations, as JSON Schema
@@ -37,8 +45,9 @@ __all__ = ["NATIVE", "PATTERNS", "UnknownFormats", "is_known", "is_standard", "p
 NATIVE = frozenset({"email", "hostname", "ipv4", "ipv6", "uuid", "uri", "duration"})
 # Standard formats (JSON Schema 2020-12 and earlier drafts) with no exact regular form here: refused
 # whatever the option says (a user who wrote them meant them).
-STANDARD_REFUSED = frozenset({"regex", "idn-hostname", "uri-template"})  # draft 3's (color, host-name, ...)
-#                                                                          count as non-standard
+STANDARD_REFUSED = frozenset({"regex", "idn-hostname", "uri-template"})  # draft 3's other names (color,
+#                                                                          phone, ...) count as non-standard
+ALIASES = {"host-name": "hostname", "ip-address": "ipv4"}  # draft 3's names
 EXTRA_KEYWORDS = {"hostname": {"maxLength": 253}}  # fqdn's total-length rule beside llguidance's regex
 
 # --------------------------------------------------------------------------------------- date / time
@@ -109,6 +118,9 @@ PATTERNS = {
     "iri": _uri_reference(iri=True, relative=False, absolute=True),
     "iri-reference": _uri_reference(iri=True, relative=True, absolute=True),
     "json-pointer": _JSON_POINTER,
+    "byte": "(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?",
+    "binary": "[\\s\\S]*",
+    "password": "[\\s\\S]*",
     "relative-json-pointer": f"(?:[1-9]+0?|0)(?:#|{_JSON_POINTER})",
 }
 
@@ -118,8 +130,13 @@ def pattern(name: str) -> str:
     return f"^{PATTERNS[name]}$"
 
 
+def canonical(name: str) -> str:
+    """The name this module enforces format `name` under (draft 3's `host-name` is `hostname`)."""
+    return ALIASES.get(name, name)
+
+
 def is_known(name: str) -> bool:
-    return name in NATIVE or name in PATTERNS
+    return canonical(name) in NATIVE or name in PATTERNS
 
 
 def is_standard(name: str) -> bool:

@@ -491,6 +491,8 @@ class _Rewriter:
     def _format(self, node: dict, path: str, extra: list) -> None:
         """Replace `format` by the keywords that enforce it (see `formats`), or refuse it."""
         name = node["format"]
+        if isinstance(name, str) and name in formats.ALIASES:
+            name = node["format"] = formats.canonical(name)
         if _formats_cannot_apply(node):
             del node["format"]
         elif isinstance(name, str) and name in formats.PATTERNS:
@@ -856,7 +858,8 @@ def _format_refusal(name: Any) -> str:
         return f"format must be a string, not {json.dumps(name)[:40]}"
     if formats.is_standard(name):
         return f'the format "{name}" has no exact regular form here'
-    return (f'unknown format "{name}" (enforced: {", ".join(sorted(formats.NATIVE | formats.PATTERNS.keys()))}; '
+    enforced = sorted(formats.NATIVE | formats.PATTERNS.keys() | formats.ALIASES.keys())
+    return (f'unknown format "{name}" (enforced: {", ".join(enforced)}; '
             'unknown_formats="annotation" treats non-standard formats as annotations)')
 
 

@@ -545,6 +545,7 @@ class LLGuidanceBackend(ConstraintBackend):
         schema_tools.check_min_properties(schema)
         schema, with_contains = contains.extract(schema)  # first: uniqueItems beside contains is then refused
         schema, arrays = unique.extract(schema)
+        schema = schema_tools.exact_bounds(schema)  # last: the rewrites above may add bounds
         if set(arrays) & set(with_contains):
             raise ConstraintError('json_schema: keyword "contains" beside "uniqueItems" on the same array is not '
                                   "supported (the two layers together could leave no token)")

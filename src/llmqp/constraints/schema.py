@@ -6,6 +6,8 @@
   located by `locate_keyword` so the message can name the place).
 * `check_min_properties` rejects `minProperties` that llguidance would count wrongly (it does not keep
   keys of additional/pattern properties unique, so `{"a":1,"a":2}` would count as two properties).
+* `exact_bounds` rewrites numeric bounds that llguidance would round *outward* (it reads them as doubles:
+  `"maximum": 999999999999999999` let 10**18 through) into bounds it reads exactly, tightened inward.
 * `close_objects` implements `strict=True`: object schemas that declare properties and say nothing about
   other properties get `"additionalProperties": false`, without breaking `allOf` / `$ref` merges.
 
@@ -16,6 +18,7 @@ properties). Paths are JSON pointers (`#/properties/a/items`).
 from __future__ import annotations
 
 import copy
+import math
 import re
 import urllib.parse
 from collections.abc import Iterator
@@ -104,12 +107,34 @@ def subschemas(node: Any, path: str) -> Iterator[tuple[str, Any, str]]:
 
 def walk(schema: Any) -> Iterator[tuple[dict, str]]:
     """Every dict subschema of `schema` (root first, then depth-first) with its path."""
-    stack = [(schema, "#")]
+    return walk_from(schema, "#")
+
+
+def walk_from(schema: Any, path: str) -> Iterator[tuple[dict, str]]:
+    """`walk` of a subschema found at `path`."""
+    stack = [(schema, path)]
     while stack:
         node, path = stack.pop()
         if isinstance(node, dict):
             yield node, path
             stack.extend((child, p) for _, child, p in reversed(list(subschemas(node, path))))
+
+
+def walk_reached(schema: Any) -> Iterator[tuple[dict, str]]:
+    """`walk`, and the subschemas reached only through a local `$ref` to a place no keyword names
+    (`#/definitions/group/x`: `group` is no keyword), each once."""
+    seen: set = set()
+    todo = [(schema, "#")]
+    while todo:
+        for node, path in walk_from(*todo.pop()):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            yield node, path
+            ref = node.get("$ref")
+            target = walk_pointer(schema, ref) if isinstance(ref, str) else MISSING
+            if isinstance(target, dict) and id(target) not in seen:
+                todo.append((target, ref))
 
 
 _LEGACY_DRAFT = re.compile(r"json-schema\.org/draft-0?[3-7]/schema")
@@ -152,6 +177,112 @@ def check_min_properties(schema: Any) -> None:
             raise ConstraintError(f'json_schema: keyword "minProperties" at {path} ({minimum} with '
                                   f"{len(set(required))} required) is not supported: keys of additional "
                                   "properties are not kept unique, so the count cannot be enforced")
+
+
+# llguidance turns numeric bounds into a regex through doubles and 64-bit integers: a bound is exact only
+# where it is a double, and no range regex is built past about 9.2e18 (it fails, or for integers near
+# -2**63 overflows). Bounds past EXACT_BOUND_LIMIT are tightened to it (a subset: only numbers of more than 19
+# digits are lost) or, where that would widen the range (a minimum above it), refused.
+EXACT_BOUND_LIMIT = 2**63 - 1024  # the largest double below 2**63
+_SAFE_INTEGER = 2**53
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integers_only(node: dict) -> bool:
+    t = node.get("type")
+    types = [t] if isinstance(t, str) else t if isinstance(t, list) else None
+    return types is not None and "integer" in types and "number" not in types
+
+
+def _needs_exact(v: Any) -> bool:
+    """Would llguidance read bound `v` other than exactly (or fail on it)?"""
+    if abs(v) > EXACT_BOUND_LIMIT:
+        return True
+    return isinstance(v, int) and abs(v) > _SAFE_INTEGER and int(float(v)) != v
+
+
+def _needs_care(node: dict, side: str) -> bool:
+    """Would llguidance read `node`'s "maximum" / "exclusiveMaximum" (side "Maximum"; or the minimum ones)
+    other than exactly? Exclusive bounds on integers are shifted by one in doubles, wrong from 2**53 on."""
+    inclusive, exclusive = node.get(side.lower()), node.get("exclusive" + side)
+    strict = exclusive if _is_number(exclusive) else inclusive if exclusive is True else None
+    return any(_is_number(v) and _needs_exact(v) for v in (inclusive, exclusive)) or \
+        (_is_number(strict) and _integers_only(node) and abs(strict) >= _SAFE_INTEGER // 2)
+
+
+def _down(v: int | float) -> int | float:
+    """The largest double <= v (as an int where v is one)."""
+    d = float(v)
+    if d > v:
+        d = math.nextafter(d, -math.inf)
+    return int(d) if isinstance(v, int) else d
+
+
+def exact_bounds(schema: Any) -> Any:
+    """A copy of `schema` whose numeric bounds llguidance enforces as written, or tightened inward:
+
+    * on integer-only nodes exclusive bounds become inclusive ones (`exclusiveMaximum: e` -> `maximum:
+      ceil(e) - 1`: llguidance subtracted one in doubles, so `exclusiveMaximum: 10**18` let 10**18 through);
+    * an integer bound past 2**53 that is no double is rounded inward to the nearest double (an integer);
+    * bounds past +-EXACT_BOUND_LIMIT are tightened to it; a minimum above it (or a maximum below minus it)
+      has no exact form and is refused with ConstraintError.
+
+    Returns `schema` itself when no bound needs it. Draft 4's boolean `exclusiveMaximum` is resolved first
+    where its bound changes."""
+    if not any(_needs_care(node, side) for node, _ in walk_reached(schema) for side in ("Maximum", "Minimum")):
+        return schema
+    schema = copy.deepcopy(schema)
+    for node, path in list(walk_reached(schema)):
+        if not any(_is_number(node.get(k)) for k in _BOUNDS):
+            continue
+        for side, sign in (("Maximum", 1), ("Minimum", -1)):
+            inclusive, exclusive = node.get(side.lower()), node.get("exclusive" + side)
+            if isinstance(exclusive, bool):  # draft 4: the flag makes the bound strict
+                if not _needs_care(node, side):
+                    continue
+                exclusive, inclusive = (inclusive if exclusive else None), (None if exclusive else inclusive)
+            elif not _is_number(exclusive):
+                exclusive = None
+            if not _is_number(inclusive):
+                inclusive = None
+            if inclusive is None and exclusive is None:
+                continue
+            # in "maximum" terms (sign -1 mirrors a minimum): the tightest of the two
+            hi_inc = None if inclusive is None else sign * inclusive
+            hi_exc = None if exclusive is None else sign * exclusive
+            if _integers_only(node) and hi_exc is not None:
+                as_inc = math.ceil(hi_exc) - 1
+                hi_inc, hi_exc = (as_inc if hi_inc is None else min(hi_inc, as_inc)), None
+            if hi_inc is not None and hi_exc is not None:
+                if hi_inc < hi_exc:
+                    hi_exc = None
+                else:
+                    hi_inc = None
+            value = hi_inc if hi_inc is not None else hi_exc
+            if value < -EXACT_BOUND_LIMIT:
+                raise ConstraintError(f'json_schema: keyword "{side.lower()}" at {path}: a bound beyond '
+                                      f"+-{EXACT_BOUND_LIMIT} that would exclude every number of up to 19 digits "
+                                      "is not supported (the grammar's number ranges stop there)")
+            if value > EXACT_BOUND_LIMIT:
+                value, hi_exc = EXACT_BOUND_LIMIT, None  # inclusive: still inside the bound as written
+            elif _needs_exact(value):
+                rounded = _down(value)  # an upper bound (mirrored for a minimum): inward is down
+                if rounded < value:
+                    hi_exc = None  # below an exclusive bound: the rounded value itself is inside
+                value = rounded
+            node.pop(side.lower(), None)
+            node.pop("exclusive" + side, None)
+            if hi_exc is not None:
+                node["exclusive" + side] = sign * value
+            else:
+                node[side.lower()] = sign * value
+    return schema
+
+
+_BOUNDS = ("maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum")
 
 
 def locate_keyword(schema: Any, keyword: str) -> str | None:
