@@ -230,26 +230,22 @@ def exact_bounds(schema: Any) -> Any:
     * bounds past +-EXACT_BOUND_LIMIT are tightened to it; a minimum above it (or a maximum below minus it)
       has no exact form and is refused with ConstraintError.
 
-    Returns `schema` itself when no bound needs it. Draft 4's boolean `exclusiveMaximum` is resolved first
-    where its bound changes."""
+    Only the bounds that need it change (`_needs_care`); `schema` itself is returned when none does. Draft 4's
+    boolean `exclusiveMaximum` is resolved first where its bound changes."""
     if not any(_needs_care(node, side) for node, _ in walk_reached(schema) for side in ("Maximum", "Minimum")):
         return schema
     schema = copy.deepcopy(schema)
     for node, path in list(walk_reached(schema)):
-        if not any(_is_number(node.get(k)) for k in _BOUNDS):
-            continue
         for side, sign in (("Maximum", 1), ("Minimum", -1)):
+            if not _needs_care(node, side):
+                continue
             inclusive, exclusive = node.get(side.lower()), node.get("exclusive" + side)
             if isinstance(exclusive, bool):  # draft 4: the flag makes the bound strict
-                if not _needs_care(node, side):
-                    continue
                 exclusive, inclusive = (inclusive if exclusive else None), (None if exclusive else inclusive)
             elif not _is_number(exclusive):
                 exclusive = None
             if not _is_number(inclusive):
                 inclusive = None
-            if inclusive is None and exclusive is None:
-                continue
             # in "maximum" terms (sign -1 mirrors a minimum): the tightest of the two
             hi_inc = None if inclusive is None else sign * inclusive
             hi_exc = None if exclusive is None else sign * exclusive
@@ -280,9 +276,6 @@ def exact_bounds(schema: Any) -> Any:
             else:
                 node[side.lower()] = sign * value
     return schema
-
-
-_BOUNDS = ("maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum")
 
 
 def locate_keyword(schema: Any, keyword: str) -> str | None:
