@@ -292,6 +292,23 @@ CASES = {
         "A": {"type": "object", "properties": {"next": {"$ref": "#/$defs/B"}, "n": {"type": "integer"}}},
         "B": {"type": "object", "required": ["n"], "anyOf": [{"$ref": "#/$defs/A"}]}}, "$ref": "#/$defs/A"},
         [{"next": {"n": 1}}, {"next": {}}, {"next": {"n": 1, "next": {"n": "x"}}}, {"next": {"n": 1, "next": {"n": 2}}}]),
+    # the merge meets itself inside its own copy (a copy in place would unroll forever)
+    "recursive merge that recurs": ({"type": "object", "additionalProperties": {
+        "minProperties": 1, "anyOf": [{"type": "string"}, {"$ref": "#/$defs/R"}]}, "$defs": {"R": {
+            "type": "object", "additionalProperties": {"minProperties": 1, "anyOf": [{"type": "string"},
+                                                                                      {"$ref": "#/$defs/R"}]}}}},
+        [{"a": "x"}, {"a": {"b": "y"}}, {"a": {}}, {"a": {"b": {}}}, {"a": {"b": {"c": {"d": "e"}}}}, {"a": ""},
+         {"a": {"b": {"c": {"d": {}}}}}, {"a": 1}, {}]),
+    "allOf of a recursive definition": ({"$defs": {"F": {"type": "object", "properties": {
+        "k": {"allOf": [{"$ref": "#/$defs/F"}, {"$ref": "#/$defs/C"}]}, "n": {"type": "integer"}}},
+        "C": {"type": "object", "properties": {"n": {"maximum": 5}}}},
+        "anyOf": [{"$ref": "#/$defs/F"}, {"type": "integer"}]},
+        [1, {"k": 1}, {}, {"k": {"k": 2}}, {"k": {"k": 2}, "n": 9}, {"k": {"k": 2, "n": 1}}, {"k": {"k": 2, "n": 9}},
+         {"k": {"k": {"k": 1, "n": 9}}}, {"k": {"k": {"k": {"k": 1, "n": 9}}}}]),
+    "root reference beside other keywords": ({"type": "object", "properties": {
+        "child": {"$ref": "#", "required": ["x"]}, "x": {"type": "integer"}}},
+        [{}, {"child": {"x": 1}}, {"child": {}}, {"child": {"x": 1, "child": {}}}, {"child": {"x": 1, "child": {"x": 2}}},
+         {"child": {"x": "1"}}]),
 }
 
 
@@ -640,10 +657,22 @@ def test_recursive_merge_is_inlined(tk):
     definition merged in its place compiles to the same instances."""
     import llguidance
 
+    from llmqp.constraints import keywords
+
     schema = CASES["recursive definition merged with a sibling"][0]
     grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides={"lenient": False})
     assert "circular references" in (llguidance.LLMatcher.validate_grammar(grammar, None) or "")
     assert compile_constraint(make_spec(json_schema=schema, strict=False), tk).accepts('{"next":{"n":1}}')
+    # a merge met again inside its own copy becomes one new definition that refers to itself
+    recurring = CASES["recursive merge that recurs"][0]
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(recurring, overrides={"lenient": False})
+    assert "circular references" in (llguidance.LLMatcher.validate_grammar(grammar, None) or "")
+    merged = json.loads(json.dumps(recurring))
+    assert keywords.inline_merged_refs(merged, "#/$defs/R") == 3  # the root's, R's, and the copy's own
+    assert sorted(merged["$defs"]) == ["R", "llmqp-merged-0"]
+    assert merged["additionalProperties"]["anyOf"][1] == {"$ref": "#/$defs/llmqp-merged-0"}
+    assert "circular" not in (llguidance.LLMatcher.validate_grammar(
+        llguidance.LLMatcher.grammar_from_json_schema(merged, overrides={"lenient": False}), None) or "")
 
 
 def test_flexible_whitespace_is_bounded(tk):

@@ -1500,46 +1500,102 @@ def _parts(schema: Any, root: Any, value: Any = None) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------- recursive merges
-def inline_merged_refs(schema: Any, ref: str) -> int:
-    """Replace, in place, every use of the local reference `ref` that llguidance would intersect with
-    something else (a `$ref` beside other keywords, an `allOf` part, an `anyOf`/`oneOf` option of a
-    schema with other keywords) by a copy of its target; the copy's own references stay. A reference
-    means its target, so the schema accepts the same instances; llguidance refuses to intersect a
-    reference whose definition is still being compiled ("circular references with sibling keys"), and
-    the copy gives it the target's keywords to intersect instead. Returns the number of uses replaced."""
+def inline_merged_refs(schema: Any, ref: str, memo: dict | None = None) -> int:
+    """Rewrite, in place, every use of the local reference `ref` that llguidance would intersect with
+    something else -- a `$ref` beside other keywords, an `allOf` part, an `anyOf`/`oneOf` option of a
+    schema with other keywords -- into a reference to a new definition holding the merge
+    (`allOf: [copy of the target, the other keywords]`); the other keywords of a schema with options move
+    into each option. llguidance refuses to intersect a reference whose definition is still being
+    compiled ("circular references with sibling keys"); the new definition gives it the target's keywords
+    to intersect instead, and a merge met again inside its own copy (the same reference with the same
+    keywords, as in a recursive definition) points back at it, so recursion stays finite. A reference
+    means its target and `{S, anyOf: [A, B]}` means `anyOf: [S and A, S and B]` (`oneOf` alike), so the
+    schema accepts the same instances. `memo` (merge key -> new reference) carries over between calls
+    on the same schema. Returns the number of uses rewritten (0: nothing to do, or a target this cannot
+    copy)."""
+    memo = {} if memo is None else memo
     target = walk_pointer(schema, ref)
-    if not isinstance(target, (dict, bool)):
+    if not isinstance(target, dict) or not isinstance(schema, dict):
+        return 0
+    if ref.strip("#/") == "":
+        body = {k: v for k, v in target.items() if k not in _DOCUMENT_KEYS}
+    elif _DOCUMENT_KEYS & target.keys() - {"definitions", "$defs"}:
+        return 0  # a target with its own base URI: its references would resolve elsewhere in a copy
+    else:
+        body = target
+    body = copy.deepcopy(body)  # as it is before the walk below rewrites it
+    if not isinstance(schema.setdefault("$defs", {}), dict):
         return 0
     done = 0
     seen: set[int] = set()
 
-    def merged(node: dict) -> bool:
-        return bool(set(node) - _ANNOTATIONS - {"anyOf", "oneOf"})
+    def is_ref(node: Any) -> bool:
+        return isinstance(node, dict) and node.get("$ref") == ref and not (set(node) - _ANNOTATIONS - {"$ref"})
+
+    def constraints(node: dict) -> dict:
+        return {k: v for k, v in node.items() if k not in _ANNOTATIONS}
+
+    def merged(rest: dict) -> str:
+        key = (ref, json.dumps(rest, sort_keys=True))
+        if key not in memo:
+            name = f"llmqp-merged-{len(memo)}"
+            while name in schema["$defs"]:
+                name += "-"
+            memo[key] = f"#/$defs/{name}"
+            definition = {"allOf": [copy.deepcopy(body), copy.deepcopy(rest)]} if rest else copy.deepcopy(body)
+            schema["$defs"][name] = definition
+            visit(definition)
+        return memo[key]
+
+    def rewrite_node(node: dict) -> bool:
+        nonlocal done
+        annotations = {k: v for k, v in node.items() if k in _ANNOTATIONS}
+        if node.get("$ref") == ref and set(node) - _ANNOTATIONS - {"$ref"}:
+            rest = constraints(node)
+            del rest["$ref"]
+        elif isinstance(node.get("allOf"), list) and any(is_ref(part) for part in node["allOf"]):
+            rest = constraints(node)
+            others = [part for part in node["allOf"] if not is_ref(part)]
+            rest["allOf"] = others
+            if not others:
+                del rest["allOf"]
+        else:
+            for key in ("anyOf", "oneOf"):
+                options = node.get(key)
+                if isinstance(options, list) and any(is_ref(o) for o in options):
+                    rest = constraints(node)
+                    del rest[key]
+                    if not rest:
+                        return False
+                    options = [{"$ref": merged(rest)} if is_ref(o) else {"allOf": [o, copy.deepcopy(rest)]}
+                               for o in options]
+                    node.clear()
+                    node.update(annotations)
+                    node[key] = options
+                    done += 1
+                    return True
+            return False
+        target_ref = merged(rest)
+        node.clear()
+        node.update(annotations)
+        node["$ref"] = target_ref
+        done += 1
+        return True
 
     def visit(node: Any) -> None:
-        nonlocal done
-        if isinstance(node, list):
-            for child in node:
-                visit(child)
-            return
-        if not isinstance(node, dict) or id(node) in seen:
-            return
-        seen.add(id(node))
-        if node.get("$ref") == ref and set(node) - _ANNOTATIONS - {"$ref"}:
-            del node["$ref"]
-            node["allOf"] = [*node.get("allOf", []), copy.deepcopy(target)]
-            done += 1
-        for key, value in list(node.items()):
-            if key in ("allOf", "anyOf", "oneOf") and isinstance(value, list):
-                for i, option in enumerate(value):
-                    if isinstance(option, dict) and option.get("$ref") == ref and \
-                            not (set(option) - _ANNOTATIONS - {"$ref"}) and (key == "allOf" or merged(node)):
-                        value[i] = copy.deepcopy(target)
-                        done += 1
-                    else:
-                        visit(option)
-            else:
-                visit(value)
+        stack = [node]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, list):
+                stack.extend(node)
+            elif isinstance(node, dict) and id(node) not in seen:
+                seen.add(id(node))
+                rewrite_node(node)
+                stack.extend(v for k, v in node.items() if k not in ("const", "enum"))
 
     visit(schema)
     return done
+
+
+# Keywords of a schema document (not of the instances): left out of a copy of the root.
+_DOCUMENT_KEYS = {"$schema", "$id", "id", "definitions", "$defs"}

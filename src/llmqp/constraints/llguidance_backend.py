@@ -450,8 +450,8 @@ _ONE_OF_UNPROVEN = "oneOf constraints are not supported"
 WHITESPACE_MAX_RUN = 20  # whitespace="flexible": at most this many whitespace characters between two tokens
 WHITESPACE_PATTERN = f"[\\x20\\x0A\\x0D\\x09]{{0,{WHITESPACE_MAX_RUN}}}"
 _UNIMPLEMENTED = re.compile(r'Unimplemented keys: \[(.*?)\]')
-_CIRCULAR = re.compile(r"circular references with sibling keys are not supported: \S*?(#/\S*)")
-_INLINE_ROUNDS = 4  # rounds of keywords.inline_merged_refs before a circular merge is refused
+_CIRCULAR = re.compile(r"circular references with sibling keys are not supported: \S*?(#\S*)")
+_INLINE_ROUNDS = 8  # rounds of keywords.inline_merged_refs before a circular merge is refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,7 +478,7 @@ class LLGuidanceBackend(ConstraintBackend):
         start = time.perf_counter()
         grammar, source_schema, arrays, with_contains = self._grammar(spec, some_item=some_item)
         template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
-        one_of, inlined = False, []
+        one_of, inlined, merges = False, [], {}
         while template.is_error():
             error = template.get_error()
             circular = _CIRCULAR.search(error)
@@ -488,11 +488,12 @@ class LLGuidanceBackend(ConstraintBackend):
                 one_of = True
                 grammar, source_schema, arrays, with_contains = self._grammar(spec, one_of=True, some_item=some_item)
                 if inlined:
+                    merges = {}
                     for ref in inlined:
-                        keywords.inline_merged_refs(source_schema, ref)
+                        keywords.inline_merged_refs(source_schema, ref, merges)
                     grammar = self._from_schema(source_schema, spec)
             elif circular and len(inlined) < _INLINE_ROUNDS and \
-                    keywords.inline_merged_refs(source_schema, circular.group(1)):
+                    keywords.inline_merged_refs(source_schema, circular.group(1), merges):
                 # A recursive definition merged with other keywords: merge a copy of it instead (the
                 # same instances, see `keywords.inline_merged_refs`) and compile again.
                 inlined.append(circular.group(1))
