@@ -305,6 +305,15 @@ CASES = {
         "anyOf": [{"$ref": "#/$defs/F"}, {"type": "integer"}]},
         [1, {"k": 1}, {}, {"k": {"k": 2}}, {"k": {"k": 2}, "n": 9}, {"k": {"k": 2, "n": 1}}, {"k": {"k": 2, "n": 9}},
          {"k": {"k": {"k": 1, "n": 9}}}, {"k": {"k": {"k": {"k": 1, "n": 9}}}}]),
+    # pattern keys that are few become declared properties: the object's keys are known, so they count
+    "minProperties over a few pattern keys": ({"type": "object", "additionalProperties": False,
+        "properties": {"a": {"type": "integer"}}, "patternProperties": {"^[a-c]$": {"minimum": 1}, "^(c|dd)$": {}},
+        "minProperties": 2, "maxProperties": 3},
+        [{"a": 1, "b": 2}, {"a": 0, "b": 2}, {"a": 1}, {"dd": 1, "c": 5}, {"c": 0, "dd": 1}, {"a": 1, "b": 1, "c": 1},
+         {"a": 1, "b": 1, "c": 1, "dd": 1}, {"e": 1, "a": 1}, {"b": "x", "c": 2}]),
+    "negated object over a few pattern keys": ({"type": "object", "additionalProperties": False,
+        "patternProperties": {"^[xy]$": {"type": "integer"}}, "not": {"required": ["x"]}},
+        [{}, {"y": 1}, {"x": 1}, {"x": 1, "y": 2}, {"y": "1"}, {"z": 1}]),
     "root reference beside other keywords": ({"type": "object", "properties": {
         "child": {"$ref": "#", "required": ["x"]}, "x": {"type": "integer"}}},
         [{}, {"child": {"x": 1}}, {"child": {}}, {"child": {"x": 1, "child": {}}}, {"child": {"x": 1, "child": {"x": 2}}},
@@ -609,6 +618,26 @@ def test_regular_language_refusals():
     assert regular.without_lookaround("(?<=a)b") is None  # look-behind
     assert regular.needs_rewrite("^(?!x)y") and regular.needs_rewrite("^(a|b$)c")
     assert not regular.needs_rewrite("^[^$]+$") and not regular.needs_rewrite("^a$|^b$")
+
+
+def test_finite_words_of_a_pattern():
+    """`regular.finite_words`: every string the pattern finds, checked against Python's search over all
+    short strings of the pattern's letters; None for infinitely many or too many."""
+    import itertools
+    import re
+
+    from llmqp.constraints import regular
+
+    for pattern in ["^[a-c]$", "^(ab|c)?$", "^x(y|zz)$", "^$", "^[0-2][0-1]$", "^(a|b)(a|b)?$"]:
+        words = regular.finite_words(pattern)
+        letters = sorted(set("".join(words)) | {"q"})
+        every = ["".join(t) for n in range(4) for t in itertools.product(letters, repeat=n)]
+        assert list(words) == sorted(w for w in every if re.search(pattern, w) and not w.endswith("\n")), pattern
+    assert regular.finite_words("a") is None  # search: any text around it
+    assert regular.finite_words("^a+$") is None
+    assert regular.finite_words("^[a-z]{2}$") is None  # 676 > 64
+    assert regular.finite_words("^\\d$") is None  # Unicode digits: not enumerated
+    assert regular.finite_words("^[a&&b]$") is None
 
 
 def test_finite_rewrite_needs_the_original_node(tk):

@@ -245,6 +245,9 @@ class _Rewriter:
             if len(set(renamed.values())) == len(renamed):  # else left to llguidance, which refuses it
                 node["patternProperties"] = {renamed[k]: v for k, v in node["patternProperties"].items()}
         types = _types_of(node)
+        if node.get("additionalProperties") is False and node.get("patternProperties") and \
+                ("minProperties" in node or "maxProperties" in node or "not" in node) and _expand_finite_patterns(node):
+            self._at("patternProperties", path)
         closed = _closed_keys(node)
         if closed is not None and ("minProperties" in node or "maxProperties" in node):
             self._count_properties(node, closed, extra)
@@ -878,6 +881,35 @@ def _closed_keys(node: Any) -> list | None:
         props = node.get("properties")
         return list(props) if isinstance(props, dict) else []
     return None
+
+
+_MAX_EXPANDED_KEYS = 64  # properties a closed object may have after _expand_finite_patterns
+
+
+def _expand_finite_patterns(node: dict) -> bool:
+    """Turn, in place, the `patternProperties` of `node` into declared `properties` when every pattern
+    finds only a few names (`^[a-f]$`): each name gets the schemas of the patterns that find it (and of
+    its declaration, if any) -- what JSON Schema asks of such a key -- so the object's keys are known,
+    which counting (`minProperties`) and negation need. False (node unchanged) otherwise."""
+    props = node.get("properties", {})
+    if not isinstance(props, dict) or not isinstance(node["patternProperties"], dict):
+        return False
+    found: dict[str, list] = {}
+    for pattern, schema in node["patternProperties"].items():
+        words = regular.finite_words(pattern, _MAX_EXPANDED_KEYS)
+        if words is None:
+            return False
+        for word in words:
+            found.setdefault(word, []).append(schema)
+    if len(found.keys() | props.keys()) > _MAX_EXPANDED_KEYS:
+        return False
+    merged = dict(props)
+    for word, schemas in found.items():
+        parts = ([merged[word]] if word in merged else []) + [copy.deepcopy(x) for x in schemas]
+        merged[word] = parts[0] if len(parts) == 1 else {"allOf": parts}
+    node["properties"] = merged
+    del node["patternProperties"]
+    return True
 
 
 def _all(parts: list) -> Any:

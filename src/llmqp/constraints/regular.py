@@ -5,6 +5,7 @@ match". Both are regular, so this module builds the language a pattern matches a
 automaton and writes it back as a look-around-free regex:
 
     complement(p)         -> the strings `p` does not find (anchored: `^(?:...)$`)
+    finite_words(p)       -> the strings `p` finds, where they are few
     without_lookaround(p) -> the strings `p` finds, for `p` with `^(?!X)` / `^(?=X)` right after a
                              leading `^` (any number of them), a trailing `(?=X)`, or `^` / `$` in the
                              middle (each an assertion on the string's ends, as in ECMA-262 without
@@ -70,6 +71,44 @@ def without_lookaround(pattern: str) -> str | None:
         return lang.to_regex(lang.search_dfa(pattern))
     except (_No, re.error, RecursionError, OverflowError):
         return None
+
+
+@functools.lru_cache(maxsize=512)
+def finite_words(pattern: str, limit: int = 64) -> tuple[str, ...] | None:
+    """The strings in which `pattern` finds a match, when they are at most `limit` (sorted), or None
+    (more, infinitely many, or a pattern this module does not read)."""
+    if any(op in pattern for op in _RUST_AMBIGUOUS):
+        return None
+    try:
+        lang = _Lang.of([pattern])
+        dfa = lang.search_dfa(pattern)
+    except (_No, re.error, RecursionError, OverflowError):
+        return None
+    live = dfa.live_states()
+    words: list[str] = []
+    on_path: set[int] = set()
+
+    def walk(q: int, prefix: str) -> bool:  # False: infinite, or past the limit
+        if q in on_path:
+            return False  # a cycle through live states: infinitely many strings
+        on_path.add(q)
+        if q in dfa.accepting:
+            words.append(prefix)
+        for sym in range(dfa.n_symbols):
+            r = dfa.delta[(q, sym)]
+            if r not in live:
+                continue
+            lo, hi, sig = lang.regions[sym]
+            if sig is not None or len(words) + hi - lo + 1 > limit:
+                return False
+            if not all(walk(r, prefix + chr(c)) for c in range(lo, hi + 1)):
+                return False
+        on_path.discard(q)
+        return len(words) <= limit
+
+    if dfa.start not in live:
+        return ()
+    return tuple(sorted(words)) if walk(dfa.start, "") else None
 
 
 def needs_rewrite(pattern: str) -> bool:
