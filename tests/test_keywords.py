@@ -314,6 +314,40 @@ CASES = {
     "negated object over a few pattern keys": ({"type": "object", "additionalProperties": False,
         "patternProperties": {"^[xy]$": {"type": "integer"}}, "not": {"required": ["x"]}},
         [{}, {"y": 1}, {"x": 1}, {"x": 1, "y": 2}, {"y": "1"}, {"z": 1}]),
+    # negated member keywords of an object whose other keys are not known: "some member fails them"
+    # (the layer; keys kept short so that random walks end)
+    "negated additionalProperties": ({"type": "object", "additionalProperties": False,
+                                      "patternProperties": {"^[ab]+$": {"type": "boolean"}},
+                                      "not": {"additionalProperties": False}},  # (some member: not empty)
+                                     [{}, {"a": True}, {"a": True, "b": False}, {"c": True}]),
+    "negated patternProperties": ({"type": "object", "additionalProperties": False,
+                                   "patternProperties": {"^[ab]+$": {"type": "boolean"}},
+                                   "not": {"patternProperties": {"^[ab]+$": {"const": True}}}},
+                                  [{}, {"a": True}, {"a": False}, {"a": True, "bb": False}, {"c": False}]),
+    "responses that are not only extensions": ({"type": "object", "additionalProperties": False, "patternProperties": {
+        "^[0-9]{3}$": {"type": "boolean"}, "^x-[a-z]+$": {"type": "boolean"}}, "not": {
+            "type": "object", "additionalProperties": False, "patternProperties": {"^x-[a-z]+$": {}}}},
+        [{}, {"x-a": True}, {"200": False}, {"x-a": True, "200": True}, {"200": 1}, {"x-a": True, "x-b": False}]),
+    "negated propertyNames": ({"type": "object", "additionalProperties": False,
+                               "patternProperties": {"^[ab]+$": {"type": "boolean"}},
+                               "not": {"propertyNames": {"maxLength": 2}}},
+                              [{}, {"ab": True}, {"abb": True}, {"ab": True, "abab": False}]),
+    "negated patternProperties of a property": ({"type": "object", "properties": {"m": {
+        "type": "object", "additionalProperties": False, "patternProperties": {"^a[ab]*$": {"type": "boolean"}},
+        "not": {"patternProperties": {"^a": {"const": True}}}}}},
+        [{}, {"m": {}}, {"m": {"a": True}}, {"m": {"a": False}}, {"m": {"ab": True, "a": False}}, {"m": {"a": 1}}]),
+    # ... and where the object's keys are known (a few pattern keys), written as a schema over them
+    "negated propertyNames over known keys": ({"type": "object", "additionalProperties": False, "maxProperties": 2,
+                                               "patternProperties": {"^[a-d]$": {"type": "integer"}},
+                                               "not": {"propertyNames": {"enum": ["a", "b"]}}},
+                                              [{}, {"a": 1}, {"c": 1}, {"a": 1, "d": 2}, {"a": 1, "b": 2},
+                                               {"a": 1, "b": 2, "c": 3}]),
+    "negated patternProperties over known keys": ({"type": "object", "additionalProperties": False,
+                                                   "maxProperties": 2,
+                                                   "patternProperties": {"^[a-c]$": {"type": "integer"}},
+                                                   "not": {"patternProperties": {"^[ab]$": {"minimum": 5}},
+                                                           "additionalProperties": False}},
+                                                  [{}, {"a": 7}, {"a": 1}, {"c": 9}, {"a": 7, "b": 8}, {"b": 9, "c": 1}]),
     "root reference beside other keywords": ({"type": "object", "properties": {
         "child": {"$ref": "#", "required": ["x"]}, "x": {"type": "integer"}}},
         [{}, {"child": {"x": 1}}, {"child": {}}, {"child": {"x": 1, "child": {}}}, {"child": {"x": 1, "child": {"x": 2}}},
@@ -455,6 +489,33 @@ def test_contains_step_by_step(tk):
     assert token_texts(tk, m.allowed()) == {'"'}
     assert m.count_allowed([token_id(tk, t) for t in ['"', "no", '"', "]"]]) == 4
 
+
+def test_some_member_step_by_step(tk):
+    """A negated patternProperties: the layer removes the tokens that close the object until a member
+    fails the negated keywords (here: a value that is not true), and only those."""
+    from llmqp.testing import token_id, token_texts
+
+    base = {"type": "object", "additionalProperties": False, "patternProperties": {"^a+$": {"type": "boolean"}}}
+    c = compile_constraint(make_spec(json_schema={**base, "not": {"patternProperties": {"^a+$": {"const": True}}}}),
+                           tk)
+    assert [type(a).__name__ for a in c.contains_arrays.values()] == ["SomeMemberObject"]
+    m, g = c.matcher(), compile_constraint(make_spec(json_schema=base), tk).matcher()
+    for tok in tk.encode('{"a":true'):
+        m.accept(tok)
+        g.accept(tok)
+    assert "}" in token_texts(tk, g.allowed())
+    assert token_texts(tk, m.allowed()) == token_texts(tk, g.allowed()) - {"}"}
+    with pytest.raises(ValueError):
+        m.accept(token_id(tk, "}"))
+    rest = tk.encode(',"aa":false}') + [token_id(tk, "<|end|>")]
+    assert m.count_allowed(rest) == len(rest)
+    assert not c.accepts('{"a":true}') and c.accepts('{"a":true,"aa":false}') and not c.accepts("{}")
+    m = c.matcher()  # a repeated key replaces its member: a witness it overwrites is gone
+    for tok in tk.encode('{"a":false,"a":true'):
+        m.accept(tok)
+    assert "}" not in token_texts(tk, m.allowed())
+
+
 @pytest.mark.parametrize("schema, text", [
     ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, '["a","\\u0061"]'),
     ({"type": "array", "items": {"type": "number"}, "uniqueItems": True}, "[1,10e-1]"),
@@ -514,7 +575,9 @@ def test_unique_items_use_json_equality(tk, schema, text):
     ({"type": "array", "contains": {"$ref": "#/$defs/missing"}}, "contains"),  # jsonschema could not decide
     ({"not": {"type": "integer"}}, "type"),  # "a number with a fraction" has no schema form
     ({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 10}]}, "type"),
-    ({"type": "object", "not": {"additionalProperties": False}}, "additionalProperties"),
+    ({"anyOf": [{"type": "object", "not": {"additionalProperties": False}},  # an option among others: place
+                {"type": "object", "properties": {"x": {"type": "integer"}}}]}, "additionalProperties"),  # unknown
+    ({"type": "object", "maxProperties": 2, "not": {"propertyNames": {"maxLength": 2}}}, "propertyNames"),
     ({"type": "object", "properties": {"a": {}}, "propertyNames": {"pattern": "^a"}}, "propertyNames"),
     ({"type": "integer", "not": {"multipleOf": 3}}, "multipleOf"),
 ])
@@ -954,8 +1017,16 @@ _SCORES = {"type": "object", "properties": {"scores": {"type": "array", "items":
                                                        "not": {"items": {"maximum": 5}}}}, "required": ["scores"]}
 
 
+_RESPONSES = {"type": "object", "properties": {"responses": {
+    "type": "object", "additionalProperties": False, "patternProperties": {
+        "^[0-9]{3}$": {"type": "string", "maxLength": 12}, "^x-[a-z]{1,6}$": {"type": "string", "maxLength": 8}},
+    "not": {"additionalProperties": False, "patternProperties": {"^x-[a-z]{1,6}$": {}}}}}, "required": ["responses"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt, schema, stops", [
+    ("The API answers 200 with OK.", _RESPONSES, True),  # negated object keywords: some key is no extension
+    ("Vendor extension x-id is abc.", _RESPONSES, False),  # greedy writes only x- keys: `}` stays removed
     ("Favourite colors: blue and red.", _COLORS, True),
     ("The scores were 8 and 9.", _SCORES, True),  # `not items`: some item above 5
     ("List the colors red, red, green.", _COLORS, False),  # greedy repeats red/green: never "blue"

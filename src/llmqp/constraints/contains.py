@@ -19,6 +19,14 @@ layer ever removes (so it never leaves a prefix without continuation):
     array's length (`maxItems`, `prefixItems`, item lists, `minContains`/`maxContains`: refused), so
     one more item can always be added until one matches S.
 
+The same layer enforces "some member of the object fails S" (`SOME_MEMBER`, which the keyword rewrite
+writes for a negated `properties` / `patternProperties` / `additionalProperties` / `propertyNames` whose
+object's other keys are not known, as it writes `contains` for a negated `items`): those keywords judge
+each member alone, so an object fails S exactly when one of its members, as a one-member object, does.
+While no member of an object at such a place does, the tokens that close it (`}`) are removed; each
+member is judged on its completed value. Beside it: `type` and `minProperties` (nothing that bounds the
+object's size), so one more member can always be added.
+
 Not done: whether S and the item schema admit a common item is not decided here; when they do not, no
 output satisfies the schema and generation runs to `max_tokens` (finish_reason "length", never a
 stopped invalid output; an item schema that admits no item at all leaves only `]`, and `allowed()`
@@ -36,11 +44,13 @@ from typing import Any
 import numpy as np
 
 from llmqp.constraints.base import Matcher
-from llmqp.constraints.unique import (ITEM, _ANNOTATIONS, Text, _admits, _child_path, _key_steps, _resolve, arrays_hold,
+from llmqp.constraints.unique import (ITEM, _ANNOTATIONS, Text, _admits, _child_path, _key_steps, _resolve,
                                       lookup, refuse_shared)
 from llmqp.errors import ConstraintError
 
 _BESIDE = {"type", "items", "minItems", "contains"}
+SOME_MEMBER = "x-llmqp-some-member"  # written by the keyword rewrite only; see the module's docstring
+_BESIDE_MEMBER = {"type", "minProperties", SOME_MEMBER}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,20 +73,92 @@ class ContainsArray:
         return all(any(v.is_valid(item) for item in items) for v in self.validators)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class SomeMemberObject:
+    """An object at a `SOME_MEMBER` place. Each of `validators` needs a member that it rejects (judged as
+    a one-member object), not necessarily the same member."""
+
+    validators: tuple = dataclasses.field(repr=False)
+    where: str = "#"
+
+    def matched(self, key: str, raw: bytes) -> frozenset:
+        """The indices of the validators that reject the member `key` with the value written `raw`."""
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return frozenset()
+        return frozenset(i for i, v in enumerate(self.validators) if not v.is_valid({key: value}))
+
+    def holds(self, members: dict) -> bool:
+        return all(any(not v.is_valid({k: x}) for k, x in members.items()) for v in self.validators)
+
+
 # ----------------------------------------------------------------------------------- compile time
-def extract(schema: Any) -> tuple[Any, dict[tuple, ContainsArray]]:
-    """(schema without the `contains` this module enforces, {output path: ContainsArray}). The schema is
-    copied before any change; a `contains` left in it is refused by the grammar backend. Raises
-    ConstraintError for a statically placed `contains` whose array could be bounded."""
-    if not _mentions(schema):
+def extract(schema: Any) -> tuple[Any, dict[tuple, ContainsArray | SomeMemberObject]]:
+    """(schema without the `contains` and `SOME_MEMBER` this module enforces, {output path: ContainsArray
+    or SomeMemberObject}). The schema is copied before any change; a `contains` left in it is refused by
+    the grammar backend, and so is a `SOME_MEMBER` (`check_placed`). Raises ConstraintError for a
+    statically placed `contains` whose array could be bounded (an object, for `SOME_MEMBER`)."""
+    if not _mentions(schema, "contains") and not _mentions(schema, SOME_MEMBER):
         return schema, {}
     import jsonschema
 
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    if "contains" not in cls.VALIDATORS:
-        return schema, {}  # draft 4 and earlier: `contains` is no keyword there (left to the backend)
     original = copy.deepcopy(schema)
     schema = copy.deepcopy(schema)
+    out: dict = {}
+    if "contains" in cls.VALIDATORS:  # draft 4 and earlier: `contains` is no keyword there (left to the backend)
+        out.update(_extract_contains(schema, original, cls))
+    if _mentions(schema, SOME_MEMBER):
+        objects = _extract_some_member(schema, original, cls)
+        if set(objects) & set(out):
+            raise ConstraintError(f'json_schema: a negated object keyword at {next(iter(objects.values())).where} '
+                                  "is not supported where a contains array may be too")
+        out.update(objects)
+    return schema, out
+
+
+def _extract_some_member(schema: Any, original: Any, cls) -> dict:
+    placed, elsewhere = places(schema, SOME_MEMBER, "object")
+    found: dict[tuple, list] = {}
+    for key, uses in placed.items():
+        node = uses[0][0]
+        if key in elsewhere or not _refs_resolve(original, node[SOME_MEMBER]) or \
+                _mentions(node[SOME_MEMBER], SOME_MEMBER):
+            continue  # left: check_placed refuses it
+        extra = set(node) - _ANNOTATIONS - _BESIDE_MEMBER
+        if extra:
+            raise ConstraintError(f"json_schema: a negated object keyword at {uses[0][2]} is not supported beside "
+                                  f"{sorted(extra)}: only type and minProperties (an object that can always "
+                                  "take one more member)")
+        for _, path, where in uses:
+            found.setdefault(path, []).append((node, where))
+    if not found:
+        return {}
+    refuse_shared(found, "not")
+    root = cls(original)
+    objects = {path: SomeMemberObject(validators=tuple(root.evolve(schema=node[SOME_MEMBER]) for node, _ in nodes),
+                                      where=nodes[0][1])
+               for path, nodes in found.items()}
+    for nodes in found.values():
+        for node, _ in nodes:
+            node.pop(SOME_MEMBER, None)
+    return objects
+
+
+def check_placed(schema: Any) -> None:
+    """ConstraintError for a `SOME_MEMBER` that `extract` could not place (llguidance would ignore it)."""
+    from llmqp.constraints.schema import walk
+
+    for node, path in walk(schema):
+        if SOME_MEMBER in node:
+            raise ConstraintError(f"json_schema: a negated object keyword (properties, patternProperties, "
+                                  f"additionalProperties or propertyNames) at {path} is not supported here: "
+                                  "only objects reached from the root through properties, items and the one "
+                                  "anyOf/oneOf option that admits objects there are enforced")
+
+
+def _extract_contains(schema: Any, original: Any, cls) -> dict:
     placed, elsewhere = places(schema, "contains")
     found: dict[tuple, list] = {}
     for key, uses in placed.items():
@@ -97,7 +179,7 @@ def extract(schema: Any) -> tuple[Any, dict[tuple, ContainsArray]]:
         for _, path, where in uses:
             found.setdefault(path, []).append((node, where))
     if not found:
-        return schema, {}
+        return {}
     refuse_shared(found, "contains")
     root = cls(original)
     arrays = {}
@@ -107,7 +189,7 @@ def extract(schema: Any) -> tuple[Any, dict[tuple, ContainsArray]]:
     for path, nodes in found.items():
         for node, _ in nodes:
             node.pop("contains", None)
-    return schema, arrays
+    return arrays
 
 
 def _refs_resolve(root: Any, schema: Any) -> bool:
@@ -133,7 +215,7 @@ def _refs_resolve(root: Any, schema: Any) -> bool:
 _BOTH = frozenset({"array", "object"})
 
 
-def places(root: Any, keyword: str) -> tuple[dict[int, list], set[int]]:
+def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list], set[int]]:
     """Where the nodes holding `keyword` apply to the output: ({id(node): [(node, output path, where)]}
     for every use whose place is known, {id(node)} for nodes also used where it is not).
 
@@ -177,10 +259,10 @@ def places(root: Any, keyword: str) -> tuple[dict[int, list], set[int]]:
         if keyword in node:
             if "$ref" in node:
                 elsewhere.add(id(node))  # beside a $ref: ignored by drafts up to 7
-            elif "array" in kinds:
+            elif kind in kinds:
                 placed.setdefault(id(node), []).append((node, path, where))
-            elif _admits(root, node, "array"):
-                elsewhere.add(id(node))  # arrays here may or may not match this option
+            elif _admits(root, node, kind):
+                elsewhere.add(id(node))  # arrays (objects) here may or may not match this option
         for key, value in node.items():
             if key == "$ref":
                 continue
@@ -248,12 +330,12 @@ def _subschemas(root: Any, node: dict) -> list:
     return out
 
 
-def _mentions(schema) -> bool:
+def _mentions(schema, keyword: str = "contains") -> bool:
     stack = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if "contains" in node:
+            if keyword in node:
                 return True
             stack.extend(node.values())
         elif isinstance(node, list):
@@ -261,9 +343,20 @@ def _mentions(schema) -> bool:
     return False
 
 
-def check_value(value: Any, arrays: dict[tuple, ContainsArray]) -> bool:
-    """True when every array at a `contains` path of `value` has an item that satisfies it (accepts())."""
-    return arrays_hold(value, arrays, ContainsArray.holds)
+def check_value(value: Any, arrays: dict[tuple, ContainsArray | SomeMemberObject], path: tuple = ()) -> bool:
+    """True when every array at a `contains` path of `value` has an item that satisfies it, and every
+    object at a `SOME_MEMBER` path a member that fails it (accepts())."""
+    if isinstance(value, dict):
+        spec = lookup(arrays, path)
+        if isinstance(spec, SomeMemberObject) and not spec.holds(value):
+            return False
+        return all(check_value(v, arrays, path + (k,)) for k, v in value.items())
+    if isinstance(value, list):
+        spec = lookup(arrays, path)
+        if isinstance(spec, ContainsArray) and not spec.holds(value):
+            return False
+        return all(check_value(v, arrays, path + (ITEM,)) for v in value)
+    return True
 
 
 # ----------------------------------------------------------------------------------------- runtime
@@ -275,10 +368,11 @@ _SCALAR_BYTES = frozenset(b"-+.0123456789eEtrufalsn")
 class _Frame:
     kind: str  # "o" object, "a" array
     path: tuple
-    spec: ContainsArray | None = None  # an array at a contains place
+    spec: ContainsArray | SomeMemberObject | None = None  # an array (object) at a contains (SOME_MEMBER) place
     satisfied: frozenset = frozenset()  # the spec's validators some completed item satisfies
-    item_start: int | None = None  # offset of the item in progress (contains arrays)
+    item_start: int | None = None  # offset of the item (member value) in progress, at a place
     key: str | None = None  # objects: the last key read
+    verdicts: tuple = ()  # objects at a place: (key, validators its member fails), the last member per key
     expect_key: bool = True  # objects: the next string is a key
 
 
@@ -324,7 +418,10 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
         elif b in (0x7B, 0x5B):  # `{` `[`
             stack = _start_item(stack, pos)
             path = _child_path(stack)
-            stack = stack + (_Frame("o" if b == 0x7B else "a", path, lookup(arrays, path) if b == 0x5B else None),)
+            spec = lookup(arrays, path)
+            if spec is not None and isinstance(spec, SomeMemberObject) != (b == 0x7B):
+                spec = None  # the place's layer is for the other kind of value
+            stack = stack + (_Frame("o" if b == 0x7B else "a", path, spec),)
         elif b in (0x7D, 0x5D):  # `}` `]`
             if stack[-1].spec is not None and len(stack[-1].satisfied) < len(stack[-1].spec.validators):
                 return None
@@ -337,7 +434,9 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
 
 
 def _start_item(stack: tuple, pos: int) -> tuple:
-    if stack and stack[-1].spec is not None and stack[-1].item_start is None:
+    """A value starts at `pos` (or, in an object, a key)."""
+    if stack and stack[-1].spec is not None and stack[-1].item_start is None and \
+            not (stack[-1].kind == "o" and stack[-1].expect_key):
         return stack[:-1] + (dataclasses.replace(stack[-1], item_start=pos),)
     return stack
 
@@ -347,10 +446,8 @@ def _complete(stack: tuple, text: Text, end: int, raw: bytes) -> tuple:
     if not stack:
         return stack
     top = stack[-1]
-    if top.kind == "o":
-        if top.expect_key:
-            return stack[:-1] + (dataclasses.replace(top, key=json.loads(raw), expect_key=False),)
-        return stack
+    if top.kind == "o" and top.expect_key:
+        return stack[:-1] + (dataclasses.replace(top, key=json.loads(raw), expect_key=False),)
     return _item_done(stack, text, end)
 
 
@@ -360,17 +457,24 @@ def _complete_composite(stack: tuple, text: Text, end: int) -> tuple:
         return stack
     top = stack[-1]
     if top.kind == "o":
-        return stack[:-1] + (dataclasses.replace(top, expect_key=False),)
+        stack = stack[:-1] + (dataclasses.replace(top, expect_key=False),)
     return _item_done(stack, text, end)
 
 
 def _item_done(stack: tuple, text: Text, end: int) -> tuple:
+    """An item (member value) ended at `end`."""
     top = stack[-1]
     if top.spec is None:
         return stack
+    raw = text.slice(top.item_start, end)
+    if top.kind == "o":
+        # A repeated key replaces the earlier member (as a JSON parser reads it): its verdict goes too.
+        verdicts = tuple(v for v in top.verdicts if v[0] != top.key) + ((top.key, top.spec.matched(top.key, raw)),)
+        satisfied = frozenset().union(*(m for _, m in verdicts))
+        return stack[:-1] + (dataclasses.replace(top, satisfied=satisfied, verdicts=verdicts, item_start=None),)
     satisfied = top.satisfied
     if len(satisfied) < len(top.spec.validators):
-        satisfied = satisfied | top.spec.matched(text.slice(top.item_start, end))
+        satisfied = satisfied | top.spec.matched(raw)
     return stack[:-1] + (dataclasses.replace(top, satisfied=satisfied, item_start=None),)
 
 
@@ -383,7 +487,8 @@ class ContainsMatcher(Matcher):
     def __init__(self, inner: Matcher, arrays: dict[tuple, ContainsArray], token_bytes: list[bytes]):
         self._inner, self._arrays, self._bytes = inner, arrays, token_bytes
         self.vocab_size, self.eos_ids = inner.vocab_size, inner.eos_ids
-        self._may_close = np.array([b"]" in t for t in token_bytes] + [False], dtype=bool)
+        closers = (b"]", b"}") if any(isinstance(a, SomeMemberObject) for a in arrays.values()) else (b"]",)
+        self._may_close = np.array([any(c in t for c in closers) for t in token_bytes] + [False], dtype=bool)
         self._states = [ScanState()]  # one per accepted token (+ the start)
         self._out = bytearray()  # the output's bytes
 
@@ -398,16 +503,16 @@ class ContainsMatcher(Matcher):
         if base.size == 0:
             return base
         state = self._states[-1]
-        # Only a `]` closes an array; one at a contains place can also be opened and closed by the
-        # same token (`[]`), so every allowed `]` token is checked while any such place can be reached.
+        # Only a `]` (`}`) closes an array (object); one at a place can also be opened and closed by the
+        # same token (`[]`), so every allowed closing token is checked while any such place can be reached.
         candidates = base[self._may_close[np.minimum(base, len(self._may_close) - 1)]]
         bad = [t for t in candidates.tolist() if self._next(state, t) is None]
         if not bad:
             return base
         kept = np.setdiff1d(base, np.asarray(bad, dtype=base.dtype), assume_unique=True)
         if kept.size == 0:
-            raise ConstraintError("contains: only tokens that close an array without a matching item are "
-                                  "allowed (the array cannot take another item)")
+            raise ConstraintError("contains: only tokens that close an array without a matching item (an "
+                                  "object without a member its negated keywords reject) are allowed")
         return kept
 
     def forced(self) -> list[int]:
@@ -441,7 +546,8 @@ class ContainsMatcher(Matcher):
         if nxt is None:
             self._inner.rollback(1)
             raise ValueError(f"token {token_id} is not allowed here (it closes an array that has no item "
-                             "matching its contains schema)")
+                             "matching its contains schema, or an object no member of which fails its negated "
+                             "keywords)")
         self._push(token_id, nxt)
 
     def try_accept(self, token_ids) -> int:

@@ -48,7 +48,7 @@ from typing import Any
 
 import llguidance
 
-from llmqp.constraints import formats, regular
+from llmqp.constraints import contains, formats, regular
 from llmqp.constraints.base import UnknownFormats
 from llmqp.constraints.schema import MISSING, _escape, walk_pointer
 from llmqp.errors import ConstraintError
@@ -193,7 +193,8 @@ class _Rewriter:
         self.where = "#"
         self.changed = False
         self.first_keyword = self.first_where = None
-        self.some_item = True  # a negated `items` may become `contains`
+        self.some_item = True  # a negated `items` may become `contains` (negated member keywords SOME_MEMBER)
+        self.sizes_bounded = False  # negating inside an object whose size is bounded
 
     # ------------------------------------------------------------------------------ the tree walk
     def node(self, node: Any, path: str) -> Any:
@@ -249,18 +250,19 @@ class _Rewriter:
                 ("minProperties" in node or "maxProperties" in node or "not" in node) and _expand_finite_patterns(node):
             self._at("patternProperties", path)
         closed = _closed_keys(node)
+        bounded = "maxProperties" in node  # (counting below removes it)
         if closed is not None and ("minProperties" in node or "maxProperties" in node):
             self._count_properties(node, closed, extra)
         elif ("minProperties" in node or "maxProperties" in node) and isinstance(node.get("properties"), dict):
             self._count_open_properties(node, extra)
         if "not" in node:
             self._at("not", f"{path}/not")
-            extra.append(self.node(self.negate(node.pop("not"), types, keys=closed), f"{path}/not"))
+            extra.append(self.node(self._negate_sized(bounded, node.pop("not"), types, keys=closed), f"{path}/not"))
         if "if" in node:
             self._at("if", f"{path}/if")
             cond, then, other = node.pop("if"), node.pop("then", True), node.pop("else", True)
             if then is not True:
-                extra.append({"anyOf": [self.negate(cond, types), then]})
+                extra.append({"anyOf": [self._negate_sized(bounded, cond, types), then]})
             if other is not True:
                 extra.append({"anyOf": [cond, other]})
         else:
@@ -533,6 +535,8 @@ class _Rewriter:
             return True
         if not isinstance(schema, dict):
             raise _Unsupported("not", f"{schema!r} is not a schema")
+        if contains.SOME_MEMBER in schema:
+            raise _Unsupported("not", "negating a negated object keyword")
         branches: list = []
         names, context_props = keys, props if isinstance(props, dict) else {}
         own_types = _possible_types(schema, self.plain)
@@ -561,18 +565,44 @@ class _Rewriter:
             branches.append({"anyOf": [{"type": "object", "properties": {n: False}} for n in dict.fromkeys(required)]}
                             if required else False)
             keys.discard("required")
+        if "propertyNames" in keys and names is not None:
+            rejected = self._names_rejected(schema["propertyNames"], names)
+            if rejected is not None:  # the object's keys are known: some key the names schema rejects is present
+                branches.extend({"type": "object", "required": [n]} for n in rejected)
+                keys.discard("propertyNames")
+        member_keys = keys & {"properties", "additionalProperties", "patternProperties", "propertyNames"}
+        if member_keys and self.some_item and not self.sizes_bounded and (
+                "propertyNames" in member_keys or not self._members_known(schema, member_keys, names, context)):
+            # Some member fails these keywords (each judges a member alone): the token-level layer
+            # enforces it where the object's place is known (`llmqp.constraints.contains.SOME_MEMBER`);
+            # elsewhere the backend refuses it.
+            branches.append({"type": "object", contains.SOME_MEMBER: {k: schema[k] for k in sorted(member_keys)}})
+            keys -= member_keys
         if keys & {"properties", "additionalProperties", "patternProperties"}:
             props = schema.get("properties", {})
             if not isinstance(props, dict):
                 raise _Unsupported("properties", "not an object")
             outside = [k for k in names if k not in props] if names is not None else None
-            if "patternProperties" in keys or ("additionalProperties" in keys and names is None):
+            if "patternProperties" in keys and names is not None:
+                # The object's keys are known: one that a pattern finds (and `props` does not declare)
+                # breaks that pattern's schema; one no pattern finds breaks `additionalProperties` (below).
+                patterns = schema["patternProperties"]
+                if not isinstance(patterns, dict):
+                    raise _Unsupported("patternProperties", "not an object")
+                try:
+                    found = {k: [p for p in patterns if re.search(p, k)] for k in outside}
+                except re.error:
+                    raise _Unsupported("patternProperties", "a pattern Python cannot read") from None
+                for k, matching in found.items():
+                    for p in matching:
+                        negated = self._negate_in(patterns[p], context_props.get(k), refs)
+                        branches.append({"type": "object", "required": [k]} if negated is True else
+                                        {"type": "object", "required": [k], "properties": {k: negated}})
+                outside = [k for k, matching in found.items() if not matching]
+            elif "patternProperties" in keys or ("additionalProperties" in keys and names is None):
                 ctx = self.plain(context)
                 patterns = schema.get("patternProperties") or {}
-                if not (isinstance(ctx, dict) and isinstance(patterns, dict) and
-                        _same(ctx.get("additionalProperties", True), schema.get("additionalProperties", True)) and
-                        _same(ctx.get("patternProperties") or {}, patterns) and
-                        isinstance(ctx.get("properties", {}), dict)):
+                if not self._members_known(schema, keys, names, context):
                     raise _Unsupported("additionalProperties" if "additionalProperties" in keys
                                        else "patternProperties",
                                        "negating additional or pattern properties of an object whose other keys "
@@ -630,16 +660,18 @@ class _Rewriter:
                                               "start, or one class or word anywhere)")
             branches.append({"type": "string", "pattern": complement})
             keys.discard("pattern")
+        # Their parts apply to the same instance: the surrounding schema's facts hold for them too.
+        here = dict(keys=names, props=context_props or None, items=items, context=context)
         if "anyOf" in keys:
-            branches.append(_all([self.negate(s, types, refs) for s in schema["anyOf"]]))
+            branches.append(_all([self.negate(s, types, refs, **here) for s in schema["anyOf"]]))
             keys.discard("anyOf")
         if "allOf" in keys:
-            branches.append({"anyOf": [self.negate(s, types, refs) for s in schema["allOf"]]})
+            branches.append({"anyOf": [self.negate(s, types, refs, **here) for s in schema["allOf"]]})
             keys.discard("allOf")
         if "oneOf" in keys:  # none of them, or two at once
             opts = schema["oneOf"]
             pairs = [{"allOf": [opts[i], opts[j]]} for i in range(len(opts)) for j in range(i + 1, len(opts))]
-            branches.append({"anyOf": [_all([self.negate(s, types, refs) for s in opts]), *pairs]})
+            branches.append({"anyOf": [_all([self.negate(s, types, refs, **here) for s in opts]), *pairs]})
             keys.discard("oneOf")
         if "not" in keys:
             branches.append(schema["not"])
@@ -668,6 +700,47 @@ class _Rewriter:
             raise _Unsupported(left[0], f'negating "{left[0]}" has no exact schema form here')
         return _any(branches, types)
 
+    def _names_rejected(self, names_schema: Any, names: list) -> list | None:
+        """The `names` that `jsonschema` rejects against `names_schema` (a propertyNames schema), or None
+        where it cannot tell here (a format, which is checked otherwise; a schema it cannot evaluate)."""
+        if '"format"' in json.dumps(names_schema):
+            return None
+        try:
+            from jsonschema.validators import validator_for
+        except ImportError:
+            return None
+        if self._validator is None:
+            self._validator = validator_for(self.original)(self.original)
+        try:
+            checker = self._validator.evolve(schema=names_schema)
+            return [n for n in names if not checker.is_valid(n)]
+        except Exception:  # noqa: BLE001 - a schema jsonschema cannot evaluate
+            return None
+
+    def _negate_sized(self, bounded: bool, schema: Any, types: frozenset | None, **kwargs) -> Any:
+        """negate() of a subschema of an object node whose size is `bounded` (maxProperties): there "some
+        member fails" is not written, since the layer could not always add the member it needs."""
+        outer, self.sizes_bounded = self.sizes_bounded, bounded
+        try:
+            return self.negate(schema, types, **kwargs)
+        finally:
+            self.sizes_bounded = outer
+
+    def _members_known(self, schema: dict, keys: set, names: list | None, context: Any) -> bool:
+        """Can negate() write the negation of `schema`'s properties / patternProperties /
+        additionalProperties (those in `keys`) as a schema? Only where the keys that could break them are
+        known: the surrounding objects' own keys (`names`), or their additional and pattern properties
+        are the same as `schema`'s."""
+        if not isinstance(schema.get("properties", {}), dict) or names is not None:
+            return True  # negate() refuses it, or writes it over the known keys
+        if not ("patternProperties" in keys or "additionalProperties" in keys):
+            return True
+        ctx = self.plain(context)
+        patterns = schema.get("patternProperties") or {}
+        return isinstance(ctx, dict) and isinstance(patterns, dict) and \
+            _same(ctx.get("additionalProperties", True), schema.get("additionalProperties", True)) and \
+            _same(ctx.get("patternProperties") or {}, patterns) and isinstance(ctx.get("properties", {}), dict)
+
     def _value_context(self, name: str, context_props: dict, context: Any) -> Any:
         """The schema the surrounding objects give the value at key `name`: its declared one, else its
         `additionalProperties` where no pattern property could match (None: unknown)."""
@@ -685,9 +758,10 @@ class _Rewriter:
         if context is not None and _same(self.plain(schema), context):
             return False  # every instance of the context satisfies it
         if not isinstance(context, dict):
-            return self.negate(schema, None, refs)
-        return self.negate(schema, _possible_types(context, self.plain), refs, keys=_closed_keys(context),
-                           props=context.get("properties"), items=context.get("items"), context=context)
+            return self._negate_sized(False, schema, None, refs=refs)
+        return self._negate_sized("maxProperties" in context, schema, _possible_types(context, self.plain), refs=refs,
+                                  keys=_closed_keys(context), props=context.get("properties"),
+                                  items=context.get("items"), context=context)
 
     def plain(self, node: Any) -> Any:
         """`node`, or the target of a plain `$ref` (one with nothing beside it)."""

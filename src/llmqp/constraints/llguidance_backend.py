@@ -467,7 +467,7 @@ class LLGuidanceBackend(ConstraintBackend):
         try:
             return self._compile(spec, tokenizer, some_item=True)
         except ConstraintError as e:
-            if 'keyword "contains"' not in str(e):
+            if 'keyword "contains"' not in str(e) and "a negated object keyword" not in str(e):
                 raise
         # A negated `items` became a `contains` at a place the layer cannot name (an option among
         # others, ...): try the other exact rewrites without it (which may refuse the negation).
@@ -545,9 +545,10 @@ class LLGuidanceBackend(ConstraintBackend):
             schema = schema_tools.close_objects(schema)
         schema_tools.check_min_properties(schema)
         schema, with_contains = contains.extract(schema)  # first: uniqueItems beside contains is then refused
+        contains.check_placed(schema)
         schema, arrays = unique.extract(schema)
         schema = schema_tools.exact_bounds(schema)  # last: the rewrites above may add bounds
-        if set(arrays) & set(with_contains):
+        if set(arrays) & {p for p, a in with_contains.items() if isinstance(a, contains.ContainsArray)}:
             raise ConstraintError('json_schema: keyword "contains" beside "uniqueItems" on the same array is not '
                                   "supported (the two layers together could leave no token)")
         try:
