@@ -27,6 +27,13 @@ While no member of an object at such a place does, the tokens that close it (`}`
 member is judged on its completed value. Beside it: `type` and `minProperties` (nothing that bounds the
 object's size), so one more member can always be added.
 
+And it enforces a number the grammar cannot describe (`SCALAR`: `{"type": "number", SCALAR: S}`, which
+the keyword rewrite writes for a number-only schema with a keyword it has no exact form for -- a negated
+`multipleOf`, "not an integer" --, keeping S as written): the grammar generates numbers, and the tokens
+that would end one at such a place (a byte after it, or the end of the output) are removed while
+`jsonschema` rejects the number against S. Its digits can always go on (a number the grammar bounds from
+above may not reach a valid one: then generation runs to `max_tokens`, as below).
+
 Not done: whether S and the item schema admit a common item is not decided here; when they do not, no
 output satisfies the schema and generation runs to `max_tokens` (finish_reason "length", never a
 stopped invalid output; an item schema that admits no item at all leaves only `]`, and `allowed()`
@@ -38,7 +45,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -51,6 +60,9 @@ from llmqp.errors import ConstraintError
 _BESIDE = {"type", "items", "minItems", "contains"}
 SOME_MEMBER = "x-llmqp-some-member"  # written by the keyword rewrite only; see the module's docstring
 _BESIDE_MEMBER = {"type", "minProperties", SOME_MEMBER}
+SCALAR = "x-llmqp-scalar"  # likewise
+_BESIDE_SCALAR = {"type", SCALAR, "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+MARKERS = (SOME_MEMBER, SCALAR)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -94,12 +106,13 @@ class SomeMemberObject:
 
 
 # ----------------------------------------------------------------------------------- compile time
-def extract(schema: Any) -> tuple[Any, dict[tuple, ContainsArray | SomeMemberObject]]:
+def extract(schema: Any, source: Any = None) -> tuple[Any, dict[tuple, ContainsArray | SomeMemberObject | ScalarValue]]:
     """(schema without the `contains` and `SOME_MEMBER` this module enforces, {output path: ContainsArray
     or SomeMemberObject}). The schema is copied before any change; a `contains` left in it is refused by
     the grammar backend, and so is a `SOME_MEMBER` (`check_placed`). Raises ConstraintError for a
-    statically placed `contains` whose array could be bounded (an object, for `SOME_MEMBER`)."""
-    if not _mentions(schema, "contains") and not _mentions(schema, SOME_MEMBER):
+    statically placed `contains` whose array could be bounded (an object, for `SOME_MEMBER`). `source`:
+    the schema as the user wrote it, against which the kept schemas of `SCALAR` resolve their `$ref`s."""
+    if not _mentions(schema, "contains") and not any(_mentions(schema, m) for m in MARKERS):
         return schema, {}
     import jsonschema
 
@@ -110,21 +123,27 @@ def extract(schema: Any) -> tuple[Any, dict[tuple, ContainsArray | SomeMemberObj
     if "contains" in cls.VALIDATORS:  # draft 4 and earlier: `contains` is no keyword there (left to the backend)
         out.update(_extract_contains(schema, original, cls))
     if _mentions(schema, SOME_MEMBER):
-        objects = _extract_some_member(schema, original, cls)
+        objects = _extract_some_member(schema, original if source is None else source, cls)
         if set(objects) & set(out):
             raise ConstraintError(f'json_schema: a negated object keyword at {next(iter(objects.values())).where} '
                                   "is not supported where a contains array may be too")
         out.update(objects)
+    if _mentions(schema, SCALAR):
+        scalars = _extract_scalars(schema, schema if source is None else source, cls)
+        if set(scalars) & set(out):
+            raise ConstraintError(f"json_schema: a number keyword at {next(iter(scalars.values())).where} is not "
+                                  "supported where an array or object layer may be too")
+        out.update(scalars)
     return schema, out
 
 
-def _extract_some_member(schema: Any, original: Any, cls) -> dict:
+def _extract_some_member(schema: Any, source: Any, cls) -> dict:
     placed, elsewhere = places(schema, SOME_MEMBER, "object")
     found: dict[tuple, list] = {}
     for key, uses in placed.items():
         node = uses[0][0]
-        if key in elsewhere or not _refs_resolve(original, node[SOME_MEMBER]) or \
-                _mentions(node[SOME_MEMBER], SOME_MEMBER):
+        if key in elsewhere or not _refs_resolve(source, node[SOME_MEMBER]) or \
+                any(_mentions(node[SOME_MEMBER], m) for m in MARKERS):
             continue  # left: check_placed refuses it
         extra = set(node) - _ANNOTATIONS - _BESIDE_MEMBER
         if extra:
@@ -136,7 +155,7 @@ def _extract_some_member(schema: Any, original: Any, cls) -> dict:
     if not found:
         return {}
     refuse_shared(found, "not")
-    root = cls(original)
+    root = cls(source)
     objects = {path: SomeMemberObject(validators=tuple(root.evolve(schema=node[SOME_MEMBER]) for node, _ in nodes),
                                       where=nodes[0][1])
                for path, nodes in found.items()}
@@ -146,11 +165,83 @@ def _extract_some_member(schema: Any, original: Any, cls) -> dict:
     return objects
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScalarValue:
+    """A number at a `SCALAR` place: `validator` decides it whole. `integer`: the grammar writes integers
+    there (so `0` and `-0` cannot grow: the layer takes them only where they are valid)."""
+
+    validator: Any = dataclasses.field(repr=False)
+    where: str = "#"
+    integer: bool = False
+
+    def valid(self, raw: bytes) -> bool:
+        try:
+            return self.holds(json.loads(raw, parse_float=exact_number))
+        except ValueError:  # not a number yet
+            return False
+
+    def holds(self, value: Any) -> bool:
+        if isinstance(value, decimal.Decimal):
+            return False  # no int or float says it exactly (1e-400, an integer of thousands of digits)
+        try:
+            return bool(self.validator.is_valid(value))
+        except (ArithmeticError, TypeError, OverflowError):  # one jsonschema cannot decide
+            return False
+
+
+def exact_number(text: str) -> int | float | decimal.Decimal:
+    """A JSON number with a fraction or exponent as jsonschema should see it: an int where it is an
+    integer (`7786E314` is one; as a float it would be inf, which is no integer), a float where one is
+    close (finite, and not 0 for a number that is not), else the Decimal (a layer rejects it)."""
+    try:
+        d = decimal.Decimal(text)
+    except decimal.InvalidOperation:  # an exponent past what Decimal takes
+        return decimal.Decimal("NaN")
+    if d.adjusted() > 4000:
+        return d
+    if d == d.to_integral_value():
+        return int(d)
+    f = float(d)
+    return f if math.isfinite(f) and f != 0 else d
+
+
+def _extract_scalars(schema: Any, source: Any, cls) -> dict:
+    placed, elsewhere = places(schema, SCALAR, "number")
+    found: dict[tuple, list] = {}
+    for key, uses in placed.items():
+        node = uses[0][0]
+        if key in elsewhere or not _refs_resolve(source, node[SCALAR]) or \
+                any(_mentions(node[SCALAR], m) for m in MARKERS) or set(node) - _ANNOTATIONS - _BESIDE_SCALAR or \
+                node.get("type") not in ("number", "integer"):
+            continue  # left: check_placed refuses it
+        for _, path, where in uses:
+            found.setdefault(path, []).append((node, where))
+    if not found:
+        return {}
+    refuse_shared(found, "not")
+    root = cls(source)
+    values = {}
+    for path, nodes in found.items():
+        parts = [node[SCALAR] for node, _ in nodes]
+        values[path] = ScalarValue(validator=root.evolve(schema=parts[0] if len(parts) == 1 else {"allOf": parts}),
+                                   where=nodes[0][1], integer=all(node["type"] == "integer" for node, _ in nodes))
+    for nodes in found.values():
+        for node, _ in nodes:
+            node.pop(SCALAR, None)
+    return values
+
+
 def check_placed(schema: Any) -> None:
-    """ConstraintError for a `SOME_MEMBER` that `extract` could not place (llguidance would ignore it)."""
+    """ConstraintError for a `SOME_MEMBER` or `SCALAR` that `extract` could not place (llguidance would
+    ignore it)."""
     from llmqp.constraints.schema import walk
 
     for node, path in walk(schema):
+        if SCALAR in node:
+            raise ConstraintError(f"json_schema: a number keyword at {path} (a negated multipleOf or type, ...) "
+                                  "is not supported here: only numbers reached from the root through "
+                                  "properties, items and the one anyOf/oneOf option that admits numbers there "
+                                  "are enforced")
         if SOME_MEMBER in node:
             raise ConstraintError(f"json_schema: a negated object keyword (properties, patternProperties, "
                                   f"additionalProperties or propertyNames) at {path} is not supported here: "
@@ -228,6 +319,7 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
     node, and must not remove its keyword."""
     placed: dict[int, list] = {}
     elsewhere: set[int] = set()
+    every = _BOTH | {kind}  # the kinds of value whose place is followed
     seen_static: set = set()
     seen_dynamic: set[int] = set()
 
@@ -269,12 +361,12 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
             if key == "properties" and isinstance(value, dict):
                 for name, sub in value.items():
                     if "object" in kinds:
-                        static(sub, path + (name,), _BOTH, refs, f"{where}/properties/{name}")
+                        static(sub, path + (name,), every, refs, f"{where}/properties/{name}")
                     else:
                         dynamic(sub)
             elif key == "items" and isinstance(value, dict):
                 if "array" in kinds:
-                    static(value, path + (ITEM,), _BOTH, refs, f"{where}/items")
+                    static(value, path + (ITEM,), every, refs, f"{where}/items")
                 else:
                     dynamic(value)
             elif key == "allOf" and isinstance(value, list):
@@ -294,12 +386,12 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
                     if step is None:
                         dynamic(sub)  # a key two schemas may govern: not a known place
                     else:
-                        static(sub, path + (step,), _BOTH, refs, where + sub_where)
+                        static(sub, path + (step,), every, refs, where + sub_where)
             elif key not in ("definitions", "$defs"):  # definitions apply only through a $ref
                 for sub in _children(key, value):
                     dynamic(sub)
 
-    static(root, (), _BOTH, (), "#")
+    static(root, (), every, (), "#")
     return placed, elsewhere
 
 
@@ -343,9 +435,9 @@ def _mentions(schema, keyword: str = "contains") -> bool:
     return False
 
 
-def check_value(value: Any, arrays: dict[tuple, ContainsArray | SomeMemberObject], path: tuple = ()) -> bool:
-    """True when every array at a `contains` path of `value` has an item that satisfies it, and every
-    object at a `SOME_MEMBER` path a member that fails it (accepts())."""
+def check_value(value: Any, arrays: dict, path: tuple = ()) -> bool:
+    """True when every array at a contains path of `value` has an item that satisfies it, every object
+    at a `SOME_MEMBER` path a member that fails it, and every number at a `SCALAR` path is valid (accepts())."""
     if isinstance(value, dict):
         spec = lookup(arrays, path)
         if isinstance(spec, SomeMemberObject) and not spec.holds(value):
@@ -356,6 +448,10 @@ def check_value(value: Any, arrays: dict[tuple, ContainsArray | SomeMemberObject
         if isinstance(spec, ContainsArray) and not spec.holds(value):
             return False
         return all(check_value(v, arrays, path + (ITEM,)) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        spec = lookup(arrays, path)
+        if isinstance(spec, ScalarValue):
+            return spec.holds(value)
     return True
 
 
@@ -384,12 +480,13 @@ class ScanState:
     lex: bytes | None = None  # the scalar being read (a string starts with `"`), or None
     escaped: bool = False
     pos: int = 0
+    number: ScalarValue | None = None  # the number being read is at a SCALAR place: its check
 
 
 def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, ContainsArray]) -> ScanState | None:
     """`state` after the bytes `data` (`out` is the output before them), or None when they close an
     array at a contains place none of whose items matches. Assumes `data` is what the grammar allows."""
-    stack, lex, escaped, pos = state.stack, state.lex, state.escaped, state.pos
+    stack, lex, escaped, pos, number = state.stack, state.lex, state.escaped, state.pos, state.number
     text = Text(out, data, pos)
     for b in data:
         if lex is not None and lex[:1] == b'"':
@@ -408,8 +505,10 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
                 lex += bytes((b,))
                 pos += 1
                 continue
+            if number is not None and not number.valid(lex):
+                return None  # ends a number its place's schema rejects
             stack = _complete(stack, text, pos, lex)
-            lex = None
+            lex = number = None
         if b in _WS or b == 0x3A:  # whitespace, `:`
             pass
         elif b == 0x2C:  # `,`
@@ -427,10 +526,15 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
                 return None
             stack = _complete_composite(stack[:-1], text, pos + 1)
         else:
+            if b != 0x22 and not (stack and stack[-1].kind == "o" and stack[-1].expect_key):
+                spec = lookup(arrays, _child_path(stack))  # a value (not a key) starts
+                number = spec if isinstance(spec, ScalarValue) else None
             stack = _start_item(stack, pos)
             lex = bytes((b,))  # `"` or the first byte of a number / literal
         pos += 1
-    return ScanState(stack, lex, escaped, pos)
+    if number is not None and number.integer and lex in (b"0", b"-0") and not number.valid(lex):
+        return None  # an integer 0 cannot grow into a valid one
+    return ScanState(stack, lex, escaped, pos, number if lex is not None else None)
 
 
 def _start_item(stack: tuple, pos: int) -> tuple:
@@ -489,12 +593,17 @@ class ContainsMatcher(Matcher):
         self.vocab_size, self.eos_ids = inner.vocab_size, inner.eos_ids
         closers = (b"]", b"}") if any(isinstance(a, SomeMemberObject) for a in arrays.values()) else (b"]",)
         self._may_close = np.array([any(c in t for c in closers) for t in token_bytes] + [False], dtype=bool)
+        self._numbers = any(isinstance(a, ScalarValue) for a in arrays.values())
+        if self._numbers:  # tokens that may end a number: a byte no number has
+            self._may_end = np.array([any(b not in _SCALAR_BYTES for b in t) for t in token_bytes] + [False],
+                                     dtype=bool)
+            self._digit = np.array([any(0x30 <= b <= 0x39 for b in t) for t in token_bytes] + [False], dtype=bool)
         self._states = [ScanState()]  # one per accepted token (+ the start)
         self._out = bytearray()  # the output's bytes
 
     def _next(self, state: ScanState, tok: int) -> ScanState | None:
-        if tok in self.eos_ids:
-            return state
+        if tok in self.eos_ids:  # the output ends: so does a number in progress (a root number)
+            return None if state.number is not None and not state.number.valid(state.lex) else state
         data = self._bytes[tok] if tok < len(self._bytes) else b""
         return scan(state, data, self._out, self._arrays)
 
@@ -505,7 +614,14 @@ class ContainsMatcher(Matcher):
         state = self._states[-1]
         # Only a `]` (`}`) closes an array (object); one at a place can also be opened and closed by the
         # same token (`[]`), so every allowed closing token is checked while any such place can be reached.
-        candidates = base[self._may_close[np.minimum(base, len(self._may_close) - 1)]]
+        index = np.minimum(base, len(self._may_close) - 1)
+        may = self._may_close[index]
+        if self._numbers:
+            if state.number is not None:  # a number at a place is being read: what ends it is checked
+                may = may | self._may_end[index] | self._digit[index] | np.isin(base, list(self.eos_ids))
+            elif state.lex is None:  # one may start (and end) within a token
+                may = may | self._digit[index]
+        candidates = base[may]
         bad = [t for t in candidates.tolist() if self._next(state, t) is None]
         if not bad:
             return base

@@ -60,6 +60,7 @@ MAX_REWRITTEN_CHARS = 400_000  # a rewrite that grows the schema past this is re
 _ANNOTATIONS = {"$schema", "$id", "id", "$anchor", "$comment", "$defs", "definitions", "title",
                 "description", "default", "examples", "example", "readOnly", "writeOnly", "deprecated",
                 "$vocabulary", "contentMediaType", "contentEncoding", "discriminator"}
+_BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 # Keywords that constrain instances (any other keyword is an annotation: its negation is `false`).
 _VALIDATION = {"type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum",
                "maxLength", "minLength", "pattern", "items", "additionalItems", "prefixItems", "maxItems", "minItems",
@@ -195,11 +196,44 @@ class _Rewriter:
         self.first_keyword = self.first_where = None
         self.some_item = True  # a negated `items` may become `contains` (negated member keywords SOME_MEMBER)
         self.sizes_bounded = False  # negating inside an object whose size is bounded
+        self.scalars = 0  # numbers written for the layer to check (contains.SCALAR)
 
     # ------------------------------------------------------------------------------ the tree walk
     def node(self, node: Any, path: str) -> Any:
         if not isinstance(node, dict):
             return node
+        # A schema of numbers only, as the user wrote it, with a keyword that has no exact form here (or
+        # whose rewrite needs the layer's number check somewhere inside): the grammar generates any
+        # number, and the token-level layer checks each one whole against the schema
+        # (`llmqp.constraints.contains.SCALAR`) where its place is known.
+        before = self.scalars
+        try:
+            out = self._node(node, path)
+        except _Unsupported as e:
+            if e.why.startswith("unknown format") or not self._wrap_number(node):
+                raise
+            self._at(e.keyword, path)
+            return node
+        if self.scalars > before:
+            self._wrap_number(node)
+        return out
+
+    def _wrap_number(self, node: dict) -> bool:
+        """Make `node` (a node of the schema as given, admitting numbers only) a number the layer checks
+        against its original form. False (node unchanged) where it is not such a node."""
+        original = self._originals.get(id(node))
+        types = _possible_types(original, self.plain) if isinstance(original, dict) else None
+        if not self.some_item or not types or not types <= {"number", "integer"}:
+            return False
+        node.clear()
+        node.update({"type": "number" if "number" in types else "integer", contains.SCALAR: original})
+        # its own bounds too, so that the grammar does not start numbers the layer could never end
+        node.update({k: original[k] for k in _BOUND_KEYS if k in original and
+                     (_is_number(original[k]) or isinstance(original[k], bool))})
+        self.scalars += 1
+        return True
+
+    def _node(self, node: dict, path: str) -> Any:
         self.visited.add(id(node))
         if self._fold_finite(node, path):
             return node if node["enum"] else False
@@ -535,8 +569,8 @@ class _Rewriter:
             return True
         if not isinstance(schema, dict):
             raise _Unsupported("not", f"{schema!r} is not a schema")
-        if contains.SOME_MEMBER in schema:
-            raise _Unsupported("not", "negating a negated object keyword")
+        if any(m in schema for m in contains.MARKERS):
+            raise _Unsupported("not", "negating a keyword only the token-level layer enforces")
         branches: list = []
         names, context_props = keys, props if isinstance(props, dict) else {}
         own_types = _possible_types(schema, self.plain)
@@ -552,7 +586,15 @@ class _Rewriter:
             branches.append(self.negate(self.resolve(ref), types, refs + (ref,), names, props, items))
             keys.discard("$ref")
         if "type" in keys:
-            branches.append(_negate_type(schema["type"], types))
+            try:
+                branches.append(_negate_type(schema["type"], types))
+            except _Unsupported:
+                if not self.some_item:
+                    raise
+                # "a number with a fraction": numbers the layer checks whole (contains.SCALAR)
+                branches.append(_negate_type(schema["type"], types, fraction={
+                    "type": "number", contains.SCALAR: {"not": {"type": "integer"}}}))
+                self.scalars += 1
             keys.discard("type")
         if "enum" in keys or "const" in keys:
             values = list(schema["enum"]) if "enum" in schema else []
@@ -576,7 +618,9 @@ class _Rewriter:
             # Some member fails these keywords (each judges a member alone): the token-level layer
             # enforces it where the object's place is known (`llmqp.constraints.contains.SOME_MEMBER`);
             # elsewhere the backend refuses it.
-            branches.append({"type": "object", contains.SOME_MEMBER: {k: schema[k] for k in sorted(member_keys)}})
+            written = self._originals.get(id(schema), schema)  # as the user wrote it, where it is theirs
+            branches.append({"type": "object", contains.SOME_MEMBER: {
+                k: copy.deepcopy(written[k] if k in written else schema[k]) for k in sorted(member_keys)}})
             keys -= member_keys
         if keys & {"properties", "additionalProperties", "patternProperties"}:
             props = schema.get("properties", {})
@@ -695,6 +739,10 @@ class _Rewriter:
         if "format" in keys and self.unknown_formats is UnknownFormats.ANNOTATION and \
                 not formats.is_standard(schema["format"]):
             keys.discard("format")  # an annotation: it holds for every instance
+        if "multipleOf" in keys and self.some_item:  # numbers the layer checks whole (contains.SCALAR)
+            branches.append({"type": "number", contains.SCALAR: {"not": {"multipleOf": schema["multipleOf"]}}})
+            self.scalars += 1
+            keys.discard("multipleOf")
         left = sorted(keys & _VALIDATION)
         if left:
             raise _Unsupported(left[0], f'negating "{left[0]}" has no exact schema form here')
@@ -996,14 +1044,18 @@ def _all(parts: list) -> Any:
     return kept[0] if len(kept) == 1 else {"allOf": kept}
 
 
-def _negate_type(value: Any, types: frozenset | None) -> Any:
+def _negate_type(value: Any, types: frozenset | None, fraction: Any = None) -> Any:
+    """The values (of `types`) that are not of type `value`. Negating "integer" among numbers needs "a
+    number with a fraction", which has no schema form: the schema `fraction` says it, or _Unsupported."""
     given = {value} if isinstance(value, str) else set(value)
     others = [t for t in TYPES if t != "number" and t not in given and (types is None or t in types)]
     if "number" not in given:
         if "integer" in given:
             if types is None or "number" in types:
-                raise _Unsupported("type", 'negating "integer" needs "a number with a fraction", which has no '
-                                           "schema form")
+                if fraction is None:
+                    raise _Unsupported("type", 'negating "integer" needs "a number with a fraction", which has '
+                                               "no schema form")
+                return {"anyOf": [{"type": others}, fraction]} if others else fraction
         elif types is None or "number" in types:
             others.append("number")
         elif "integer" in types:

@@ -280,10 +280,11 @@ class LLGuidanceConstraint(CompiledConstraint):
             return self._accepts_any_order(text)
         try:
             value = json.loads(text)
+            exact = json.loads(text, parse_float=contains.exact_number) if self.contains_arrays else value
         except ValueError:
             return False
         return unique.check_value(value, self.unique_arrays) and \
-            contains.check_value(value, self.contains_arrays) and self._accepts_any_order(text)
+            contains.check_value(exact, self.contains_arrays) and self._accepts_any_order(text)
 
     def _accepts_any_order(self, text: str) -> bool:
         if self._accepts(text):
@@ -467,7 +468,7 @@ class LLGuidanceBackend(ConstraintBackend):
         try:
             return self._compile(spec, tokenizer, some_item=True)
         except ConstraintError as e:
-            if 'keyword "contains"' not in str(e) and "a negated object keyword" not in str(e):
+            if not any(m in str(e) for m in ('keyword "contains"', "a negated object keyword", "a number keyword")):
                 raise
         # A negated `items` became a `contains` at a place the layer cannot name (an option among
         # others, ...): try the other exact rewrites without it (which may refuse the negation).
@@ -536,6 +537,7 @@ class LLGuidanceBackend(ConstraintBackend):
             raise ConstraintError('json_schema: "x-guidance" options are not accepted; use '
                                   "strict= and whitespace= instead")
         schema = schema_tools.ignore_ref_siblings(schema)
+        source = schema  # as written (the token-level layers check numbers against it)
         schema_tools.check_keywords(schema)
         if keywords.needs_rewrite(schema, one_of=one_of):
             # before closing: `not` must see the open schema
@@ -544,7 +546,7 @@ class LLGuidanceBackend(ConstraintBackend):
         if spec.strict:
             schema = schema_tools.close_objects(schema)
         schema_tools.check_min_properties(schema)
-        schema, with_contains = contains.extract(schema)  # first: uniqueItems beside contains is then refused
+        schema, with_contains = contains.extract(schema, source)  # first: uniqueItems beside contains is then refused
         contains.check_placed(schema)
         schema, arrays = unique.extract(schema)
         schema = schema_tools.exact_bounds(schema)  # last: the rewrites above may add bounds

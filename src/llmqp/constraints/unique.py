@@ -263,14 +263,23 @@ def _admits(root, node, kind: str) -> bool:
     if not isinstance(node, dict):
         return True
     t = node.get("type")
+    kinds = {kind, "integer"} if kind == "number" else {kind}  # an integer is a number
     if isinstance(t, str):
-        return t == kind
+        return t in kinds
     if isinstance(t, list):
-        return kind in t
+        return bool(kinds & set(t))
     if "enum" in node or "const" in node:
         values = [node["const"]] if "const" in node else node["enum"]
-        return isinstance(values, list) and any(isinstance(v, list if kind == "array" else dict) for v in values)
+        return isinstance(values, list) and any(_kind_of(v) == kind for v in values)
     return True
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "literal"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {list: "array", dict: "object", str: "string"}.get(type(value), "other")
 
 
 def _where(step) -> str:
