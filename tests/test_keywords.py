@@ -508,6 +508,43 @@ def test_contains_step_by_step(tk):
     assert m.count_allowed([token_id(tk, t) for t in ['"', "no", '"', "]"]]) == 4
 
 
+@pytest.mark.parametrize("schema, texts", [
+    ({"type": "string", "maxLength": 8, "pattern": "^[a-z]*(?<!q)$"},  # a look-behind
+     ['"abc"', '"abq"', '""', '"ab1"', '"abcdefghij"', '"q"', "5"]),
+    ({"type": "object", "properties": {"re": {"type": "string", "format": "regex"}}},
+     ['{"re":"a+"}', '{"re":"(a"}', '{"re":"*"}', "{}", '{"re":"[a-z]{2}"}', '{"re":1}']),
+    ({"type": "object", "properties": {"host": {"type": "string", "pattern": "^(?!-)[a-z0-9-]{1,9}(?<!-)$"}}},
+     ['{"host":"ab-c"}', '{"host":"-ab"}', '{"host":"ab-"}', '{"host":"a"}', '{"host":"A"}']),
+    ({"type": "string", "maxLength": 6, "not": {"pattern": "^(a+)\\1$"}},  # a back-reference
+     ['"aa"', '"aaaa"', '"aaa"', '"ab"', '""']),
+    ({"type": "string", "maxLength": 6, "not": {"pattern": "^[a&&b]+$"}},  # a class of a, & and b (as ECMA)
+     ['"ab"', '"a&"', '"xy"', '"a"']),
+])
+def test_strings_checked_whole(tk, schema, texts):
+    """A string the grammar cannot describe exactly (a look-behind, the regex format) is generated under a
+    wider pattern and checked whole by the layer: the closing quote only where jsonschema (formats
+    asserted) accepts the string."""
+    from llmqp.testing import token_texts
+
+    checker = jsonschema.validators.validator_for(schema)(schema, format_checker=jsonschema.FormatChecker())
+    c = compile_constraint(make_spec(json_schema=schema, strict=False), tk)
+    verdicts = {t: checker.is_valid(json.loads(t)) for t in texts}
+    assert True in verdicts.values() and False in verdicts.values()
+    assert {t: c.accepts(t) for t in texts} == verdicts
+    for text, ok in verdicts.items():  # token by token: the last quote is removed exactly where invalid
+        head, quote = text.rsplit('"', 1) if '"' in text else (None, None)
+        if head is None or not (text.endswith('"') or text.endswith('"}')):
+            continue
+        m = c.matcher()
+        if m.count_allowed(tk.encode(head)) < len(tk.encode(head)):
+            assert not ok, text  # the wider pattern already excludes it
+            continue
+        for tok in tk.encode(head):
+            m.accept(tok)
+        closing = {t for t in token_texts(tk, m.allowed()) if t.startswith('"')}
+        assert ('"' in closing or '"}' in closing) == ok, (text, sorted(closing)[:5])
+
+
 def test_some_member_step_by_step(tk):
     """A negated patternProperties: the layer removes the tokens that close the object until a member
     fails the negated keywords (here: a value that is not true), and only those."""
@@ -551,8 +588,9 @@ def test_unique_items_use_json_equality(tk, schema, text):
 
 
 @pytest.mark.parametrize("schema, keyword", [
-    ({"type": "string", "not": {"pattern": "^(a)\\1$"}}, "pattern"),  # a back-reference: not regular
-    ({"type": "string", "not": {"pattern": "^[a&&b]+$"}}, "pattern"),  # Rust class operators: refused
+    ({"type": "object", "properties": {"k": {"type": "integer"}}, "oneOf": [  # a string with a back-reference
+        {"properties": {"k": {"const": 1}, "s": {"type": "string", "not": {"pattern": "^(a)\\1$"}}}},
+        {"properties": {"k": {"const": 2}}}, {"properties": {"k": {"const": 3}, "s": {"const": "x"}}}]}, "pattern"),
     ({"type": "array", "items": {"type": "object", "additionalProperties": False}, "uniqueItems": True},
      "uniqueItems"),  # items: closed objects (a repeat could be forced)
     ({"type": "array", "items": {"type": "array", "maxItems": 2}, "uniqueItems": True}, "uniqueItems"),
@@ -731,7 +769,9 @@ def test_finite_rewrite_needs_the_original_node(tk):
     assert keywords.rewrite(schema) == {"enum": ["b"]}
     with_format = {"allOf": [{"enum": ["2020-01-01", "x"]}, {"not": {"format": "date"}}]}
     with pytest.raises(ConstraintError, match='"format"'):
-        compile_constraint(make_spec(json_schema=with_format), tk)
+        keywords.rewrite(with_format, some_item=False)
+    c = compile_constraint(make_spec(json_schema=with_format), tk)  # a string the layer checks whole instead
+    assert c.accepts('"x"') and not c.accepts('"2020-01-01"')
 
 
 def test_oneof_of_objects_is_an_anyof_inside_an_object_schema():
@@ -868,15 +908,24 @@ def test_unknown_format_is_refused_unless_annotation(tk, fmt):
         assert c.accepts(compact_json(value)) == checker.is_valid(value), value
 
 
-@pytest.mark.parametrize("schema", [
-    {"type": "string", "format": "regex"},  # standard, not regular: refused even as "annotation"
+@pytest.mark.parametrize("string", [
+    {"type": "string", "format": "regex"},  # standard, not regular
     {"type": "string", "format": "idn-hostname"},
     {"type": "string", "not": {"format": "date"}},
 ])
-def test_standard_formats_without_exact_form_are_refused(tk, schema):
+def test_standard_formats_without_exact_form(tk, string):
+    """Checked whole by the layer (jsonschema's format checker) where the string's place is known, under
+    either policy; refused where it is not (an option among others)."""
+    checker = jsonschema.Draft202012Validator(string, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     for policy in ("refuse", "annotation"):
+        c = compile_constraint(make_spec(json_schema=string, unknown_formats=policy), tk)
+        for value in ["(a", "a+", "xn--bcher-kva.example", "-a", "2024-01-02", "2024-13-02", "ok"]:
+            assert c.accepts(json.dumps(value)) == checker.is_valid(value), (value, string)
+        nested = {"type": "object", "properties": {"k": {"type": "integer"}}, "oneOf": [
+            {"properties": {"k": {"const": 1}, "s": string}, "required": ["s"]},
+            {"properties": {"k": {"const": 2}, "s": {"const": 5}}}]}
         with pytest.raises(ConstraintError, match='"format"'):
-            compile_constraint(make_spec(json_schema=schema, unknown_formats=policy), tk)
+            compile_constraint(make_spec(json_schema=nested, unknown_formats=policy), tk)
 
 
 def test_formats_are_rewritten_where_only_a_ref_reaches(tk):

@@ -61,7 +61,8 @@ _BESIDE = {"type", "items", "minItems", "contains"}
 SOME_MEMBER = "x-llmqp-some-member"  # written by the keyword rewrite only; see the module's docstring
 _BESIDE_MEMBER = {"type", "minProperties", SOME_MEMBER}
 SCALAR = "x-llmqp-scalar"  # likewise
-_BESIDE_SCALAR = {"type", SCALAR, "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_BESIDE_SCALAR = {"type", SCALAR, "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
+                  "pattern"}  # what the rewrite keeps for the grammar: only wider than the schema kept for the layer
 MARKERS = (SOME_MEMBER, SCALAR)
 
 
@@ -167,12 +168,14 @@ def _extract_some_member(schema: Any, source: Any, cls) -> dict:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ScalarValue:
-    """A number at a `SCALAR` place: `validator` decides it whole. `integer`: the grammar writes integers
-    there (so `0` and `-0` cannot grow: the layer takes them only where they are valid)."""
+    """A number (`kind` "number") or a string ("string") at a `SCALAR` place: `validator` decides it
+    whole. `integer`: the grammar writes integers there (so `0` and `-0` cannot grow: the layer takes
+    them only where they are valid)."""
 
     validator: Any = dataclasses.field(repr=False)
     where: str = "#"
     integer: bool = False
+    kind: str = "number"
 
     def valid(self, raw: bytes) -> bool:
         try:
@@ -206,29 +209,58 @@ def exact_number(text: str) -> int | float | decimal.Decimal:
 
 
 def _extract_scalars(schema: Any, source: Any, cls) -> dict:
-    placed, elsewhere = places(schema, SCALAR, "number")
     found: dict[tuple, list] = {}
-    for key, uses in placed.items():
-        node = uses[0][0]
-        if key in elsewhere or not _refs_resolve(source, node[SCALAR]) or \
-                any(_mentions(node[SCALAR], m) for m in MARKERS) or set(node) - _ANNOTATIONS - _BESIDE_SCALAR or \
-                node.get("type") not in ("number", "integer"):
-            continue  # left: check_placed refuses it
-        for _, path, where in uses:
-            found.setdefault(path, []).append((node, where))
+    for kind, types in (("number", ("number", "integer")), ("string", ("string",))):
+        placed, elsewhere = places(schema, SCALAR, kind)
+        for key, uses in placed.items():
+            node = uses[0][0]
+            if key in elsewhere or not _refs_resolve(source, node[SCALAR]) or \
+                    any(_mentions(node[SCALAR], m) for m in MARKERS) or \
+                    set(node) - _ANNOTATIONS - _BESIDE_SCALAR or node.get("type") not in types or \
+                    not _formats_checked(source, node[SCALAR], cls.FORMAT_CHECKER):
+                continue  # left: check_placed refuses it
+            for _, path, where in uses:
+                found.setdefault(path, []).append((node, where))
     if not found:
         return {}
     refuse_shared(found, "not")
-    root = cls(source)
+    root = cls(source, format_checker=cls.FORMAT_CHECKER)  # formats asserted, as the grammar does elsewhere
     values = {}
     for path, nodes in found.items():
         parts = [node[SCALAR] for node, _ in nodes]
+        kinds = {"string" if node["type"] == "string" else "number" for node, _ in nodes}
+        if len(kinds) > 1:
+            raise ConstraintError(f"json_schema: a string or number keyword at {nodes[0][1]} is not supported where "
+                                  "one value may be either")
         values[path] = ScalarValue(validator=root.evolve(schema=parts[0] if len(parts) == 1 else {"allOf": parts}),
-                                   where=nodes[0][1], integer=all(node["type"] == "integer" for node, _ in nodes))
+                                   where=nodes[0][1], integer=all(node["type"] == "integer" for node, _ in nodes),
+                                   kind=kinds.pop())
     for nodes in found.values():
         for node, _ in nodes:
             node.pop(SCALAR, None)
     return values
+
+
+def _formats_checked(root: Any, schema: Any, checker) -> bool:
+    """Does `checker` (jsonschema's) check every standard `format` that `schema` uses (through its local
+    `$ref`s too)? One it lacks (a package it needs is not installed) it would pass as an annotation."""
+    from llmqp.constraints import formats
+
+    stack, seen = [schema], set()
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            name = node.get("format")
+            if isinstance(name, str) and formats.is_standard(name) and name not in checker.checkers:
+                return False
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#") and ref not in seen:
+                seen.add(ref)
+                stack.append(_resolve(root, ref))
+            stack.extend(v for k, v in node.items() if k not in ("$ref", "enum", "const"))
+        elif isinstance(node, list):
+            stack.extend(node)
+    return True
 
 
 def check_placed(schema: Any) -> None:
@@ -238,10 +270,10 @@ def check_placed(schema: Any) -> None:
 
     for node, path in walk(schema):
         if SCALAR in node:
-            raise ConstraintError(f"json_schema: a number keyword at {path} (a negated multipleOf or type, ...) "
-                                  "is not supported here: only numbers reached from the root through "
-                                  "properties, items and the one anyOf/oneOf option that admits numbers there "
-                                  "are enforced")
+            raise ConstraintError(f"json_schema: a number keyword at {path} (a negated multipleOf or type, a "
+                                  "look-around, a format, ...) is not supported here: only numbers (strings) "
+                                  "reached from the root through properties, items and the one anyOf/oneOf "
+                                  "option that admits them there are enforced")
         if SOME_MEMBER in node:
             raise ConstraintError(f"json_schema: a negated object keyword (properties, patternProperties, "
                                   f"additionalProperties or propertyNames) at {path} is not supported here: "
@@ -448,9 +480,9 @@ def check_value(value: Any, arrays: dict, path: tuple = ()) -> bool:
         if isinstance(spec, ContainsArray) and not spec.holds(value):
             return False
         return all(check_value(v, arrays, path + (ITEM,)) for v in value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float, decimal.Decimal, str)) and not isinstance(value, bool):
         spec = lookup(arrays, path)
-        if isinstance(spec, ScalarValue):
+        if isinstance(spec, ScalarValue) and (spec.kind == "string") == isinstance(value, str):
             return spec.holds(value)
     return True
 
@@ -480,7 +512,7 @@ class ScanState:
     lex: bytes | None = None  # the scalar being read (a string starts with `"`), or None
     escaped: bool = False
     pos: int = 0
-    number: ScalarValue | None = None  # the number being read is at a SCALAR place: its check
+    number: ScalarValue | None = None  # the number (string) being read is at a SCALAR place: its check
 
 
 def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, ContainsArray]) -> ScanState | None:
@@ -496,8 +528,10 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
             elif b == 0x5C:
                 escaped = True
             elif b == 0x22:
+                if number is not None and not number.valid(lex):
+                    return None  # closes a string its place's schema rejects
                 stack = _complete(stack, text, pos + 1, lex)
-                lex = None
+                lex = number = None
             pos += 1
             continue
         if lex is not None:
@@ -526,9 +560,9 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
                 return None
             stack = _complete_composite(stack[:-1], text, pos + 1)
         else:
-            if b != 0x22 and not (stack and stack[-1].kind == "o" and stack[-1].expect_key):
+            if not (stack and stack[-1].kind == "o" and stack[-1].expect_key):
                 spec = lookup(arrays, _child_path(stack))  # a value (not a key) starts
-                number = spec if isinstance(spec, ScalarValue) else None
+                number = spec if isinstance(spec, ScalarValue) and (spec.kind == "string") == (b == 0x22) else None
             stack = _start_item(stack, pos)
             lex = bytes((b,))  # `"` or the first byte of a number / literal
         pos += 1
@@ -594,10 +628,11 @@ class ContainsMatcher(Matcher):
         closers = (b"]", b"}") if any(isinstance(a, SomeMemberObject) for a in arrays.values()) else (b"]",)
         self._may_close = np.array([any(c in t for c in closers) for t in token_bytes] + [False], dtype=bool)
         self._numbers = any(isinstance(a, ScalarValue) for a in arrays.values())
-        if self._numbers:  # tokens that may end a number: a byte no number has
+        if self._numbers:  # tokens that may end a number (a byte no number has), or a string (a quote)
             self._may_end = np.array([any(b not in _SCALAR_BYTES for b in t) for t in token_bytes] + [False],
                                      dtype=bool)
             self._digit = np.array([any(0x30 <= b <= 0x39 for b in t) for t in token_bytes] + [False], dtype=bool)
+            self._quote = np.array([b'"' in t for t in token_bytes] + [False], dtype=bool)
         self._states = [ScanState()]  # one per accepted token (+ the start)
         self._out = bytearray()  # the output's bytes
 
@@ -617,10 +652,12 @@ class ContainsMatcher(Matcher):
         index = np.minimum(base, len(self._may_close) - 1)
         may = self._may_close[index]
         if self._numbers:
-            if state.number is not None:  # a number at a place is being read: what ends it is checked
+            if state.number is not None and state.number.kind == "string":  # what closes it is checked
+                may = may | self._quote[index]
+            elif state.number is not None:  # a number at a place is being read: what ends it is checked
                 may = may | self._may_end[index] | self._digit[index] | np.isin(base, list(self.eos_ids))
             elif state.lex is None:  # one may start (and end) within a token
-                may = may | self._digit[index]
+                may = may | self._digit[index] | self._quote[index]
         candidates = base[may]
         bad = [t for t in candidates.tolist() if self._next(state, t) is None]
         if not bad:

@@ -202,10 +202,10 @@ class _Rewriter:
     def node(self, node: Any, path: str) -> Any:
         if not isinstance(node, dict):
             return node
-        # A schema of numbers only, as the user wrote it, with a keyword that has no exact form here (or
-        # whose rewrite needs the layer's number check somewhere inside): the grammar generates any
-        # number, and the token-level layer checks each one whole against the schema
-        # (`llmqp.constraints.contains.SCALAR`) where its place is known.
+        # A schema of numbers only (or strings only), as the user wrote it, with a keyword that has no
+        # exact form here (or whose rewrite needs the layer's number check somewhere inside): the grammar
+        # generates any number (string), and the token-level layer checks each one whole against the
+        # schema (`llmqp.constraints.contains.SCALAR`) where its place is known.
         before = self.scalars
         try:
             out = self._node(node, path)
@@ -219,17 +219,29 @@ class _Rewriter:
         return out
 
     def _wrap_number(self, node: dict) -> bool:
-        """Make `node` (a node of the schema as given, admitting numbers only) a number the layer checks
-        against its original form. False (node unchanged) where it is not such a node."""
+        """Make `node` (a node of the schema as given, admitting numbers only, or strings only) a number
+        (string) the layer checks against its original form. False (node unchanged) where it is not such
+        a node."""
         original = self._originals.get(id(node))
         types = _possible_types(original, self.plain) if isinstance(original, dict) else None
-        if not self.some_item or not types or not types <= {"number", "integer"}:
+        if not self.some_item or not types or not (types <= {"number", "integer"} or types == {"string"}):
             return False
         node.clear()
-        node.update({"type": "number" if "number" in types else "integer", contains.SCALAR: original})
-        # its own bounds too, so that the grammar does not start numbers the layer could never end
-        node.update({k: original[k] for k in _BOUND_KEYS if k in original and
-                     (_is_number(original[k]) or isinstance(original[k], bool))})
+        if types == {"string"}:
+            node.update({"type": "string", contains.SCALAR: original})
+            node.update({k: original[k] for k in ("minLength", "maxLength")
+                         if isinstance(original.get(k), int) and not isinstance(original[k], bool)})
+            # and its pattern without look-around (only wider), so that the grammar keeps to its shape
+            wider = regular.without_assertions(original.get("pattern"))
+            if wider is not None and regular.needs_rewrite(wider):
+                wider = regular.without_lookaround(wider)
+            if wider is not None:
+                node["pattern"] = wider
+        else:
+            node.update({"type": "number" if "number" in types else "integer", contains.SCALAR: original})
+            # its own bounds too, so that the grammar does not start numbers the layer could never end
+            node.update({k: original[k] for k in _BOUND_KEYS if k in original and
+                         (_is_number(original[k]) or isinstance(original[k], bool))})
         self.scalars += 1
         return True
 
@@ -272,7 +284,11 @@ class _Rewriter:
                 if node["pattern"] == "^":
                     del node["pattern"]
             elif (plain := regular.without_lookaround(node["pattern"])) is not None:
-                node["pattern"] = plain  # else left to llguidance, which refuses look-around
+                node["pattern"] = plain
+            if self.some_item and regular.needs_rewrite(node.get("pattern")) and \
+                    regular.without_lookaround(node["pattern"]) is None:
+                # a string the layer checks whole (see node()); else llguidance refuses the look-around
+                raise _Unsupported("pattern", f"the look-around of /{node['pattern'][:60]}/ has no regular form here")
         if isinstance(node.get("patternProperties"), dict) and \
                 any(regular.needs_rewrite(k) for k in node["patternProperties"]):
             renamed = {k: (regular.without_lookaround(k) or k) if regular.needs_rewrite(k) else k
@@ -1476,6 +1492,17 @@ def _key_conflict(x: dict, y: dict, plain, depth: int, required: frozenset = fro
             theirs = py[name]
         elif not y.get("patternProperties") and "additionalProperties" in y:
             theirs = y["additionalProperties"]
+        elif isinstance(y.get("patternProperties"), dict) and "\n" not in name:
+            try:  # (a name without a newline: Python's `$` reads as ECMA-262's there)
+                matching = [p for p in y["patternProperties"] if re.search(p, name)]
+            except (re.error, TypeError):
+                continue
+            if len(matching) == 1:
+                theirs = y["patternProperties"][matching[0]]
+            elif not matching and "additionalProperties" in y:
+                theirs = y["additionalProperties"]
+            else:
+                continue
         else:
             continue
         if plain(theirs) is False or (name in px and _disjoint(px[name], theirs, plain, depth + 1)):

@@ -111,6 +111,62 @@ def finite_words(pattern: str, limit: int = 64) -> tuple[str, ...] | None:
     return tuple(sorted(words)) if walk(dfa.start, "") else None
 
 
+def without_assertions(pattern) -> str | None:
+    """`pattern` with every look-around group (`(?=X)`, `(?!X)`, `(?<=X)`, `(?<!X)`) left out: a pattern
+    that finds at least the strings `pattern` finds (an assertion only narrows). None where there is none
+    to leave out, or where the pattern is not read here."""
+    if not isinstance(pattern, str) or "(?" not in pattern or any(op in pattern for op in _RUST_AMBIGUOUS):
+        return None  # (Rust reads class set operations and nested classes otherwise)
+    out, i, in_class, removed = [], 0, False, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "]" or pattern[i + 1:i + 3] == "^]":  # a leading ] is a literal
+                j = i + (2 if pattern[i + 1] == "]" else 3)
+                out.append(pattern[i:j])
+                i = j
+                continue
+        elif any(pattern.startswith(p, i) for p in ("(?=", "(?!", "(?<=", "(?<!")):
+            depth, j, cls = 0, i, False
+            while j < len(pattern):  # the matching ")"
+                d = pattern[j]
+                if d == "\\":
+                    j += 2
+                    continue
+                if cls:
+                    cls = d != "]"
+                elif d == "[":
+                    cls = True
+                elif d == "(":
+                    depth += 1
+                elif d == ")":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                j += 1
+            if j >= len(pattern):
+                return None
+            i, removed = j + 1, True
+            continue
+        out.append(c)
+        i += 1
+    if not removed:
+        return None
+    wider = "".join(out)
+    try:
+        _parse(wider)
+    except (re.error, RecursionError, OverflowError):
+        return None
+    return wider
+
+
 def needs_rewrite(pattern: str) -> bool:
     """Does `pattern` use something llguidance rejects that `without_lookaround` may remove (a
     look-ahead, or a `^`/`$` that is not at the very start/end of the pattern)?"""
