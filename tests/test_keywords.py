@@ -515,6 +515,12 @@ def test_contains_step_by_step(tk):
      ['{"re":"a+"}', '{"re":"(a"}', '{"re":"*"}', "{}", '{"re":"[a-z]{2}"}', '{"re":1}']),
     ({"type": "object", "properties": {"host": {"type": "string", "pattern": "^(?!-)[a-z0-9-]{1,9}(?<!-)$"}}},
      ['{"host":"ab-c"}', '{"host":"-ab"}', '{"host":"ab-"}', '{"host":"a"}', '{"host":"A"}']),
+    ({"type": "array", "items": {"anyOf": [  # options that both admit objects: only one may have "fqdn"
+        {"type": "object", "required": ["address"], "properties": {"address": {"type": "string"}},
+         "additionalProperties": False},
+        {"type": "object", "required": ["fqdn"], "additionalProperties": False,
+         "properties": {"fqdn": {"type": "string", "maxLength": 12, "pattern": "^[a-z.]+(?<!\\.)$"}}}]}},
+     ['[{"fqdn":"a.b"}]', '[{"fqdn":"a."}]', '[{"address":"a."}]', '[{"address":"x"},{"fqdn":"c.d."}]']),
     ({"type": "string", "maxLength": 6, "not": {"pattern": "^(a+)\\1$"}},  # a back-reference
      ['"aa"', '"aaaa"', '"aaa"', '"ab"', '""']),
     ({"type": "string", "maxLength": 6, "not": {"pattern": "^[a&&b]+$"}},  # a class of a, & and b (as ECMA)
@@ -1044,6 +1050,14 @@ def test_try_accept_and_rollback(tk):
     {"type": "object", "properties": {"a": {"type": "string", "maxLength": 6}, "b": {"type": "integer"}},
      "additionalProperties": {"type": "integer"}, "minProperties": 1, "maxProperties": 2,
      "propertyNames": {"enum": ["a", "b", "c"]}},
+    # numbers and strings the token-level layer checks whole
+    {"type": "object", "properties": {"price": {"type": "number", "minimum": 0, "maximum": 1000,
+                                                "not": {"type": "integer"}}}, "required": ["price"]},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 99, "not": {"multipleOf": 2}}},
+     "required": ["n"]},
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10, "pattern": "^[a-z]+(?<!x)$"}},
+     "required": ["name"]},
+    {"type": "object", "properties": {"re": {"type": "string", "format": "regex", "maxLength": 12}}, "required": ["re"]},
 ])
 def test_generation_validates(engine, schema):
     """Real model, few tokens: whenever it stops, the output validates (uniqueItems: a small model

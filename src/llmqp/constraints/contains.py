@@ -48,6 +48,7 @@ import dataclasses
 import decimal
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -410,7 +411,10 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
                                      not any(_admits(root, o, k) for j, o in enumerate(value) if j != i))
                     if owns:
                         static(option, path, owns, refs, f"{where}/{key}/{i}")
-                    if any(_admits(root, option, k) for k in kinds - owns):
+                    shared = {k for k in kinds - owns if _admits(root, option, k)}
+                    if shared == {"object"}:  # objects here may match another option: by some keys, only this
+                        keyed(option, [o for j, o in enumerate(value) if j != i], path, refs, f"{where}/{key}/{i}")
+                    elif shared:
                         dynamic(option)  # values of another kind here may match it, or another option
             elif key in ("patternProperties", "additionalProperties") and isinstance(value, dict) and \
                     "object" in kinds:
@@ -423,8 +427,64 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
                 for sub in _children(key, value):
                     dynamic(sub)
 
+    def keyed(option: Any, others: list, path: tuple, refs: tuple, where: str) -> None:
+        """An option among others that admit objects: the place of a property it declares is still known
+        where every other option forbids that key (an object that has it can match only this option)."""
+        seen = 0
+        while isinstance(option, dict) and isinstance(option.get("$ref"), str) and \
+                not (set(option) - _ANNOTATIONS - {"$ref"}) and seen < 32:
+            ref = option["$ref"]
+            target = _resolve(root, ref) if ref.startswith("#") else None
+            if ref in refs or not isinstance(target, dict):
+                dynamic(target)
+                return
+            option, refs, where, seen = target, refs + (ref,), ref, seen + 1
+        if not isinstance(option, dict):
+            return
+        for key, value in option.items():
+            if key == "properties" and isinstance(value, dict):
+                for name, sub in value.items():
+                    if all(_forbids_key(root, o, name) for o in others):
+                        static(sub, path + (name,), every, refs, f"{where}/properties/{name}")
+                    else:
+                        dynamic(sub)
+            elif key == "allOf" and isinstance(value, list):  # each part holds for the option's objects
+                for i, part in enumerate(value):
+                    keyed(part, others, path, refs, f"{where}/allOf/{i}")
+            elif key not in ("definitions", "$defs"):
+                for sub in ([_resolve(root, value)] if key == "$ref" and isinstance(value, str) and
+                            value.startswith("#") else _children(key, value)):
+                    dynamic(sub)
+
     static(root, (), every, (), "#")
     return placed, elsewhere
+
+
+def _forbids_key(root: Any, node: Any, name: str) -> bool:
+    """No object valid against `node` (a plain `$ref` followed) has the key `name`: it admits no objects,
+    or is closed without it."""
+    seen = 0
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and \
+            not (set(node) - _ANNOTATIONS - {"$ref"}) and seen < 32:
+        node, seen = _resolve(root, node["$ref"]), seen + 1
+    if node is False:
+        return True
+    if not isinstance(node, dict):
+        return False
+    if not _admits(root, node, "object"):
+        return True
+    if isinstance(node.get("allOf"), list) and any(_forbids_key(root, part, name) for part in node["allOf"]):
+        return True
+    props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+    if name in props:
+        return props[name] is False
+    if node.get("additionalProperties") is not False or "\n" in name:
+        return False
+    patterns = node.get("patternProperties") or {}
+    try:
+        return isinstance(patterns, dict) and not any(re.search(p, name) for p in patterns)
+    except (re.error, TypeError):
+        return False
 
 
 _SCHEMA_KEYS = {"additionalProperties", "additionalItems", "contains", "propertyNames", "not", "if", "then",
