@@ -28,10 +28,12 @@ Draft 3's names of two formats above: `host-name` (hostname) and `ip-address` (i
 OpenAPI's numeric formats (int32, int64, float, double) sit on numbers, where every format is an annotation
 (below); on a schema that admits strings they are refused as unknown.
 
-Every other format -- `regex` (not a regular language), `idn-hostname` (IDNA 2008 tables), `uri-template`
-and non-standard names (`url`, `path`, `int32` on a string, ...) -- is refused with ConstraintError by
-default. `unknown_formats="annotation"` treats the non-standard ones as annotations, as JSON Schema
-2019-09+ and `jsonschema` do (they constrain nothing); the standard ones above stay refused.
+`regex` (not a regular language), `idn-hostname` (IDNA 2008 tables) and `uri-template` have no regular
+form here: a string-only schema using them is checked whole by the token-level layer
+(`llmqp.constraints.contains`, with `jsonschema`'s checker) where its place is known, and refused
+elsewhere. Non-standard names (`url`, `path`, `int32` on a string, ...) are refused with ConstraintError by
+default; `unknown_formats="annotation"` treats them as annotations, as JSON Schema 2019-09+ and
+`jsonschema` do (they constrain nothing).
 """
 
 from __future__ import annotations

@@ -97,8 +97,9 @@ def rewrite(schema: Any, *, one_of: bool = False, unknown_formats: UnknownFormat
     `pattern`s; with `unknown_formats=ANNOTATION` non-standard ones are dropped) and, with
     `one_of=True`, without `oneOf`, accepting exactly the same instances. Raises ConstraintError when a
     keyword has no exact rewrite (or names a format outside the enforced set). With `some_item`, a
-    negated `items` may become `contains` (which only the token-level layer enforces, where the array's
-    place is known); without it, it is refused."""
+    negated `items` may become `contains`, negated member keywords `contains.SOME_MEMBER`, and a
+    number- or string-only node with a keyword that has no exact form `contains.SCALAR` (which only the
+    token-level layer enforces, where the value's place is known); without it, they are refused."""
     if not isinstance(schema, dict):
         return schema
     root = copy.deepcopy(schema)
