@@ -55,7 +55,7 @@ import numpy as np
 
 from llmqp.constraints.base import Matcher
 from llmqp.constraints.unique import (ITEM, _ANNOTATIONS, Text, _admits, _child_path, _key_steps, _resolve,
-                                      lookup, refuse_shared)
+                                      lookup, plain_target, refuse_shared)
 from llmqp.errors import ConstraintError
 
 _BESIDE = {"type", "items", "minItems", "contains"}
@@ -463,10 +463,7 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
 def _forbids_key(root: Any, node: Any, name: str) -> bool:
     """No object valid against `node` (a plain `$ref` followed) has the key `name`: it admits no objects,
     or is closed without it."""
-    seen = 0
-    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and \
-            not (set(node) - _ANNOTATIONS - {"$ref"}) and seen < 32:
-        node, seen = _resolve(root, node["$ref"]), seen + 1
+    node = plain_target(root, node)
     if node is False:
         return True
     if not isinstance(node, dict):

@@ -252,12 +252,18 @@ def _walk(root, node, path: tuple, refs: tuple, found: dict, nodes: dict) -> Non
                 _walk(root, owners[0], path, refs, found, nodes)
 
 
-def _admits(root, node, kind: str) -> bool:
-    """False only when `node` (a plain `$ref` followed) provably admits no value of JSON type `kind`."""
+def plain_target(root, node):
+    """`node`, or the target of a plain `$ref` (nothing beside it), followed up to 32 times."""
     seen = 0
     while isinstance(node, dict) and isinstance(node.get("$ref"), str) and \
             not (set(node) - _ANNOTATIONS - {"$ref"}) and seen < 32:
         node, seen = _resolve(root, node["$ref"]), seen + 1
+    return node
+
+
+def _admits(root, node, kind: str) -> bool:
+    """False only when `node` (a plain `$ref` followed) provably admits no value of JSON type `kind`."""
+    node = plain_target(root, node)
     if node is False:
         return False
     if not isinstance(node, dict):
