@@ -551,6 +551,21 @@ def test_strings_checked_whole(tk, schema, texts):
         assert ('"' in closing or '"}' in closing) == ok, (text, sorted(closing)[:5])
 
 
+def test_string_at_its_max_length_must_be_valid(tk):
+    """A string checked whole that reaches the grammar's maxLength can only close: the layer takes the
+    token that fills it only where the string is then valid (no dead end at `"qqq`)."""
+    from llmqp.testing import token_id
+
+    c = compile_constraint(make_spec(json_schema={"type": "string", "maxLength": 3, "pattern": "^[a-z]*(?<!q)$"}),
+                           tk)
+    m = c.matcher()
+    for tok in tk.encode('"qq'):
+        m.accept(tok)
+    allowed = m.allowed().tolist()
+    assert token_id(tk, "q") not in allowed and token_id(tk, "a") in allowed
+    assert c.accepts('"qqa"') and not c.accepts('"qqq"')
+
+
 def test_some_member_step_by_step(tk):
     """A negated patternProperties: the layer removes the tokens that close the object until a member
     fails the negated keywords (here: a value that is not true), and only those."""

@@ -177,6 +177,7 @@ class ScalarValue:
     where: str = "#"
     integer: bool = False
     kind: str = "number"
+    max_length: int | None = None  # strings: the grammar's maxLength there (a string that long can only close)
 
     def valid(self, raw: bytes) -> bool:
         try:
@@ -233,9 +234,10 @@ def _extract_scalars(schema: Any, source: Any, cls) -> dict:
         if len(kinds) > 1:
             raise ConstraintError(f"json_schema: a string or number keyword at {nodes[0][1]} is not supported where "
                                   "one value may be either")
+        limits = [node["maxLength"] for node, _ in nodes if isinstance(node.get("maxLength"), int)]
         values[path] = ScalarValue(validator=root.evolve(schema=parts[0] if len(parts) == 1 else {"allOf": parts}),
                                    where=nodes[0][1], integer=all(node["type"] == "integer" for node, _ in nodes),
-                                   kind=kinds.pop())
+                                   kind=kinds.pop(), max_length=min(limits) if limits else None)
     for nodes in found.values():
         for node, _ in nodes:
             node.pop(SCALAR, None)
@@ -547,6 +549,8 @@ def check_value(value: Any, arrays: dict, path: tuple = ()) -> bool:
 # ----------------------------------------------------------------------------------------- runtime
 _WS = frozenset(b" \t\n\r")
 _SCALAR_BYTES = frozenset(b"-+.0123456789eEtrufalsn")
+_LONGEST_TOKEN = 128  # characters a token may add to a string (SmolLM2's longest token has 81 bytes; a longer
+# one is only not checked ahead: the value it ends is still checked when it closes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -625,7 +629,19 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
         pos += 1
     if number is not None and number.integer and lex in (b"0", b"-0") and not number.valid(lex):
         return None  # an integer 0 cannot grow into a valid one
+    if number is not None and number.max_length is not None and lex is not None and not escaped and \
+            number.kind == "string" and _string_length(lex) >= number.max_length and not number.valid(lex + b'"'):
+        return None  # a string at its maxLength can only close, and this one may not
     return ScanState(stack, lex, escaped, pos, number if lex is not None else None)
+
+
+def _string_length(lex: bytes) -> int:
+    """Characters of the JSON string in progress `lex` (its opening quote and what follows, complete
+    escapes), or -1 where it does not read yet (a UTF-8 character cut by the token)."""
+    try:
+        return len(json.loads(lex + b'"'))
+    except ValueError:
+        return -1
 
 
 def _start_item(stack: tuple, pos: int) -> tuple:
@@ -711,6 +727,9 @@ class ContainsMatcher(Matcher):
         if self._numbers:
             if state.number is not None and state.number.kind == "string":  # what closes it is checked
                 may = may | self._quote[index]
+                if state.number.max_length is not None and not state.escaped and \
+                        _string_length(state.lex) + _LONGEST_TOKEN >= state.number.max_length:
+                    may = np.ones_like(may)  # and what fills it up
             elif state.number is not None:  # a number at a place is being read: what ends it is checked
                 may = may | self._may_end[index] | self._digit[index] | np.isin(base, list(self.eos_ids))
             elif state.lex is None:  # one may start (and end) within a token
@@ -721,8 +740,10 @@ class ContainsMatcher(Matcher):
             return base
         kept = np.setdiff1d(base, np.asarray(bad, dtype=base.dtype), assume_unique=True)
         if kept.size == 0:
-            raise ConstraintError("contains: only tokens that close an array without a matching item (an "
-                                  "object without a member its negated keywords reject) are allowed")
+            raise ConstraintError("constraint layer: every token the grammar allows here would end a value "
+                                  "the schema rejects (an array without a matching item, an object without a "
+                                  "member its negated keywords reject, a number or string jsonschema rejects): "
+                                  "the output so far cannot be completed")
         return kept
 
     def forced(self) -> list[int]:
