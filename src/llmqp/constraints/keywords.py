@@ -406,13 +406,9 @@ class _Rewriter:
         if {r for r in _local_refs(self.original) if r.startswith(inside)} != \
                 {r for r in _local_refs(original) if r.startswith(inside)}:
             return False  # refs from elsewhere point into the node (those from inside it go with it)
-        try:
-            from jsonschema.validators import validator_for
-        except ImportError:  # without jsonschema the node is rewritten keyword by keyword, or refused
+        checker = self._checker(original)
+        if checker is None:  # without jsonschema the node is rewritten keyword by keyword, or refused
             return False
-        if self._validator is None:
-            self._validator = validator_for(self.original)(self.original)
-        checker = self._validator.evolve(schema=original)
         try:
             kept = [v for v in values if checker.is_valid(v)]
         except Exception:  # noqa: BLE001 - a schema jsonschema cannot evaluate: take the keyword-by-keyword path
@@ -771,16 +767,21 @@ class _Rewriter:
         if '"format"' in json.dumps(names_schema):
             return None
         try:
+            checker = self._checker(names_schema)
+            return None if checker is None else [n for n in names if not checker.is_valid(n)]
+        except Exception:  # noqa: BLE001 - a schema jsonschema cannot evaluate
+            return None
+
+    def _checker(self, schema: Any):
+        """A `jsonschema` validator for `schema`, a part of the schema as given (its `$ref`s resolve in
+        the whole document), or None without jsonschema."""
+        try:
             from jsonschema.validators import validator_for
         except ImportError:
             return None
         if self._validator is None:
             self._validator = validator_for(self.original)(self.original)
-        try:
-            checker = self._validator.evolve(schema=names_schema)
-            return [n for n in names if not checker.is_valid(n)]
-        except Exception:  # noqa: BLE001 - a schema jsonschema cannot evaluate
-            return None
+        return self._validator.evolve(schema=schema)
 
     def _negate_sized(self, bounded: bool, schema: Any, types: frozenset | None, **kwargs) -> Any:
         """negate() of a subschema of an object node whose size is `bounded` (maxProperties): there "some
