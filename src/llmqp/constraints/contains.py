@@ -124,18 +124,14 @@ def extract(schema: Any, source: Any = None) -> tuple[Any, dict[tuple, ContainsA
     out: dict = {}
     if "contains" in cls.VALIDATORS:  # draft 4 and earlier: `contains` is no keyword there (left to the backend)
         out.update(_extract_contains(schema, original, cls))
-    if _mentions(schema, SOME_MEMBER):
-        objects = _extract_some_member(schema, original if source is None else source, cls)
-        if set(objects) & set(out):
-            raise ConstraintError(f'json_schema: a negated object keyword at {next(iter(objects.values())).where} '
-                                  "is not supported where a contains array may be too")
-        out.update(objects)
-    if _mentions(schema, SCALAR):
-        scalars = _extract_scalars(schema, schema if source is None else source, cls)
-        if set(scalars) & set(out):
-            raise ConstraintError(f"json_schema: a number keyword at {next(iter(scalars.values())).where} is not "
-                                  "supported where an array or object layer may be too")
-        out.update(scalars)
+    for marker, place, what in ((SOME_MEMBER, _extract_some_member, "a negated object keyword"),
+                                (SCALAR, _extract_scalars, "a number keyword")):
+        if _mentions(schema, marker):
+            found = place(schema, original if source is None else source, cls)
+            if set(found) & set(out):
+                raise ConstraintError(f"json_schema: {what} at {next(iter(found.values())).where} is not supported "
+                                      "where another token-level layer may apply to the same value")
+            out.update(found)
     return schema, out
 
 
@@ -573,13 +569,13 @@ class ScanState:
     lex: bytes | None = None  # the scalar being read (a string starts with `"`), or None
     escaped: bool = False
     pos: int = 0
-    number: ScalarValue | None = None  # the number (string) being read is at a SCALAR place: its check
+    scalar: ScalarValue | None = None  # the number or string being read is at a SCALAR place: its check
 
 
 def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, ContainsArray]) -> ScanState | None:
     """`state` after the bytes `data` (`out` is the output before them), or None when they close an
     array at a contains place none of whose items matches. Assumes `data` is what the grammar allows."""
-    stack, lex, escaped, pos, number = state.stack, state.lex, state.escaped, state.pos, state.number
+    stack, lex, escaped, pos, scalar = state.stack, state.lex, state.escaped, state.pos, state.scalar
     text = Text(out, data, pos)
     for b in data:
         if lex is not None and lex[:1] == b'"':
@@ -589,10 +585,10 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
             elif b == 0x5C:
                 escaped = True
             elif b == 0x22:
-                if number is not None and not number.valid(lex):
+                if scalar is not None and not scalar.valid(lex):
                     return None  # closes a string its place's schema rejects
                 stack = _complete(stack, text, pos + 1, lex)
-                lex = number = None
+                lex = scalar = None
             pos += 1
             continue
         if lex is not None:
@@ -600,10 +596,10 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
                 lex += bytes((b,))
                 pos += 1
                 continue
-            if number is not None and not number.valid(lex):
+            if scalar is not None and not scalar.valid(lex):
                 return None  # ends a number its place's schema rejects
             stack = _complete(stack, text, pos, lex)
-            lex = number = None
+            lex = scalar = None
         if b in _WS or b == 0x3A:  # whitespace, `:`
             pass
         elif b == 0x2C:  # `,`
@@ -623,16 +619,16 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
         else:
             if not (stack and stack[-1].kind == "o" and stack[-1].expect_key):
                 spec = lookup(arrays, _child_path(stack))  # a value (not a key) starts
-                number = spec if isinstance(spec, ScalarValue) and (spec.kind == "string") == (b == 0x22) else None
+                scalar = spec if isinstance(spec, ScalarValue) and (spec.kind == "string") == (b == 0x22) else None
             stack = _start_item(stack, pos)
             lex = bytes((b,))  # `"` or the first byte of a number / literal
         pos += 1
-    if number is not None and number.integer and lex in (b"0", b"-0") and not number.valid(lex):
+    if scalar is not None and scalar.integer and lex in (b"0", b"-0") and not scalar.valid(lex):
         return None  # an integer 0 cannot grow into a valid one
-    if number is not None and number.max_length is not None and lex is not None and not escaped and \
-            number.kind == "string" and _string_length(lex) >= number.max_length and not number.valid(lex + b'"'):
+    if scalar is not None and scalar.max_length is not None and lex is not None and not escaped and \
+            scalar.kind == "string" and _string_length(lex) >= scalar.max_length and not scalar.valid(lex + b'"'):
         return None  # a string at its maxLength can only close, and this one may not
-    return ScanState(stack, lex, escaped, pos, number if lex is not None else None)
+    return ScanState(stack, lex, escaped, pos, scalar if lex is not None else None)
 
 
 def _string_length(lex: bytes) -> int:
@@ -700,8 +696,8 @@ class ContainsMatcher(Matcher):
         self.vocab_size, self.eos_ids = inner.vocab_size, inner.eos_ids
         closers = (b"]", b"}") if any(isinstance(a, SomeMemberObject) for a in arrays.values()) else (b"]",)
         self._may_close = np.array([any(c in t for c in closers) for t in token_bytes] + [False], dtype=bool)
-        self._numbers = any(isinstance(a, ScalarValue) for a in arrays.values())
-        if self._numbers:  # tokens that may end a number (a byte no number has), or a string (a quote)
+        self._scalars = any(isinstance(a, ScalarValue) for a in arrays.values())
+        if self._scalars:  # tokens that may end a number (a byte no number has), or a string (a quote)
             self._may_end = np.array([any(b not in _SCALAR_BYTES for b in t) for t in token_bytes] + [False],
                                      dtype=bool)
             self._digit = np.array([any(0x30 <= b <= 0x39 for b in t) for t in token_bytes] + [False], dtype=bool)
@@ -711,7 +707,7 @@ class ContainsMatcher(Matcher):
 
     def _next(self, state: ScanState, tok: int) -> ScanState | None:
         if tok in self.eos_ids:  # the output ends: so does a number in progress (a root number)
-            return None if state.number is not None and not state.number.valid(state.lex) else state
+            return None if state.scalar is not None and not state.scalar.valid(state.lex) else state
         data = self._bytes[tok] if tok < len(self._bytes) else b""
         return scan(state, data, self._out, self._arrays)
 
@@ -724,13 +720,13 @@ class ContainsMatcher(Matcher):
         # same token (`[]`), so every allowed closing token is checked while any such place can be reached.
         index = np.minimum(base, len(self._may_close) - 1)
         may = self._may_close[index]
-        if self._numbers:
-            if state.number is not None and state.number.kind == "string":  # what closes it is checked
+        if self._scalars:
+            if state.scalar is not None and state.scalar.kind == "string":  # what closes it is checked
                 may = may | self._quote[index]
-                if state.number.max_length is not None and not state.escaped and \
-                        _string_length(state.lex) + _LONGEST_TOKEN >= state.number.max_length:
+                if state.scalar.max_length is not None and not state.escaped and \
+                        _string_length(state.lex) + _LONGEST_TOKEN >= state.scalar.max_length:
                     may = np.ones_like(may)  # and what fills it up
-            elif state.number is not None:  # a number at a place is being read: what ends it is checked
+            elif state.scalar is not None:  # a number at a place is being read: what ends it is checked
                 may = may | self._may_end[index] | self._digit[index] | np.isin(base, list(self.eos_ids))
             elif state.lex is None:  # one may start (and end) within a token
                 may = may | self._digit[index] | self._quote[index]
@@ -742,7 +738,7 @@ class ContainsMatcher(Matcher):
         if kept.size == 0:
             raise ConstraintError("constraint layer: every token the grammar allows here would end a value "
                                   "the schema rejects (an array without a matching item, an object without a "
-                                  "member its negated keywords reject, a number or string jsonschema rejects): "
+                                  "member its negated keywords reject, a scalar or string jsonschema rejects): "
                                   "the output so far cannot be completed")
         return kept
 

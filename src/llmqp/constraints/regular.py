@@ -117,47 +117,29 @@ def without_assertions(pattern) -> str | None:
     to leave out, or where the pattern is not read here."""
     if not isinstance(pattern, str) or "(?" not in pattern or any(op in pattern for op in _RUST_AMBIGUOUS):
         return None  # (Rust reads class set operations and nested classes otherwise)
-    out, i, in_class, removed = [], 0, False, False
+    out, i, in_class, depth, skip, removed = [], 0, False, 0, None, False  # skip: the depth a left-out group closes at
     while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            out.append(pattern[i:i + 2])
-            i += 2
-            continue
-        if in_class:
+        c, step = pattern[i], 2 if pattern[i] == "\\" else 1
+        if step == 2:
+            pass
+        elif in_class:
             in_class = c != "]"
         elif c == "[":
             in_class = True
-            if pattern[i + 1:i + 2] == "]" or pattern[i + 1:i + 3] == "^]":  # a leading ] is a literal
-                j = i + (2 if pattern[i + 1] == "]" else 3)
-                out.append(pattern[i:j])
-                i = j
+            step += 1 if pattern.startswith("]", i + 1) else 2 if pattern.startswith("^]", i + 1) else 0
+        elif c == "(":
+            if skip is None and any(pattern.startswith(p, i) for p in ("(?=", "(?!", "(?<=", "(?<!")):
+                skip, removed = depth, True
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if skip == depth:
+                skip, i = None, i + 1
                 continue
-        elif any(pattern.startswith(p, i) for p in ("(?=", "(?!", "(?<=", "(?<!")):
-            depth, j, cls = 0, i, False
-            while j < len(pattern):  # the matching ")"
-                d = pattern[j]
-                if d == "\\":
-                    j += 2
-                    continue
-                if cls:
-                    cls = d != "]"
-                elif d == "[":
-                    cls = True
-                elif d == "(":
-                    depth += 1
-                elif d == ")":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                j += 1
-            if j >= len(pattern):
-                return None
-            i, removed = j + 1, True
-            continue
-        out.append(c)
-        i += 1
-    if not removed:
+        if skip is None:
+            out.append(pattern[i:i + step])
+        i += step
+    if skip is not None or not removed:
         return None
     wider = "".join(out)
     try:
