@@ -328,6 +328,8 @@ def _item_kind(root, node: dict, path: tuple) -> UniqueArray:
         keys = set(items) - _ANNOTATIONS - {"type"}
         if (not isinstance(t, str) or t not in _SCALAR_KEYS or keys - _SCALAR_KEYS[t]) and _open(root, items):
             kind = UniqueArray(kind="open")
+        elif t in ("integer", "number") and keys and _away_from_zero(root, items):
+            kind = UniqueArray(kind=t)
         elif t == "string" and "pattern" in keys and not keys - {"pattern", "minLength", "maxLength"}:
             kind = _pattern_strings(items)
             if kind is None:
@@ -392,6 +394,81 @@ def _without_subsumed_options(root, items):
     except Exception:  # noqa: BLE001 - a schema jsonschema cannot evaluate: keep the items as they are
         return items
     return rest[0]
+
+
+_BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+
+
+def _away_from_zero(root, items: dict) -> bool:
+    """Whether `items` (a number or integer schema) admits a union of rays away from zero: every value
+    it admits is in some `(a, +inf)` / `[a, +inf)` with a > 0 (or `(0, +inf)`), or the mirror image.
+    Then, as for an unbounded number, every prefix the grammar admits has infinitely many completions
+    of distinct value (more digits move away from zero, and stay in the ray). Read: the node's bounds,
+    `allOf` parts and `anyOf` options made of bounds (and `type: number/integer`), plain `$ref`s."""
+    rays = _intervals(root, items, 0)
+    if rays is None:
+        return False
+    for lo, lo_open, hi, hi_open in rays:
+        if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_open or hi_open))):
+            continue  # empty
+        up = hi is None and lo is not None and (lo > 0 or (lo == 0 and lo_open))
+        down = lo is None and hi is not None and (hi < 0 or (hi == 0 and hi_open))
+        if not (up or down):
+            return False
+    return True
+
+
+def _intervals(root, node, depth: int) -> list[tuple] | None:
+    """The values `node` admits as a union of intervals (lo, lo_open, hi, hi_open; None: unbounded),
+    or None for a keyword other than bounds, `type` number/integer, `allOf`, `anyOf` and plain `$ref`."""
+    seen = 0
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and \
+            not (set(node) - _ANNOTATIONS - {"$ref"}) and seen < 32:
+        node, seen = _resolve(root, node["$ref"]), seen + 1
+    if not isinstance(node, dict) or depth > 8 or \
+            set(node) - _ANNOTATIONS - {"type", "allOf", "anyOf", *_BOUNDS} or \
+            node.get("type", "number") not in ("number", "integer") or \
+            not all(isinstance(node[k], (int, float)) and not isinstance(node[k], bool)
+                    for k in _BOUNDS if k in node):
+        return None
+    lo, lo_open, hi, hi_open = None, False, None, False
+    for key, low in (("minimum", True), ("exclusiveMinimum", True), ("maximum", False), ("exclusiveMaximum", False)):
+        if key not in node:
+            continue
+        value, strict = Decimal(repr(node[key])), key.startswith("exclusive")
+        if low and (lo is None or value > lo or (value == lo and strict)):
+            lo, lo_open = value, strict
+        elif not low and (hi is None or value < hi or (value == hi and strict)):
+            hi, hi_open = value, strict
+    out = [(lo, lo_open, hi, hi_open)]
+    if not isinstance(node.get("allOf", []), list):
+        return None
+    for part in node.get("allOf", []):
+        inner = _intervals(root, part, depth + 1)
+        if inner is None:
+            return None
+        out = [_meet(a, b) for a in out for b in inner]
+    if "anyOf" in node:
+        if not isinstance(node["anyOf"], list):
+            return None
+        options = []
+        for option in node["anyOf"]:
+            inner = _intervals(root, option, depth + 1)
+            if inner is None:
+                return None
+            options.extend(inner)
+        out = [_meet(a, b) for a in out for b in options]
+    return out
+
+
+def _meet(a: tuple, b: tuple) -> tuple:
+    lo, lo_open = a[0], a[1]
+    if b[0] is not None and (lo is None or b[0] > lo or (b[0] == lo and b[1])):
+        lo, lo_open = b[0], b[1]
+    hi, hi_open = a[2], a[3]
+    if b[2] is not None and (hi is None or b[2] < hi or (b[2] == hi and b[3])):
+        hi, hi_open = b[2], b[3]
+    return lo, lo_open, hi, hi_open
 
 
 def _pattern_strings(items: dict) -> UniqueArray | None:
