@@ -34,6 +34,21 @@ that would end one at such a place (a byte after it, or the end of the output) a
 `jsonschema` rejects the number against S. Its digits can always go on (a number the grammar bounds from
 above may not reach a valid one: then generation runs to `max_tokens`, as below).
 
+Where a node holding one of these keywords is also used where its place is not known (an option among
+others that admit the same kind of value, a pattern two schemas may govern, a recursive `$ref`, ...), the
+keyword leaves the node (the grammar then admits a superset there) and `WholeValue` checks instead the
+nearest value above it whose place is known (`places(..., anchors)`): a node that applies to every value
+there, reached through `properties`, `items`, `allOf`, `$ref`s -- never an option among others. When
+that value ends (`}`, `]`, or a scalar's last byte), `jsonschema` decides it whole against that node,
+reading the rewrite's markers as the layers do (`marker_validator`), and the token that would end it is
+removed while it fails. Exact, but it cannot see ahead: a value whose beginning already rules out every
+valid ending (`{"n":0` where both `oneOf` options accept 0) can only go on, and where the grammar leaves
+nothing else (a closed object) `allowed()` raises ConstraintError ("cannot be completed"): never an
+invalid output, sometimes none.
+
+A negated `minItems: n+1` beside a negated `items` is one array, "at most n items, or some item fails the
+items schema" (`UNLESS_AT_MOST` beside the `contains`): the layer lets it close while it has at most n.
+
 Not done: whether S and the item schema admit a common item is not decided here; when they do not, no
 output satisfies the schema and generation runs to `max_tokens` (finish_reason "length", never a
 stopped invalid output; an item schema that admits no item at all leaves only `]`, and `allowed()`
@@ -58,7 +73,8 @@ from llmqp.constraints.unique import (ITEM, _ANNOTATIONS, Text, _admits, _child_
                                       lookup, plain_target, refuse_shared)
 from llmqp.errors import ConstraintError
 
-_BESIDE = {"type", "items", "minItems", "contains"}
+UNLESS_AT_MOST = "x-llmqp-unless-at-most"  # beside `contains`, written by the keyword rewrite: see ContainsArray
+_BESIDE = {"type", "items", "minItems", "contains", UNLESS_AT_MOST}
 SOME_MEMBER = "x-llmqp-some-member"  # written by the keyword rewrite only; see the module's docstring
 _BESIDE_MEMBER = {"type", "minProperties", SOME_MEMBER}
 SCALAR = "x-llmqp-scalar"  # likewise
@@ -70,10 +86,17 @@ MARKERS = (SOME_MEMBER, SCALAR)
 @dataclasses.dataclass(frozen=True, eq=False)
 class ContainsArray:
     """An array at a `contains` place. Each of `validators` (one per `contains` that applies there: two
-    `allOf` parts may each say one) needs an item it validates, not necessarily the same item."""
+    `allOf` parts may each say one) needs an item it validates, not necessarily the same item, unless the
+    array has at most `exempt[i]` items (-1: always needs one). The keyword rewrite writes an exemption
+    (`UNLESS_AT_MOST` beside the `contains`) for a negated `minItems: n+1` with `items: S`: "at most n
+    items, or some item fails S" is then one array, whose place the layer can know, not two options."""
 
     validators: tuple = dataclasses.field(repr=False)
     where: str = "#"
+    exempt: tuple = ()  # per validator: the item count up to which it needs no item (-1: none)
+
+    def excused(self, i: int, count: int) -> bool:
+        return i < len(self.exempt) and count <= self.exempt[i]
 
     def matched(self, raw: bytes) -> frozenset:
         """The indices of the validators that accept the item written `raw`."""
@@ -84,7 +107,8 @@ class ContainsArray:
         return frozenset(i for i, v in enumerate(self.validators) if v.is_valid(value))
 
     def holds(self, items: list) -> bool:
-        return all(any(v.is_valid(item) for item in items) for v in self.validators)
+        return all(self.excused(i, len(items)) or any(v.is_valid(item) for item in items)
+                   for i, v in enumerate(self.validators))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -121,27 +145,198 @@ def extract(schema: Any, source: Any = None) -> tuple[Any, dict[tuple, ContainsA
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     original = copy.deepcopy(schema)
     schema = copy.deepcopy(schema)
+    twins = _twins(schema, original)
+    _python_patterns(original)  # jsonschema reads it: the rewrite's regexes are in Rust's syntax
+    source = original if source is None else source
     out: dict = {}
+    anchored: list = []  # (node, its keyword, [(anchor node, path, where)]): checked whole at the anchors
     if "contains" in cls.VALIDATORS:  # draft 4 and earlier: `contains` is no keyword there (left to the backend)
-        out.update(_extract_contains(schema, original, cls))
+        out.update(_extract_contains(schema, original, cls, anchored))
     for marker, place, what in ((SOME_MEMBER, _extract_some_member, "a negated object keyword"),
                                 (SCALAR, _extract_scalars, "a number keyword")):
         if _mentions(schema, marker):
-            found = place(schema, original if source is None else source, cls)
+            found = place(schema, source, cls, anchored)
             if set(found) & set(out):
                 raise ConstraintError(f"json_schema: {what} at {next(iter(found.values())).where} is not supported "
                                       "where another token-level layer may apply to the same value")
             out.update(found)
+    if anchored:
+        out.update(_wholes(anchored, twins, original, source, cls))
     return schema, out
 
 
-def _extract_some_member(schema: Any, source: Any, cls) -> dict:
-    placed, elsewhere = places(schema, SOME_MEMBER, "object")
+_RUST_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\x\{([0-9a-fA-F]{1,6})\}")
+_VALUES = ("const", "enum", "default", "examples", "example")
+
+
+def python_regex(pattern: str) -> str:
+    """`pattern` with Rust's `\\x{HEX}` escapes (which the keyword rewrite writes) in Python's syntax."""
+    return _RUST_ESCAPE.sub(lambda m: m.group(1) + "\\U%08x" % int(m.group(2), 16), pattern)
+
+
+def _python_patterns(schema: Any) -> None:
+    """In place: every `pattern` and `patternProperties` key of `schema` in Python's syntax."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                node["pattern"] = python_regex(node["pattern"])
+            if isinstance(node.get("patternProperties"), dict):
+                node["patternProperties"] = {python_regex(k): v for k, v in node["patternProperties"].items()}
+            stack.extend(v for k, v in node.items() if k not in _VALUES)
+
+
+def _twins(a: Any, b: Any, out: dict | None = None) -> dict:
+    """{id(node of a): the same node of b}, for two equal JSON trees."""
+    out = {} if out is None else out
+    stack = [(a, b)]
+    while stack:
+        x, y = stack.pop()
+        if isinstance(x, dict):
+            out[id(x)] = y
+            stack.extend((x[k], y[k]) for k in x)
+        elif isinstance(x, list):
+            stack.extend(zip(x, y))
+    return out
+
+
+def _wholes(anchored: list, twins: dict, original: Any, source: Any, cls) -> dict:
+    """The WholeValue checks of the uses whose place is not known (the nodes lose their keyword: the
+    grammar then admits a superset there, and the whole value at the anchor is checked instead)."""
+    checker = marker_validator(cls, original, source)
+    by_path: dict[tuple, list] = {}
+    for node, keyword, uses in anchored:
+        for anchor, path, where in uses:
+            nodes = by_path.setdefault(path, [])
+            if not any(n is anchor for n, _ in nodes):
+                nodes.append((anchor, where))
+    refuse_shared(by_path, "not")
+    for node, keyword, _ in anchored:
+        node.pop(keyword, None)
+        if keyword == "contains":
+            node.pop(UNLESS_AT_MOST, None)
+    return {WHOLE + path: WholeValue(validators=tuple(checker.evolve(schema=twins[id(n)]) for n, _ in nodes),
+                                     where=nodes[0][1])
+            for path, nodes in by_path.items()}
+
+
+def marker_validator(cls, original: Any, source: Any):
+    """A `jsonschema` validator (of `cls`'s draft) for the rewritten schema `original` that reads the
+    rewrite's markers as the layers enforce them: `SCALAR` and `SOME_MEMBER` (their schemas resolve in
+    `source`, as written, with formats asserted) and `contains` beside `UNLESS_AT_MOST`."""
+    import jsonschema
+
+    written = cls(source, format_checker=cls.FORMAT_CHECKER)
+    contains = cls.VALIDATORS.get("contains") or jsonschema.Draft202012Validator.VALIDATORS["contains"]
+
+    def scalar(validator, value, instance, schema):
+        if isinstance(instance, decimal.Decimal) or not written.evolve(schema=value).is_valid(instance):
+            yield jsonschema.ValidationError("the value fails the schema the layer checks it against")
+
+    def some_member(validator, value, instance, schema):
+        if isinstance(instance, dict):
+            member = written.evolve(schema=value)
+            if all(member.is_valid({k: v}) for k, v in instance.items()):
+                yield jsonschema.ValidationError("no member fails the negated keywords")
+
+    def unless_short(validator, value, instance, schema):
+        n = schema.get(UNLESS_AT_MOST)
+        if isinstance(instance, list) and isinstance(n, int) and not isinstance(n, bool) and len(instance) <= n:
+            return
+        yield from contains(validator, value, instance, schema)
+
+    extended = jsonschema.validators.extend(cls, {SCALAR: scalar, SOME_MEMBER: some_member, "contains": unless_short})
+    return extended(original)
+
+
+WHOLE = (None,)  # key prefix of a WholeValue's path in the layer's table (no output path holds None)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WholeValue:
+    """The value at a known place above uses of a layer keyword whose own place is not known (an option
+    among others that admit the same kind, a pattern two schemas may govern, a recursive `$ref`, ...):
+    each of `validators` (`marker_validator`, on the node that applies there) decides it whole when it
+    ends, and the token that would end it is removed while one rejects it. Exact, like the other checks;
+    but unlike them it cannot see ahead, so a value whose beginning already rules out every valid ending
+    (two `oneOf` options both matched) can only go on, and generation then runs to `max_tokens`."""
+
+    validators: tuple = dataclasses.field(repr=False)
+    where: str = "#"
+    _views: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def holds(self, value: Any) -> bool:
+        try:
+            return all(v.is_valid(value) for v in self.validators)
+        except (ArithmeticError, TypeError, OverflowError, RecursionError):  # one jsonschema cannot decide
+            return False
+
+    def valid(self, raw: bytes) -> bool:
+        try:
+            value = json.loads(raw, parse_float=exact_number)
+        except (ValueError, RecursionError):
+            return False
+        return self.holds(value)
+
+    def scalar(self, kind: str, other: "ScalarValue | None") -> "ScalarValue":
+        """A scalar (`kind` "string" or "number": any other scalar) at this place, as the SCALAR check of
+        `scan` reads it: this check and `other`'s (a SCALAR at the same place), if any."""
+        key = (kind, id(other))
+        if key not in self._views:
+            parts = (self,) if other is None else (self, other.validator)
+            self._views[key] = ScalarValue(validator=_AllValid(parts), where=self.where, kind=kind,
+                                           integer=other.integer if other else False,
+                                           max_length=other.max_length if other else None)
+        return self._views[key]
+
+    def is_valid(self, value: Any) -> bool:
+        return self.holds(value)
+
+
+class _AllValid:
+    def __init__(self, parts: tuple):
+        self.parts = parts
+
+    def is_valid(self, value: Any) -> bool:
+        return all(p.is_valid(value) for p in self.parts)
+
+
+def _anchor(anchored: list, keyword: str, anchors: dict, nodes: dict, usable) -> None:
+    """Record the uses whose place is not known of the nodes `usable` accepts, at their anchors."""
+    for key, uses in anchors.items():
+        node = nodes.get(key)
+        if node is not None and usable(node):
+            anchored.append((node, keyword, uses))
+
+
+def _marker_nodes(schema: Any, keyword: str) -> dict:
+    out, stack = {}, [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if keyword in node:
+                out[id(node)] = node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return out
+
+
+def _extract_some_member(schema: Any, source: Any, cls, anchored: list) -> dict:
+    anchors: dict = {}
+    placed, elsewhere = places(schema, SOME_MEMBER, "object", anchors)
+
+    def usable(node: dict) -> bool:
+        return _refs_resolve(source, node[SOME_MEMBER]) and not any(_mentions(node[SOME_MEMBER], m) for m in MARKERS)
+
+    _anchor(anchored, SOME_MEMBER, anchors, _marker_nodes(schema, SOME_MEMBER), usable)
     found: dict[tuple, list] = {}
     for key, uses in placed.items():
         node = uses[0][0]
-        if key in elsewhere or not _refs_resolve(source, node[SOME_MEMBER]) or \
-                any(_mentions(node[SOME_MEMBER], m) for m in MARKERS):
+        if (key in elsewhere and key not in anchors) or not usable(node):
             continue  # left: check_placed refuses it
         extra = set(node) - _ANNOTATIONS - _BESIDE_MEMBER
         if extra:
@@ -206,16 +401,22 @@ def exact_number(text: str) -> int | float | decimal.Decimal:
     return f if math.isfinite(f) and f != 0 else d
 
 
-def _extract_scalars(schema: Any, source: Any, cls) -> dict:
+def _extract_scalars(schema: Any, source: Any, cls, anchored: list) -> dict:
     found: dict[tuple, list] = {}
+    nodes = _marker_nodes(schema, SCALAR)
     for kind, types in (("number", ("number", "integer")), ("string", ("string",))):
-        placed, elsewhere = places(schema, SCALAR, kind)
+        anchors: dict = {}
+        placed, elsewhere = places(schema, SCALAR, kind, anchors)
+
+        def usable(node: dict) -> bool:
+            return _refs_resolve(source, node[SCALAR]) and not any(_mentions(node[SCALAR], m) for m in MARKERS) \
+                and not set(node) - _ANNOTATIONS - _BESIDE_SCALAR and node.get("type") in types and \
+                _formats_checked(source, node[SCALAR], cls.FORMAT_CHECKER)
+
+        _anchor(anchored, SCALAR, anchors, {k: v for k, v in nodes.items() if v.get("type") in types}, usable)
         for key, uses in placed.items():
             node = uses[0][0]
-            if key in elsewhere or not _refs_resolve(source, node[SCALAR]) or \
-                    any(_mentions(node[SCALAR], m) for m in MARKERS) or \
-                    set(node) - _ANNOTATIONS - _BESIDE_SCALAR or node.get("type") not in types or \
-                    not _formats_checked(source, node[SCALAR], cls.FORMAT_CHECKER):
+            if (key in elsewhere and key not in anchors) or not usable(node):
                 continue  # left: check_placed refuses it
             for _, path, where in uses:
                 found.setdefault(path, []).append((node, where))
@@ -280,11 +481,14 @@ def check_placed(schema: Any) -> None:
                                   "anyOf/oneOf option that admits objects there are enforced")
 
 
-def _extract_contains(schema: Any, original: Any, cls) -> dict:
-    placed, elsewhere = places(schema, "contains")
+def _extract_contains(schema: Any, original: Any, cls, anchored: list) -> dict:
+    anchors: dict = {}
+    placed, elsewhere = places(schema, "contains", "array", anchors)
+    _anchor(anchored, "contains", anchors, _marker_nodes(schema, "contains"),
+            lambda node: _refs_resolve(original, node["contains"]))
     found: dict[tuple, list] = {}
     for key, uses in placed.items():
-        if key in elsewhere:
+        if key in elsewhere and key not in anchors:
             continue  # also used where its place is not known: left (refused by the backend)
         node = uses[0][0]
         extra = set(node) - _ANNOTATIONS - _BESIDE
@@ -307,11 +511,17 @@ def _extract_contains(schema: Any, original: Any, cls) -> dict:
     arrays = {}
     for path, nodes in found.items():
         arrays[path] = ContainsArray(validators=tuple(root.evolve(schema=node["contains"]) for node, _ in nodes),
-                                     where=nodes[0][1])
+                                     where=nodes[0][1], exempt=tuple(_exemption(node) for node, _ in nodes))
     for path, nodes in found.items():
         for node, _ in nodes:
             node.pop("contains", None)
+            node.pop(UNLESS_AT_MOST, None)
     return arrays
+
+
+def _exemption(node: dict) -> int:
+    n = node.get(UNLESS_AT_MOST, -1)
+    return n if isinstance(n, int) and not isinstance(n, bool) else -1
 
 
 def _refs_resolve(root: Any, schema: Any) -> bool:
@@ -337,7 +547,8 @@ def _refs_resolve(root: Any, schema: Any) -> bool:
 _BOTH = frozenset({"array", "object"})
 
 
-def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list], set[int]]:
+def places(root: Any, keyword: str, kind: str = "array",
+           anchors: dict | None = None) -> tuple[dict[int, list], set[int]]:
     """Where the nodes holding `keyword` apply to the output: ({id(node): [(node, output path, where)]}
     for every use whose place is known, {id(node)} for nodes also used where it is not).
 
@@ -347,45 +558,60 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
     whose keys no other schema of the node governs (a `KeyStep` in the path). Any other route (`not`,
     `if`, `contains`, a pattern a declared name or another pattern may match, an option among several,
     a recursive `$ref` seen again) is a use whose place is not known: a layer cannot enforce such a
-    node, and must not remove its keyword."""
+    node, and must not remove its keyword. With `anchors`, each such use is also recorded there as
+    {id(node): [(anchor node, output path, where)]}: the nearest node above it that applies to every
+    value at a known place (reached from the root through `properties`, `items`, `allOf` parts, `$ref`s
+    and patterns alone at their keys, never through an option among others), whose whole value the
+    layer can check instead (`WholeValue`)."""
     placed: dict[int, list] = {}
     elsewhere: set[int] = set()
     every = _BOTH | {kind}  # the kinds of value whose place is followed
     seen_static: set = set()
-    seen_dynamic: set[int] = set()
+    seen_dynamic: set = set()
 
-    def dynamic(node: Any) -> None:
+    def unplaced(node: dict, anchor: tuple | None) -> None:
+        elsewhere.add(id(node))
+        if anchors is not None and anchor is not None:
+            uses = anchors.setdefault(id(node), [])
+            if not any(a[0] is anchor[0] and a[1] == anchor[1] for a in uses):
+                uses.append(anchor)
+
+    def dynamic(node: Any, anchor: tuple | None = None) -> None:
         stack = [node]
         while stack:
             node = stack.pop()
-            if not isinstance(node, dict) or id(node) in seen_dynamic:
+            if not isinstance(node, dict) or (id(node), anchor and id(anchor[0]), anchor and anchor[1]) in seen_dynamic:
                 continue
-            seen_dynamic.add(id(node))
+            seen_dynamic.add((id(node), anchor and id(anchor[0]), anchor and anchor[1]))
             if keyword in node:
-                elsewhere.add(id(node))
+                unplaced(node, anchor)
             stack.extend(_subschemas(root, node))
 
-    def static(node: Any, path: tuple, kinds: frozenset, refs: tuple, where: str) -> None:
+    def static(node: Any, path: tuple, kinds: frozenset, refs: tuple, where: str, anchor: tuple | None = None,
+               whole: bool = True) -> None:
+        """`whole`: `node` applies to every value at `path` (of any JSON type), so it may be an anchor."""
         if not isinstance(node, dict):
             return
-        state = (id(node), path, kinds)
+        state = (id(node), path, kinds, whole)
         if state in seen_static:
             return
         seen_static.add(state)
+        if whole:  # this node applies to every value here: its whole value can be checked
+            anchor = (node, path, where)
         if isinstance(node.get("$ref"), str):
             ref = node["$ref"]
             target = _resolve(root, ref) if ref.startswith("#") else None
             if ref in refs or target is None:
-                dynamic(target)  # recursion: infinitely many places
+                dynamic(target, anchor)  # recursion: infinitely many places
             else:
-                static(target, path, kinds, refs + (ref,), ref)
+                static(target, path, kinds, refs + (ref,), ref, anchor, whole)
         if keyword in node:
             if "$ref" in node:
                 elsewhere.add(id(node))  # beside a $ref: ignored by drafts up to 7
             elif kind in kinds:
                 placed.setdefault(id(node), []).append((node, path, where))
             elif _admits(root, node, kind):
-                elsewhere.add(id(node))  # arrays (objects) here may or may not match this option
+                unplaced(node, anchor)  # arrays (objects) here may or may not match this option
         for key, value in node.items():
             if key == "$ref":
                 continue
@@ -394,38 +620,39 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
                     if "object" in kinds:
                         static(sub, path + (name,), every, refs, f"{where}/properties/{name}")
                     else:
-                        dynamic(sub)
+                        dynamic(sub, anchor)
             elif key == "items" and isinstance(value, dict):
                 if "array" in kinds:
                     static(value, path + (ITEM,), every, refs, f"{where}/items")
                 else:
-                    dynamic(value)
+                    dynamic(value, anchor)
             elif key == "allOf" and isinstance(value, list):
                 for i, part in enumerate(value):
-                    static(part, path, kinds, refs, f"{where}/allOf/{i}")
+                    static(part, path, kinds, refs, f"{where}/allOf/{i}", anchor, whole)
             elif key in ("anyOf", "oneOf") and isinstance(value, list):
                 for i, option in enumerate(value):
                     owns = frozenset(k for k in kinds if _admits(root, option, k) and
                                      not any(_admits(root, o, k) for j, o in enumerate(value) if j != i))
                     if owns:
-                        static(option, path, owns, refs, f"{where}/{key}/{i}")
+                        static(option, path, owns, refs, f"{where}/{key}/{i}", anchor, whole and len(value) == 1)
                     shared = {k for k in kinds - owns if _admits(root, option, k)}
                     if shared == {"object"}:  # objects here may match another option: by some keys, only this
-                        keyed(option, [o for j, o in enumerate(value) if j != i], path, refs, f"{where}/{key}/{i}")
+                        keyed(option, [o for j, o in enumerate(value) if j != i], path, refs, f"{where}/{key}/{i}",
+                              anchor)
                     elif shared:
-                        dynamic(option)  # values of another kind here may match it, or another option
+                        dynamic(option, anchor)  # values of another kind here may match it, or another option
             elif key in ("patternProperties", "additionalProperties") and isinstance(value, dict) and \
                     "object" in kinds:
                 for step, sub, sub_where in _key_steps(node, key):
                     if step is None:
-                        dynamic(sub)  # a key two schemas may govern: not a known place
+                        dynamic(sub, anchor)  # a key two schemas may govern: not a known place
                     else:
                         static(sub, path + (step,), every, refs, where + sub_where)
             elif key not in ("definitions", "$defs"):  # definitions apply only through a $ref
                 for sub in _children(key, value):
-                    dynamic(sub)
+                    dynamic(sub, anchor)
 
-    def keyed(option: Any, others: list, path: tuple, refs: tuple, where: str) -> None:
+    def keyed(option: Any, others: list, path: tuple, refs: tuple, where: str, anchor: tuple | None) -> None:
         """An option among others that admit objects: the place of a property it declares is still known
         where every other option forbids that key (an object that has it can match only this option)."""
         seen = 0
@@ -434,7 +661,7 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
             ref = option["$ref"]
             target = _resolve(root, ref) if ref.startswith("#") else None
             if ref in refs or not isinstance(target, dict):
-                dynamic(target)
+                dynamic(target, anchor)
                 return
             option, refs, where, seen = target, refs + (ref,), ref, seen + 1
         if not isinstance(option, dict):
@@ -445,14 +672,16 @@ def places(root: Any, keyword: str, kind: str = "array") -> tuple[dict[int, list
                     if all(_forbids_key(root, o, name) for o in others):
                         static(sub, path + (name,), every, refs, f"{where}/properties/{name}")
                     else:
-                        dynamic(sub)
+                        dynamic(sub, anchor)
             elif key == "allOf" and isinstance(value, list):  # each part holds for the option's objects
                 for i, part in enumerate(value):
-                    keyed(part, others, path, refs, f"{where}/allOf/{i}")
+                    keyed(part, others, path, refs, f"{where}/allOf/{i}", anchor)
             elif key not in ("definitions", "$defs"):
+                if key == keyword:
+                    unplaced(option, anchor)  # on the option itself: objects here may match another option
                 for sub in ([_resolve(root, value)] if key == "$ref" and isinstance(value, str) and
                             value.startswith("#") else _children(key, value)):
-                    dynamic(sub)
+                    dynamic(sub, anchor)
 
     static(root, (), every, (), "#")
     return placed, elsewhere
@@ -524,7 +753,11 @@ def _mentions(schema, keyword: str = "contains") -> bool:
 
 def check_value(value: Any, arrays: dict, path: tuple = ()) -> bool:
     """True when every array at a contains path of `value` has an item that satisfies it, every object
-    at a `SOME_MEMBER` path a member that fails it, and every number at a `SCALAR` path is valid (accepts())."""
+    at a `SOME_MEMBER` path a member that fails it, every number at a `SCALAR` path and every value at a
+    WholeValue path is valid (accepts())."""
+    whole = lookup(arrays, WHOLE + path)
+    if whole is not None and not whole.holds(value):
+        return False
     if isinstance(value, dict):
         spec = lookup(arrays, path)
         if isinstance(spec, SomeMemberObject) and not spec.holds(value):
@@ -559,6 +792,9 @@ class _Frame:
     key: str | None = None  # objects: the last key read
     verdicts: tuple = ()  # objects at a place: (key, validators its member fails), the last member per key
     expect_key: bool = True  # objects: the next string is a key
+    count: int = 0  # arrays at a place: items completed
+    whole: WholeValue | None = None  # the value is at a WholeValue's place: checked when it closes
+    start: int = 0  # offset of its `{` / `[`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,9 +808,11 @@ class ScanState:
     scalar: ScalarValue | None = None  # the number or string being read is at a SCALAR place: its check
 
 
-def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, ContainsArray]) -> ScanState | None:
+def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, ContainsArray],
+         wholes: dict | None = None) -> ScanState | None:
     """`state` after the bytes `data` (`out` is the output before them), or None when they close an
-    array at a contains place none of whose items matches. Assumes `data` is what the grammar allows."""
+    array at a contains place none of whose items matches (end a value a check rejects). Assumes `data`
+    is what the grammar allows. `wholes`: {output path: WholeValue}."""
     stack, lex, escaped, pos, scalar = state.stack, state.lex, state.escaped, state.pos, state.scalar
     text = Text(out, data, pos)
     for b in data:
@@ -611,15 +849,25 @@ def scan(state: ScanState, data: bytes, out: bytes, arrays: dict[tuple, Contains
             spec = lookup(arrays, path)
             if spec is not None and isinstance(spec, SomeMemberObject) != (b == 0x7B):
                 spec = None  # the place's layer is for the other kind of value
-            stack = stack + (_Frame("o" if b == 0x7B else "a", path, spec),)
+            stack = stack + (_Frame("o" if b == 0x7B else "a", path, spec,
+                                    whole=lookup(wholes, path) if wholes else None, start=pos),)
         elif b in (0x7D, 0x5D):  # `}` `]`
-            if stack[-1].spec is not None and len(stack[-1].satisfied) < len(stack[-1].spec.validators):
+            top = stack[-1]
+            if top.spec is not None and len(top.satisfied) < len(top.spec.validators) and not (
+                    isinstance(top.spec, ContainsArray) and
+                    all(i in top.satisfied or top.spec.excused(i, top.count) for i in range(len(top.spec.validators)))):
+                return None
+            if top.whole is not None and not top.whole.valid(text.slice(top.start, pos + 1)):
                 return None
             stack = _complete_composite(stack[:-1], text, pos + 1)
         else:
             if not (stack and stack[-1].kind == "o" and stack[-1].expect_key):
-                spec = lookup(arrays, _child_path(stack))  # a value (not a key) starts
+                path = _child_path(stack)
+                spec = lookup(arrays, path)  # a value (not a key) starts
                 scalar = spec if isinstance(spec, ScalarValue) and (spec.kind == "string") == (b == 0x22) else None
+                whole = lookup(wholes, path) if wholes else None
+                if whole is not None:
+                    scalar = whole.scalar("string" if b == 0x22 else "number", scalar)
             stack = _start_item(stack, pos)
             lex = bytes((b,))  # `"` or the first byte of a number / literal
         pos += 1
@@ -682,7 +930,7 @@ def _item_done(stack: tuple, text: Text, end: int) -> tuple:
     satisfied = top.satisfied
     if len(satisfied) < len(top.spec.validators):
         satisfied = satisfied | top.spec.matched(raw)
-    return stack[:-1] + (dataclasses.replace(top, satisfied=satisfied, item_start=None),)
+    return stack[:-1] + (dataclasses.replace(top, satisfied=satisfied, item_start=None, count=top.count + 1),)
 
 
 class ContainsMatcher(Matcher):
@@ -692,11 +940,14 @@ class ContainsMatcher(Matcher):
     token, `accept` raises ValueError for it, `rollback` restores the scan state too."""
 
     def __init__(self, inner: Matcher, arrays: dict[tuple, ContainsArray], token_bytes: list[bytes]):
+        self._wholes = {path[len(WHOLE):]: spec for path, spec in arrays.items() if path[:len(WHOLE)] == WHOLE}
+        arrays = {path: spec for path, spec in arrays.items() if path[:len(WHOLE)] != WHOLE}
         self._inner, self._arrays, self._bytes = inner, arrays, token_bytes
         self.vocab_size, self.eos_ids = inner.vocab_size, inner.eos_ids
-        closers = (b"]", b"}") if any(isinstance(a, SomeMemberObject) for a in arrays.values()) else (b"]",)
+        closers = (b"]", b"}") if self._wholes or any(isinstance(a, SomeMemberObject) for a in arrays.values()) \
+            else (b"]",)
         self._may_close = np.array([any(c in t for c in closers) for t in token_bytes] + [False], dtype=bool)
-        self._scalars = any(isinstance(a, ScalarValue) for a in arrays.values())
+        self._scalars = bool(self._wholes) or any(isinstance(a, ScalarValue) for a in arrays.values())
         if self._scalars:  # tokens that may end a number (a byte no number has), or a string (a quote)
             self._may_end = np.array([any(b not in _SCALAR_BYTES for b in t) for t in token_bytes] + [False],
                                      dtype=bool)
@@ -709,7 +960,7 @@ class ContainsMatcher(Matcher):
         if tok in self.eos_ids:  # the output ends: so does a number in progress (a root number)
             return None if state.scalar is not None and not state.scalar.valid(state.lex) else state
         data = self._bytes[tok] if tok < len(self._bytes) else b""
-        return scan(state, data, self._out, self._arrays)
+        return scan(state, data, self._out, self._arrays, self._wholes)
 
     def allowed(self) -> np.ndarray:
         base = self._inner.allowed()

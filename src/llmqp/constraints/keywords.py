@@ -192,6 +192,7 @@ class _Rewriter:
         self.original = copy.deepcopy(root, self._originals)
         self._validator = None
         self.visited: set[int] = set()  # ids of the nodes walked
+        self.busy: set[int] = set()  # ids of the nodes being rewritten (in place: their content is in flux)
         self.where = "#"
         self.changed = False
         self.first_keyword = self.first_where = None
@@ -236,7 +237,7 @@ class _Rewriter:
             wider = regular.without_assertions(original.get("pattern"))
             if wider is not None and regular.needs_rewrite(wider):
                 wider = regular.without_lookaround(wider)
-            if wider is not None:
+            if wider is not None and not regular.has_backreference(wider):
                 node["pattern"] = wider
         else:
             node.update({"type": "number" if "number" in types else "integer", contains.SCALAR: original})
@@ -248,6 +249,13 @@ class _Rewriter:
 
     def _node(self, node: dict, path: str) -> Any:
         self.visited.add(id(node))
+        self.busy.add(id(node))
+        try:
+            return self._walk(node, path)
+        finally:
+            self.busy.discard(id(node))
+
+    def _walk(self, node: dict, path: str) -> Any:
         if self._fold_finite(node, path):
             return node if node["enum"] else False
         for key in list(node):
@@ -290,6 +298,10 @@ class _Rewriter:
                     regular.without_lookaround(node["pattern"]) is None:
                 # a string the layer checks whole (see node()); else llguidance refuses the look-around
                 raise _Unsupported("pattern", f"the look-around of /{node['pattern'][:60]}/ has no regular form here")
+        if self.some_item and regular.has_backreference(node.get("pattern")):
+            # a string the layer checks whole (see node()); llguidance has no back-references
+            self._at("pattern", path)
+            raise _Unsupported("pattern", f"the back-reference of /{node['pattern'][:60]}/ has no regular form")
         if isinstance(node.get("patternProperties"), dict) and \
                 any(regular.needs_rewrite(k) for k in node["patternProperties"]):
             renamed = {k: (regular.without_lookaround(k) or k) if regular.needs_rewrite(k) else k
@@ -699,6 +711,13 @@ class _Rewriter:
                 branches.append({"type": "array", "minItems": 1} if mine is False else
                                 {"type": "array", "contains": {"not": schema["items"]}})
                 keys.discard("items")
+        if "contains" in keys and not keys & {"minContains", "maxContains"}:
+            # No item matches it: every item fails it.
+            contained = self.plain(schema["contains"])
+            branches.append({"type": "array"} if contained is False else
+                            {"type": "array", "maxItems": 0} if contained is True or contained == {} else
+                            {"type": "array", "items": {"not": schema["contains"]}})
+            keys.discard("contains")
         for key, neg in (("minLength", ("string", "maxLength", -1)), ("maxLength", ("string", "minLength", 1)),
                          ("minItems", ("array", "maxItems", -1)), ("maxItems", ("array", "minItems", 1)),
                          ("minProperties", ("object", "maxProperties", -1)),
@@ -759,7 +778,7 @@ class _Rewriter:
         left = sorted(keys & _VALIDATION)
         if left:
             raise _Unsupported(left[0], f'negating "{left[0]}" has no exact schema form here')
-        return _any(branches, types)
+        return _any(_contains_unless_short(branches), types)
 
     def _names_rejected(self, names_schema: Any, names: list) -> list | None:
         """The `names` that `jsonschema` rejects against `names_schema` (a propertyNames schema), or None
@@ -846,6 +865,10 @@ class _Rewriter:
         node = walk_pointer(self.root, ref)
         if node is MISSING:
             raise _Unsupported("$ref", f"unresolvable reference {ref!r}")
+        if id(node) in self.busy and id(node) in self._originals:
+            # A reference back into a node being rewritten (recursion): read it as written, not half-way
+            # through its rewrite (a `oneOf` taken out to be rewritten would leave `{}`, any value).
+            return self._originals[id(node)]
         return node
 
 
@@ -994,6 +1017,19 @@ def _any(branches: list, types: frozenset | None) -> Any:
     if not kept:
         return False
     return kept[0] if len(kept) == 1 else {"anyOf": kept}
+
+
+def _contains_unless_short(branches: list) -> list:
+    """`branches` (options of an anyOf) with "some item fails S" and "at most n items" (from a negated
+    `items` and `minItems: n+1`) made one option, "some item fails S unless there are at most n items"
+    (`contains.UNLESS_AT_MOST`): the same arrays, as one array option whose place the layer can know."""
+    some = [b for b in branches if isinstance(b, dict) and set(b) == {"type", "contains"} and b["type"] == "array"]
+    short = [b for b in branches if isinstance(b, dict) and set(b) == {"type", "maxItems"} and b["type"] == "array"
+             and isinstance(b["maxItems"], int) and not isinstance(b["maxItems"], bool)]
+    if len(some) != 1 or not short:
+        return branches
+    merged = {**some[0], contains.UNLESS_AT_MOST: max(b["maxItems"] for b in short)}
+    return [merged if b is some[0] else b for b in branches if not any(b is x for x in short)]
 
 
 def _format_refusal(name: Any) -> str:
@@ -1786,3 +1822,64 @@ def inline_merged_refs(schema: Any, ref: str, memo: dict | None = None) -> int:
 
 # Keywords of a schema document (not of the instances): left out of a copy of the root.
 _DOCUMENT_KEYS = {"$schema", "$id", "id", "definitions", "$defs"}
+
+
+def disjoint_patterns(schema: Any) -> int:
+    """Split, in place, the `patternProperties` that llguidance would have to intersect while they
+    overlap: llguidance requires the patterns of an object (its own and those of every schema merged
+    with it -- `allOf` parts, `anyOf`/`oneOf` options, local `$ref` targets) to be disjoint. JSON Schema
+    gives a key that several patterns find the schemas of all of them, so each object's patterns are
+    replaced by the parts of `regular.pattern_atoms` over all the patterns of its merge: a part's schema
+    is (the `allOf` of) the schemas of that object's own patterns that find it, and parts none of its
+    own patterns find are left to its `additionalProperties`, as before. Every key then meets the same
+    schemas, so the schema accepts the same instances. Returns the number of objects rewritten (0:
+    nothing overlaps, or the patterns are outside `regular`)."""
+    if not isinstance(schema, dict):
+        return 0
+    nodes: list[dict] = []
+    seen: set[int] = set()
+    stack: list = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict) and id(node) not in seen:
+            seen.add(id(node))
+            nodes.append(node)
+            stack.extend(v for k, v in node.items() if k not in ("const", "enum"))
+
+    def merge(node: dict) -> list[dict]:
+        out, todo, met = [], [node], set()
+        while todo:
+            part = todo.pop()
+            if not isinstance(part, dict) or id(part) in met:
+                continue
+            met.add(id(part))
+            out.append(part)
+            ref = part.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#"):
+                todo.append(walk_pointer(schema, ref))
+            for key in ("allOf", "anyOf", "oneOf"):
+                if isinstance(part.get(key), list):
+                    todo.extend(part[key])
+        return out
+
+    done = 0
+    for node in nodes:
+        owners = [m for m in merge(node) if isinstance(m.get("patternProperties"), dict) and m["patternProperties"]]
+        patterns = sorted({p for m in owners for p in m["patternProperties"]})
+        if len(patterns) < 2 or all(_patterns_disjoint(a, b) for a, b in itertools.combinations(patterns, 2)):
+            continue
+        atoms = regular.pattern_atoms(tuple(patterns))
+        if atoms is None:
+            continue
+        for owner in owners:
+            own = owner["patternProperties"]
+            split = {}
+            for found_by, regex in atoms:
+                schemas = [own[patterns[i]] for i in sorted(found_by) if patterns[i] in own]
+                if schemas:
+                    split[regex] = schemas[0] if len(schemas) == 1 else {"allOf": schemas}
+            owner["patternProperties"] = split
+            done += 1
+    return done

@@ -451,6 +451,7 @@ _ONE_OF_UNPROVEN = "oneOf constraints are not supported"
 WHITESPACE_MAX_RUN = 20  # whitespace="flexible": at most this many whitespace characters between two tokens
 WHITESPACE_PATTERN = f"[\\x20\\x0A\\x0D\\x09]{{0,{WHITESPACE_MAX_RUN}}}"
 _UNIMPLEMENTED = re.compile(r'Unimplemented keys: \[(.*?)\]')
+_OVERLAPPING = re.compile(r"patternProperty regexes /.*/ and /.*/ are not disjoint")
 _CIRCULAR = re.compile(r"circular references with sibling keys are not supported: \S*?(#\S*)")
 _INLINE_ROUNDS = 8  # rounds of keywords.inline_merged_refs before a circular merge is refused
 
@@ -479,7 +480,7 @@ class LLGuidanceBackend(ConstraintBackend):
         start = time.perf_counter()
         grammar, source_schema, arrays, with_contains = self._grammar(spec, some_item=some_item)
         template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
-        one_of, inlined, merges = False, [], {}
+        one_of, inlined, merges, split = False, [], {}, False
         while template.is_error():
             error = template.get_error()
             circular = _CIRCULAR.search(error)
@@ -492,7 +493,15 @@ class LLGuidanceBackend(ConstraintBackend):
                     merges = {}
                     for ref in inlined:
                         keywords.inline_merged_refs(source_schema, ref, merges)
+                if split:
+                    keywords.disjoint_patterns(source_schema)
+                if inlined or split:
                     grammar = self._from_schema(source_schema, spec)
+            elif not split and _OVERLAPPING.search(error) and keywords.disjoint_patterns(source_schema):
+                # Overlapping patternProperties (llguidance requires them disjoint): split them into
+                # disjoint parts with the same schemas (see `keywords.disjoint_patterns`) and compile again.
+                split = True
+                grammar = self._from_schema(source_schema, spec)
             elif circular and len(inlined) < _INLINE_ROUNDS and \
                     keywords.inline_merged_refs(source_schema, circular.group(1), merges):
                 # A recursive definition merged with other keywords: merge a copy of it instead (the

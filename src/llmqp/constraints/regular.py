@@ -26,6 +26,7 @@ import functools
 import re
 import unicodedata
 import warnings
+from typing import Any
 
 MAX_STATES = 400  # states of a determinised automaton
 MAX_REGEX_CHARS = 100_000  # length of a regex written back
@@ -59,6 +60,35 @@ def complement(pattern: str) -> str | None:
         lang = _Lang.of([pattern])
         dfa = lang.search_dfa(pattern)
         return lang.to_regex(dfa.complemented())
+    except (_No, re.error, RecursionError, OverflowError):
+        return None
+
+
+MAX_ATOM_PATTERNS = 6  # pattern_atoms splits at most this many patterns (up to 2**n - 1 parts)
+
+
+@functools.lru_cache(maxsize=128)
+def pattern_atoms(patterns: tuple[str, ...]) -> tuple[tuple[frozenset, str], ...] | None:
+    """The strings that some of `patterns` find, split by which ones find them: (the indices of the
+    patterns that find a match, an anchored regex for exactly those strings), one per non-empty part,
+    so the regexes are pairwise disjoint and together find what the patterns find. None where a pattern
+    is outside this module, there are more than MAX_ATOM_PATTERNS, or an automaton grows too large."""
+    if len(patterns) > MAX_ATOM_PATTERNS or any(op in p for p in patterns for op in _RUST_AMBIGUOUS):
+        return None
+    try:
+        lang = _Lang.of(list(patterns))
+        dfas = [lang.search_dfa(p) for p in patterns]
+        out = []
+        for mask in range(1, 1 << len(patterns)):
+            part = None
+            for i, dfa in enumerate(dfas):
+                side = dfa if mask >> i & 1 else dfa.complemented()
+                part = side if part is None else part.product(side)
+                if part.start not in part.live_states():
+                    break
+            else:
+                out.append((frozenset(i for i in range(len(patterns)) if mask >> i & 1), lang.to_regex(part)))
+        return tuple(out)
     except (_No, re.error, RecursionError, OverflowError):
         return None
 
@@ -147,6 +177,33 @@ def without_assertions(pattern) -> str | None:
     except (re.error, RecursionError, OverflowError):
         return None
     return wider
+
+
+@functools.lru_cache(maxsize=1024)
+def has_backreference(pattern: Any) -> bool:
+    """Does `pattern` (as Python reads it) use a back-reference (`\\1`, `(?P=name)`), which no regular
+    language and no llguidance regex says?"""
+    import re._parser as sre
+
+    if not isinstance(pattern, str) or ("\\" not in pattern and "(?P=" not in pattern):
+        return False
+    try:
+        stack = [list(_parse(pattern))]
+    except (re.error, RecursionError, OverflowError):
+        return False
+    while stack:
+        for op, arg in stack.pop():
+            if op in (sre.GROUPREF, sre.GROUPREF_EXISTS):
+                return True
+            if op is sre.SUBPATTERN:
+                stack.append(list(arg[3]))
+            elif op is sre.BRANCH:
+                stack.extend(list(b) for b in arg[1])
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+                stack.append(list(arg[2]))
+            elif op in (sre.ASSERT, sre.ASSERT_NOT):
+                stack.append(list(arg[1]))
+    return False
 
 
 def needs_rewrite(pattern: str) -> bool:

@@ -12,7 +12,7 @@ from llmqp.core.detok import IncrementalDetokenizer
 from llmqp.core.drafts import Lookup
 from llmqp.core.request import Request
 from llmqp.core.spec import DecodeSpec, FinishReason, pow2_at_least
-from llmqp.errors import LLMQPError
+from llmqp.errors import ConstraintError, LLMQPError
 from llmqp.results import DraftTrace, GenerationResult, StepTrace
 
 SKIP = "skip"  # a window position whose draft token is certain (forced): not scored
@@ -173,26 +173,35 @@ class Sequence:
                     if t is None or t in self.eos:
                         break
                     allowed = None
-                    if m is not None:
-                        allowed = m.allowed()
-                        i = int(np.searchsorted(allowed, t))
-                        if i >= len(allowed) or allowed[i] != t:
-                            break
-                        m.accept(t)
-                    window.append(allowed)
-                    self.draft.append(t)
-                    self.certain.append(False)
-                    n_spec += 1
-                    if m is not None:
-                        if m.is_done():
-                            break
-                        for r in self._certain_tokens(room - len(self.draft)):
-                            m.accept(r)
-                            window.append(SKIP)
-                            self.draft.append(r)
-                            self.certain.append(True)
-                        if m.is_done():
-                            break
+                    try:
+                        if m is not None:
+                            allowed = m.allowed()
+                            i = int(np.searchsorted(allowed, t))
+                            if i >= len(allowed) or allowed[i] != t:
+                                break
+                            m.accept(t)
+                        window.append(allowed)
+                        self.draft.append(t)
+                        self.certain.append(False)
+                        n_spec += 1
+                        if m is not None:
+                            if m.is_done():
+                                break
+                            for r in self._certain_tokens(room - len(self.draft)):
+                                m.accept(r)
+                                window.append(SKIP)
+                                self.draft.append(r)
+                                self.certain.append(True)
+                            if m.is_done():
+                                break
+                    except ConstraintError:
+                        # The draft led where a token-level layer leaves no token (a value that can no
+                        # longer become valid): it is speculative, so drop it all and go on undrafted.
+                        m.rollback(len(self.draft))  # (each draft token was accepted before it was appended)
+                        window.clear()
+                        self.draft.clear()
+                        self.certain.clear()
+                        break
         if m is None:
             window.append(None)
         elif m.is_done():
