@@ -1271,6 +1271,14 @@ _RESPONSES = {"type": "object", "properties": {"responses": {
     "not": {"additionalProperties": False, "patternProperties": {"^x-[a-z]{1,6}$": {}}}}}, "required": ["responses"]}
 
 
+# oneOf over objects that may share keys: "seconds is not an integer >= 900" in the first option has no
+# known place (either option may govern the object), so the whole `auth` value is checked when it closes
+_AUTH = {"type": "object", "properties": {"auth": {"oneOf": [
+    {"type": "object", "properties": {"key": {"type": "string", "maxLength": 8}}, "required": ["key"]},
+    {"type": "object", "properties": {"seconds": {"type": "integer", "minimum": 900}}, "required": ["seconds"]}]}},
+    "required": ["auth"], "additionalProperties": False}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt, schema, stops", [
     ("The API answers 200 with OK.", _RESPONSES, True),  # negated object keywords: some key is no extension
@@ -1288,6 +1296,19 @@ def test_generation_with_contains(engine, prompt, schema, stops):
         assert r.valid and valid(schema, json.loads(r.text)), r.text
     else:
         assert r.finish_reason == "length" and not r.valid and r.value is None, r.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", ["Authenticate with the key abc.", "Authenticate for 1000 seconds."])
+def test_generation_with_whole_value_checks(engine, prompt):
+    """Real model, greedy, strict=False (open objects: the two options may share keys): a stopped output
+    validates; the whole `auth` object is what the layer checks (contains.WholeValue)."""
+    from llmqp.constraints.contains import WholeValue
+
+    assert any(isinstance(v, WholeValue) for v in
+               engine.constraint(json_schema=_AUTH, strict=False).contains_arrays.values())
+    r = engine.generate("Answer in JSON. " + prompt, json_schema=_AUTH, strict=False, max_tokens=60)
+    assert r.finish_reason == "stop" and r.valid and valid(_AUTH, json.loads(r.text)), r.text
 
 
 def test_accepts_reorders_keys_by_pattern_properties(tk):
