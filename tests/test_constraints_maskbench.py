@@ -16,7 +16,11 @@ from llmqp.testing import compact_json, maskbench_dir, maskbench_files
 
 pytestmark = pytest.mark.slow
 
-COMPILE_LIMIT_S = 5.0  # per schema and mode; the slowest maskbench schema takes ~0.2 s
+COMPILE_LIMIT_S = 5.0  # per schema and mode; the slowest maskbench schema takes ~1.3 s
+# strict=True only closes objects (after every rewrite), so where strict=False compiles its instances are a
+# subset: strict mode is checked on every schema strict=False refuses and on every STRICT_EVERY-th other one
+# (benchmarks/maskbench.py checks it on all)
+STRICT_EVERY = 4
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +77,12 @@ def test_maskbench(tokenizer):
     assert files, f"{maskbench_dir()} exists but holds no schema files"
     compiled_n = valid_n = 0
     false_rej, false_acc, strict_false_acc, slow = [], [], [], []
-    for path in files:
+    for n, path in enumerate(files):
         case = json.loads(path.read_text())
         modes = {}
         for strict in (False, True):
+            if strict and False in modes and n % STRICT_EVERY:
+                continue
             start = time.perf_counter()
             try:  # anything but ConstraintError escapes and fails the test
                 modes[strict] = compile_constraint(make_spec(json_schema=case["schema"], strict=strict), tokenizer)
@@ -101,4 +107,4 @@ def test_maskbench(tokenizer):
     assert not slow, f"compile took over {COMPILE_LIMIT_S} s: {slow[:5]}"
     assert false_acc == [] and strict_false_acc == []
     assert len(false_rej) <= 0.002 * valid_n, false_rej[:20]
-    assert compiled_n >= 0.93 * len(files)  # 93.2% measured (benchmarks/results/maskbench.json)
+    assert compiled_n >= 0.95 * len(files)  # 95.7% measured (benchmarks/results/maskbench.json)

@@ -262,7 +262,8 @@ class WholeValue:
     each of `validators` (`marker_validator`, on the node that applies there) decides it whole when it
     ends, and the token that would end it is removed while one rejects it. Exact, like the other checks;
     but unlike them it cannot see ahead, so a value whose beginning already rules out every valid ending
-    (two `oneOf` options both matched) can only go on, and generation then runs to `max_tokens`."""
+    (two `oneOf` options both matched) can only go on: to `max_tokens`, or, where the grammar allows
+    nothing but the ending, to a ConstraintError from `allowed()`."""
 
     validators: tuple = dataclasses.field(repr=False)
     where: str = "#"

@@ -1705,10 +1705,9 @@ def _parts(schema: Any, root: Any, value: Any = None) -> list[dict]:
         out.append(node)
         children = []
         if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
-            try:
-                children.append(_Rewriter(root, False).resolve(node["$ref"]))
-            except _Unsupported:
-                pass
+            target = walk_pointer(root, node["$ref"])  # (a _Rewriter would copy the whole root first)
+            if target is not MISSING:
+                children.append(target)
         for key in ("allOf", "anyOf", "oneOf"):
             if isinstance(node.get(key), list):
                 if key == "allOf" or not isinstance(value, dict) or len(node[key]) < 2:
