@@ -394,6 +394,10 @@ CASES = {
                                    "oneOf": [{"properties": {"n": {"type": "integer"}}},
                                              {"properties": {"n": {"minimum": 1}}}]},
                                   [{"n": 0}, {"n": 1}, {"n": 1.5}, {"n": 0.5}, {"n": -2}]),
+    "number checked whole inside recursion": ({"$defs": {"T": {"type": "object", "properties": {
+        "v": {"type": "number", "not": {"type": "integer"}}, "k": {"type": "array", "items": {"$ref": "#/$defs/T"}}}}},
+        "$ref": "#/$defs/T"}, [{"v": 1.5}, {"v": 1}, {"k": [{"v": 2}]}, {"k": [{"v": 2.5}]}, {"k": [{"k": [{"v": 3}]}]},
+                               {"k": [{"k": [{"v": 3.5}]}]}, {"k": [{}]}]),
     # a recursive definition negated while its own oneOf is rewritten reads it as written (not half-way)
     "recursive oneOf negated inside itself": ({"$defs": {
         "R": {"oneOf": [{"enum": ["red", "blue"]}, {"$ref": "#/$defs/S"}]},
@@ -432,7 +436,7 @@ STRICT_REFUSED = {"uniqueItems objects"}
 # Checked whole at the nearest known place (contains.WholeValue): a prefix may have no valid ending left
 # (`{"n":0` under "not both multiples", in a closed object); the layer then raises rather than end invalid.
 DEAD_ENDS_POSSIBLE = {"negated multipleOf in options", "oneOf of objects sharing a key", "number options of a oneOf",
-                      "recursive oneOf negated inside itself"}
+                      "recursive oneOf negated inside itself", "number checked whole inside recursion"}
 
 
 @pytest.mark.parametrize("name", CASES)
