@@ -305,10 +305,34 @@ class LLGuidanceConstraint(CompiledConstraint):
                                   ensure_ascii=False)
         if ordered_text != compact and self._accepts(ordered_text):
             return True
+        # An invalid value is rejected in every key order (the grammar accepts no invalid instance):
+        # `jsonschema` says so at once, where the search below would try orders until its budget ends.
+        if not self._may_be_valid(text):
+            return False
         # Search the key orders the grammar allows, byte by byte (a byte-level vocabulary has no
         # canonical-token restriction), within a budget: never accepts an invalid value, may reject.
         walker = _OrderSearch(self._byte_template())
         return walker.value(value) is not None and walker.m.is_accepting()
+
+    def _may_be_valid(self, text: str) -> bool:
+        """False only where `jsonschema` (formats as annotations) rejects the value; True where it
+        accepts it or cannot decide (a remote `$ref`, a number it cannot compare, no jsonschema)."""
+        checker = _CHECKERS.get(self, False)
+        if checker is False:
+            try:
+                from jsonschema.validators import validator_for
+
+                schema = json.loads(self.spec.source)
+                checker = validator_for(schema)(schema)
+            except Exception:  # noqa: BLE001 - no jsonschema, or a schema it cannot read: no shortcut
+                checker = None
+            _CHECKERS[self] = checker
+        if checker is None:
+            return True
+        try:
+            return bool(checker.is_valid(json.loads(text, parse_float=contains.exact_number)))
+        except Exception:  # noqa: BLE001 - a $ref it cannot resolve, a comparison it cannot make
+            return True
 
     def _byte_template(self) -> llguidance.LLMatcher:
         template = _BYTE_TEMPLATES.get(self)
@@ -351,6 +375,7 @@ class LLGuidanceConstraint(CompiledConstraint):
 
 # ------------------------------------------------------------------------------- key-order search
 _BYTE_TEMPLATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CHECKERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # constraint -> jsonschema validator (or None)
 _SEARCH_BUDGET = 20_000  # bytes fed (with rollbacks) before the order search gives up (then: rejected)
 
 
