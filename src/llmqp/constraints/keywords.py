@@ -1805,18 +1805,26 @@ def inline_merged_refs(schema: Any, ref: str, memo: dict | None = None) -> int:
         return True
 
     def visit(node: Any) -> None:
-        stack = [node]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, list):
-                stack.extend(node)
-            elif isinstance(node, dict) and id(node) not in seen:
-                seen.add(id(node))
-                rewrite_node(node)
-                stack.extend(v for k, v in node.items() if k not in ("const", "enum"))
+        for part in _schema_nodes(node, seen):
+            rewrite_node(part)
 
     visit(schema)
     return done
+
+
+def _schema_nodes(schema: Any, seen: set | None = None):
+    """Every dict of `schema` once (ids in `seen`), outside `const`/`enum` values, parents first; a node
+    may be changed when it is yielded (its children are read after)."""
+    seen = set() if seen is None else seen
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict) and id(node) not in seen:
+            seen.add(id(node))
+            yield node
+            stack.extend(v for k, v in node.items() if k not in ("const", "enum"))
 
 
 # Keywords of a schema document (not of the instances): left out of a copy of the root.
@@ -1835,17 +1843,7 @@ def disjoint_patterns(schema: Any) -> int:
     nothing overlaps, or the patterns are outside `regular`)."""
     if not isinstance(schema, dict):
         return 0
-    nodes: list[dict] = []
-    seen: set[int] = set()
-    stack: list = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, dict) and id(node) not in seen:
-            seen.add(id(node))
-            nodes.append(node)
-            stack.extend(v for k, v in node.items() if k not in ("const", "enum"))
+    nodes = list(_schema_nodes(schema))
 
     def merge(node: dict) -> list[dict]:
         out, todo, met = [], [node], set()
