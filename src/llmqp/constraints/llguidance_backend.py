@@ -505,7 +505,7 @@ class LLGuidanceBackend(ConstraintBackend):
         start = time.perf_counter()
         grammar, source_schema, arrays, with_contains = self._grammar(spec, some_item=some_item)
         template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
-        one_of, inlined, merges, split = False, [], {}, False
+        one_of, inlined, merges, overlap_error = False, [], {}, ""
         while template.is_error():
             error = template.get_error()
             circular = _CIRCULAR.search(error)
@@ -518,14 +518,14 @@ class LLGuidanceBackend(ConstraintBackend):
                     merges = {}
                     for ref in inlined:
                         keywords.inline_merged_refs(source_schema, ref, merges)
-                if split:
+                if overlap_error:
                     keywords.disjoint_patterns(source_schema)
-                if inlined or split:
+                if inlined or overlap_error:
                     grammar = self._from_schema(source_schema, spec)
-            elif not split and _OVERLAPPING.search(error) and keywords.disjoint_patterns(source_schema):
+            elif not overlap_error and _OVERLAPPING.search(error) and keywords.disjoint_patterns(source_schema):
                 # Overlapping patternProperties (llguidance requires them disjoint): split them into
                 # disjoint parts with the same schemas (see `keywords.disjoint_patterns`) and compile again.
-                split = True
+                overlap_error = error
                 grammar = self._from_schema(source_schema, spec)
             elif circular and len(inlined) < _INLINE_ROUNDS and \
                     keywords.inline_merged_refs(source_schema, circular.group(1), merges):
@@ -537,7 +537,10 @@ class LLGuidanceBackend(ConstraintBackend):
                 break
             template = llguidance.LLMatcher(state.llg, grammar, log_level=0)
         if template.is_error():
-            raise ConstraintError(self._explain(spec, template.get_error(), source_schema))
+            error = template.get_error()
+            if overlap_error and "patternProperty regexes" in error:
+                error = overlap_error  # the parts were not proven disjoint either: name the patterns as written
+            raise ConstraintError(self._explain(spec, error, source_schema))
         if spec.kind is ConstraintKind.JSON_SCHEMA and template.get_grammar_warnings():
             # A warning from the JSON compiler means an approximation; we promise exact semantics.
             raise ConstraintError(self._explain(spec, "; ".join(template.get_grammar_warnings()), source_schema))
