@@ -884,6 +884,10 @@ def test_overlapping_pattern_properties_are_split(tk):
     c = compile_constraint(make_spec(json_schema=schema, strict=False), tk)
     for value in ({"ab": 2}, {"ab": 1}, {"ab": 10}, {"a": 10}, {"xb": 1}, {"xb": 3}, {"a": 1.5}):
         assert c.accepts(compact_json(value)) == valid(schema, value), value
+    # a word anywhere and its complement: parts too long for llguidance to prove disjoint, refused by name
+    with pytest.raises(ConstraintError, match="/a/ and /additionalProperties/ are not disjoint"):
+        compile_constraint(make_spec(json_schema={"type": "object", "patternProperties": {
+            "a": {"type": "integer"}, "additionalProperties": False}}), tk)
 
 
 @pytest.mark.parametrize("items, enforced", [
