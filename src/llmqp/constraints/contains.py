@@ -293,8 +293,7 @@ class WholeValue:
                                            max_length=other.max_length if other else None)
         return self._views[key]
 
-    def is_valid(self, value: Any) -> bool:
-        return self.holds(value)
+    is_valid = holds  # (as a validator, for _AllValid)
 
 
 class _AllValid:
@@ -314,16 +313,9 @@ def _anchor(anchored: list, keyword: str, anchors: dict, nodes: dict, usable) ->
 
 
 def _marker_nodes(schema: Any, keyword: str) -> dict:
-    out, stack = {}, [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if keyword in node:
-                out[id(node)] = node
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return out
+    from llmqp.constraints.keywords import _schema_nodes  # (keywords imports this module)
+
+    return {id(node): node for node in _schema_nodes(schema) if keyword in node}
 
 
 def _extract_some_member(schema: Any, source: Any, cls, anchored: list) -> dict:
