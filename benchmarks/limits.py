@@ -203,7 +203,8 @@ def trunk_call(mod, params, cfg, batch: int, t: int, seq_len: int, *, decode: bo
     import jax.numpy as jnp
 
     rng = np.random.default_rng(batch * 100 + t)
-    cache = mod.init_cache(cfg, batch, seq_len, params["embed"].dtype)
+    dtype = mod.cache_dtype(params) if hasattr(mod, "cache_dtype") else params["embed"].dtype  # (older trunks)
+    cache = mod.init_cache(cfg, batch, seq_len, dtype)
     start = jnp.asarray(rng.integers(seq_len // 4, seq_len // 2, batch), jnp.int32)
     if decode:
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, batch), jnp.int32)
@@ -235,7 +236,9 @@ def trunk_bytes(params) -> int:
 
 
 def format_accuracy(cfg, params32, params16, tokenizer) -> dict:
-    """bf16 weights against f32 on a fixed paragraph: logits through the same f32 head."""
+    """bf16 weights against f32 on a fixed paragraph: logits through the same f32 head. `params16` packed for
+    the CPU kernel (`kernels.with_packed_weights`) measures the engine's bf16 path on the CPU (f32 activations,
+    bf16 weights widened exactly); unpacked, XLA's bf16 dots (activations rounded to bf16 too)."""
     import jax.numpy as jnp
 
     from llmqp.model import transformer
@@ -245,7 +248,7 @@ def format_accuracy(cfg, params32, params16, tokenizer) -> dict:
     start = jnp.zeros((1,), jnp.int32)
     out = {}
     for name, p in (("float32", params32), ("bfloat16", params16)):
-        cache = transformer.init_cache(cfg, 1, 512, p["embed"].dtype)
+        cache = transformer.init_cache(cfg, 1, 512, transformer.cache_dtype(p))
         hidden, _ = transformer.forward_jit(p, cache, tokens, start, cfg=cfg)
         out[name] = np.asarray(transformer.dense_logits(params32, hidden[0]), np.float64)
     ref, low = out["float32"], out["bfloat16"]
@@ -424,9 +427,10 @@ def main() -> None:
     # f32 one-token steps, bf16 weights for multi-token chunks (transformer.with_multi_token_weights)
     params["float32+bf16multi"] = transformer.with_multi_token_weights(params["float32"])
     formats = FORMATS
-    if not on_accelerator() and kernels.available():  # f32 products of <= SMALL_M_MAX rows in llmqp.kernels
+    if not on_accelerator() and kernels.available():  # products of <= SMALL_M_MAX rows in llmqp.kernels
         params["float32+kernel"] = kernels.with_packed_weights(params["float32"], loaded.params["layers"])
-        formats = FORMATS + ("float32+kernel",)
+        params["bfloat16+kernel"] = kernels.with_packed_weights(params["bfloat16"])  # Engine(dtype="bfloat16")
+        formats = FORMATS + ("float32+kernel", "bfloat16+kernel")
     print(f"CPU kernel: {kernels.status()}", flush=True)
     rng = np.random.default_rng(0)
 
@@ -544,6 +548,9 @@ def main() -> None:
                                    for t in (1, 8)} | {"options": opts}
                             for name, opts in FLAG_VARIANTS.items()}
     results["format_accuracy"] = format_accuracy(cfg, params["float32"], params["bfloat16"], loaded.tokenizer)
+    if "bfloat16+kernel" in params:
+        results["format_accuracy_bf16_kernel"] = format_accuracy(cfg, params["float32"], params["bfloat16+kernel"],
+                                                                 loaded.tokenizer)
     try:
         import llama_cpp  # noqa: F401
         results["llama_cpp"] = "installed: measured beside ours end to end (--e2e-before, results/limits_e2e.json)"
@@ -617,7 +624,9 @@ def print_tables(results: dict, t_values, b_values) -> None:
         print("\nflags (vs default, same rounds): " + "; ".join(
             f"{n}: T=1 {v['T=1']['vs_default']['value']:.2f}, T=8 {v['T=8']['vs_default']['value']:.2f}"
             for n, v in results["flags"].items()))
-    print("\nbf16 vs f32:", results["format_accuracy"])
+    print("\nbf16 (XLA) vs f32:", results["format_accuracy"])
+    if "format_accuracy_bf16_kernel" in results:
+        print("bf16 (CPU kernel) vs f32:", results["format_accuracy_bf16_kernel"])
 
 
 if __name__ == "__main__":

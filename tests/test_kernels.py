@@ -262,6 +262,125 @@ def test_dense_head_through_the_kernel_gives_every_row_its_one_row_logits():
     np.testing.assert_allclose(together, np.asarray(dense({"unembed": unembed}, hidden)), rtol=1e-5, atol=1e-4)
 
 
+def _bf16(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.bfloat16))
+
+
+def test_pack_keeps_bf16_weights_in_the_same_layout():
+    w = _bf16(np.random.default_rng(0).standard_normal((5, 130)))
+    p = kernels.pack(w)
+    assert p.shape == (3, 5, 64) and p.dtype == w.dtype
+    np.testing.assert_array_equal(p.view(np.uint16), kernels.pack(w.astype(np.float32)).astype(w.dtype).view(np.uint16))
+    bufs = kernels.huge_page_buffers([(3, 5, 64), (1, 7, 64), (2, 3, 64)], w.dtype)
+    assert all(b.dtype == w.dtype for b in bufs)
+    assert bufs[0].ctypes.data % kernels.HUGE_PAGE == 0 and all(b.ctypes.data % 64 == 0 for b in bufs)
+    dev = kernels.pack_device(w)
+    assert dev.dtype == jnp.bfloat16 and not dev.committed
+    np.testing.assert_array_equal(np.asarray(dev).view(np.uint16), p.view(np.uint16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 64])
+def test_bf16_matmul_is_the_f32_kernel_on_exactly_widened_weights(rows):
+    """bf16 weights are widened exactly and summed like f32 ones: the same bits as the f32 kernel on the
+    widened matrix, whatever the number of rows (the contract draft verification relies on holds too)."""
+    rng = np.random.default_rng(rows)
+    k, n = 200, 130
+    x = jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32))
+    w16 = _bf16(rng.standard_normal((k, n)))
+    mm = jax.jit(lambda a, p: kernels.matmul(a, p, n))
+    assert kernels.BF16_TARGET in mm.lower(x, jnp.asarray(kernels.pack(w16))).as_text()
+    got = np.asarray(mm(x, jnp.asarray(kernels.pack(w16))))
+    np.testing.assert_array_equal(got, np.asarray(mm(x, jnp.asarray(kernels.pack(w16.astype(np.float32))))))
+    alone = np.concatenate([np.asarray(mm(x[i:i + 1], jnp.asarray(kernels.pack(w16)))) for i in range(rows)])
+    np.testing.assert_array_equal(got, alone)
+    want = np.asarray(x, np.float64) @ w16.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_mixed_weight_dtypes_are_not_packed():
+    p = {"layers": [{"w_qkv": jnp.zeros((2, 2)), "w_o": jnp.zeros((2, 2), jnp.bfloat16),
+                     "w_gate_up": jnp.zeros((2, 2)), "w_down": jnp.zeros((2, 2))}]}
+    assert kernels.with_packed_weights(p) is p
+
+
+@needs_kernel
+def test_bf16_llama_trunk_is_the_f32_trunk_on_widened_weights():
+    """`Engine(dtype="bfloat16")` on the CPU: the trunk's products take the bf16 panels (half the bytes a step
+    reads), activations stay f32 and the cache is f32, so it computes exactly what the f32 trunk computes on
+    the bf16-rounded weights."""
+    from llmqp.engine import device_params
+
+    cfg = _llama_cfg()
+    raw = weights.pack_params(cfg, synthetic.random_raw(cfg))
+    p16 = kernels.with_packed_weights(device_params(raw, "bfloat16"))
+    assert all(layer["packed"][k].dtype == jnp.bfloat16 for layer in p16["layers"] for k in kernels.MATMULS)
+    assert transformer.cache_dtype(p16) == jnp.float32
+    widened = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32),
+                                     {k: v for k, v in p16.items() if k != "layers"})
+    widened["layers"] = [{k: jnp.asarray(v, jnp.float32) for k, v in layer.items() if k != "packed"}
+                         for layer in p16["layers"]]
+    p32 = kernels.with_packed_weights(widened)
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
+    start = jnp.asarray([0, 3], jnp.int32)
+
+    def run(params):
+        cache = transformer.init_cache(cfg, 2, 16, transformer.cache_dtype(params))
+        return transformer.forward(params, cache, tokens, start, cfg=cfg)
+
+    hlo = jax.jit(run).lower(p16).as_text()
+    assert kernels.BF16_TARGET in hlo and kernels.ATTENTION_TARGET in hlo
+    (h16, c16), (h32, c32) = jax.jit(run)(p16), jax.jit(run)(p32)
+    np.testing.assert_array_equal(np.asarray(h16), np.asarray(h32))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(c16), jax.tree_util.tree_leaves(c32)))
+
+
+@needs_kernel
+def test_bf16_gemma_trunk_uses_the_kernel_and_agrees_with_xla():
+    from llmqp.engine import device_params
+
+    cfg = _gemma_cfg()
+    raw = weights.pack_params(cfg, synthetic.random_raw(cfg))
+    plain = device_params(raw, "bfloat16")
+    fast = kernels.with_packed_weights(plain)
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
+    start = jnp.asarray([0, 3], jnp.int32)
+
+    def run(params):
+        cache = transformer.init_cache(cfg, 2, 16, transformer.cache_dtype(params))
+        return transformer.forward(params, cache, tokens, start, cfg=cfg)[0]
+
+    assert kernels.BF16_TARGET in jax.jit(run).lower(fast).as_text()
+    np.testing.assert_allclose(np.asarray(jax.jit(run)(fast)), np.asarray(jax.jit(run)(plain)), rtol=0.05,
+                               atol=0.05)
+
+
+@needs_kernel
+def test_bf16_dense_head_through_the_kernel_agrees_with_sparse_and_with_each_row_alone():
+    """bf16 heads go through the kernel at every row count (XLA:CPU widens the whole bf16 matrix for one row);
+    the sparse head then widens its gathered rows, so the two give the same logits, bit for bit."""
+    rng = np.random.default_rng(6)
+    d, v = 96, 1000
+    unembed = jnp.asarray(rng.standard_normal((d, v)), jnp.bfloat16)
+    head = {"unembed": unembed, "unembed_rows": unembed.T, "unembed_packed": kernels.pack_device(unembed)}
+    hidden = jnp.asarray(rng.standard_normal((8, d)).astype(np.float32))
+    ids = jnp.asarray(rng.integers(0, v, (8, 64)), jnp.int32)  # a K bucket, as the engine pads to (XLA's reduce
+    # over other widths may sum in another order, for f32 heads too)
+    dense, sparse = jax.jit(transformer.dense_logits), jax.jit(transformer.sparse_logits)
+    assert kernels.BF16_TARGET in dense.lower(head, hidden[:1]).as_text()
+    together = np.asarray(dense(head, hidden))
+    for i in range(8):
+        np.testing.assert_array_equal(np.asarray(dense(head, hidden[i:i + 1]))[0], together[i])
+        np.testing.assert_array_equal(np.asarray(sparse(head, hidden[i:i + 1], ids[i:i + 1]))[0],
+                                      together[i][np.asarray(ids[i])])
+    np.testing.assert_array_equal(np.asarray(sparse(head, hidden, ids)),
+                                  np.take_along_axis(together, np.asarray(ids), 1))
+    want = np.asarray(hidden, np.float64) @ np.asarray(unembed.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(together, want, rtol=1e-4, atol=1e-3)
+
+
 def test_disabled_by_environment_falls_back_with_a_reason():
     code = ("from llmqp import kernels; import jax.numpy as jnp; s = kernels.status(); "
             "p = {'layers': [{'w_qkv': jnp.zeros((2, 2))}]}; "
@@ -274,7 +393,7 @@ def test_disabled_by_environment_falls_back_with_a_reason():
 
 @pytest.mark.slow
 def test_engine_trunk_carries_packed_weights_where_the_kernel_is_built(engine):
-    on = kernels.available() and jax.default_backend() == "cpu" and engine.dtype == "float32"
+    on = kernels.available() and jax.default_backend() == "cpu"
     assert all(("packed" in layer) == on for layer in engine.params["layers"])
     # ... and then prefills in chunks the kernels take (else the spec's default)
     assert engine.spec.prefill_chunk == (kernels.ATTENTION_MAX_T if on else llmqp.DecodeSpec().prefill_chunk)
@@ -288,3 +407,29 @@ def test_info_says_which_trunk_matmuls_run(capsys):
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("trunk matmuls"))
     on = kernels.available() and jax.default_backend() == "cpu"
     assert ("CPU kernel" in line) == on and ("XLA's dot" in line)
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_bf16_engine_runs_the_kernels_and_keeps_its_equalities():
+    """`Engine(dtype="bfloat16")` on the CPU: bf16 panels in the trunk and the head, an f32 cache, and the
+    equalities the engine promises at any dtype — dense and sparse heads choose the same tokens, a batch gives
+    each request what it gets alone, drafts change nothing — on the real model."""
+    import json
+
+    bf16 = llmqp.Engine(dtype="bfloat16")
+    assert bf16.trunk_kernel and bf16.head["unembed_packed"].dtype == jnp.bfloat16
+    assert all(layer["packed"][k].dtype == jnp.bfloat16 for layer in bf16.params["layers"] for k in kernels.MATMULS)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    reqs = [dict(prompt="Describe a person as JSON.", json_schema=schema, max_tokens=40),
+            dict(prompt="Give a date in ISO format.", regex=r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", max_tokens=16),
+            dict(prompt="Tell me about the sea.", max_tokens=24, temperature=1.0, seed=3)]
+    dense = bf16.generate(**reqs[0], plan="dense", forced=False)
+    sparse = bf16.generate(**reqs[0], plan="sparse", forced=False)
+    assert dense.token_ids == sparse.token_ids and dense.finish_reason == "stop"
+    assert set(json.loads(dense.text)) == {"name", "age"}
+    alone = [bf16.generate(**r) for r in reqs]
+    for a, b in zip(alone, bf16.generate_batch(reqs)):
+        assert a.token_ids == b.token_ids
+    assert bf16.generate(**reqs[2], draft="none").token_ids == alone[2].token_ids

@@ -105,16 +105,24 @@ BF16_MIN_TOP1_AGREEMENT = 0.97
 
 
 @pytest.mark.slow
-def test_bf16_trunk_within_documented_tolerance(loaded_model):
+@pytest.mark.parametrize("path", ["xla", "cpu_kernel"])
+def test_bf16_trunk_within_documented_tolerance(loaded_model, path):
+    """Both bf16 trunks: XLA's dots, and the CPU kernel's (what `Engine(dtype="bfloat16")` runs on the CPU)."""
     sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
     try:
         from limits import format_accuracy
     finally:
         sys.path.pop(0)
+    from llmqp import kernels
     from llmqp.engine import device_params
 
-    acc = format_accuracy(loaded_model.config, device_params(loaded_model.params, "float32"),
-                          device_params(loaded_model.params, "bfloat16"), loaded_model.tokenizer)
+    params16 = device_params(loaded_model.params, "bfloat16")
+    if path == "cpu_kernel":
+        params16 = kernels.with_packed_weights(params16)
+        if "packed" not in params16["layers"][0]:
+            pytest.skip(f"CPU kernel unavailable: {kernels.status()['reason']}")
+    acc = format_accuracy(loaded_model.config, device_params(loaded_model.params, "float32"), params16,
+                          loaded_model.tokenizer)
     assert 0 < acc["max_abs_logit_error"] < BF16_MAX_LOGIT_ERROR
     assert abs(acc["perplexity_bfloat16"] / acc["perplexity_float32"] - 1) < BF16_MAX_PERPLEXITY_CHANGE
     assert acc["top1_agreement"] >= BF16_MIN_TOP1_AGREEMENT

@@ -204,7 +204,7 @@ def _trunk_matmuls(engine) -> str:
     from llmqp import kernels
 
     if engine.trunk_kernel:
-        return f"CPU kernel (llmqp.kernels) for <= {kernels.SMALL_M_MAX} rows, XLA's dot above"
+        return f"CPU kernel (llmqp.kernels, {engine.dtype} weights) for <= {kernels.SMALL_M_MAX} rows, XLA's dot above"
     status = kernels.status()
     reason = status["reason"] or ("not used on this backend or dtype" if status["available"] else "unavailable")
     return f"XLA's dot ({reason})"

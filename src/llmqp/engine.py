@@ -117,7 +117,7 @@ class Engine:
             self.params, self.mesh = place_params(self.params, devices)
             self.plans = plans_mod.sharded_plans(self.mesh)
         self.head = {"unembed": self.params["unembed"], "unembed_rows": self.params["unembed_rows"]}
-        if self.trunk_kernel and self.mesh is None:  # the dense head of 2-64 rows through the CPU kernel too
+        if self.trunk_kernel and self.mesh is None:  # the dense head through the CPU kernel too (dense_logits)
             self.head["unembed_packed"] = kernels.pack_device(self.params["unembed"])
         self._planner: Planner | None = None
         self._draft_planner: DraftPlanner | None = None
@@ -238,7 +238,8 @@ class Engine:
             raise InvalidArgument(f"token ids must be in [0, {self.vocab_size})")
         self.check_context(len(ids), 0)
         ids = ids.astype(np.int32)
-        cache = transformer.init_cache(self.config, 1, self.spec.cache_len(len(ids), 0), self.params["embed"].dtype)
+        cache = transformer.init_cache(self.config, 1, self.spec.cache_len(len(ids), 0),
+                                       transformer.cache_dtype(self.params))
         hiddens = []
         for start, width in self.spec.prefill_chunks(len(ids)):
             chunk = ids[start : start + width]

@@ -76,7 +76,7 @@ def make_generate_fn(cfg, tables: ConstraintTables, fc: loop.FusedConfig, *, pro
     def generate(weights, prompt_ids, prompt_len, seed):
         params = params_from_flat(weights, cfg.n_layers)
         tables_c = {k: jnp.asarray(v) for k, v in dev.items()}
-        cache = transformer.init_cache(cfg, 1, cache_len, params["embed"].dtype)
+        cache = transformer.init_cache(cfg, 1, cache_len, transformer.cache_dtype(params))
         hidden, cache = transformer.forward(params, cache, prompt_ids[None], jnp.zeros((1,), jnp.int32), cfg=cfg)
         last = jax.lax.dynamic_index_in_dim(hidden[0], prompt_len - 1, axis=0, keepdims=True)  # (1, d)
         return loop.fused_decode(params, tables_c, last, cache, prompt_len, jnp.int32(max_tokens), seed,

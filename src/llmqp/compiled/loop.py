@@ -378,7 +378,7 @@ def prefill(params, cfg: ModelConfig, ids: np.ndarray, *, extra: int, spec: Deco
 
         raise InvalidArgument(f"prompt + max_tokens ({n + extra} tokens) exceeds the model's context of "
                               f"{cfg.max_position} tokens")
-    cache = transformer.init_cache(cfg, 1, spec.cache_len(n, extra), params["embed"].dtype)
+    cache = transformer.init_cache(cfg, 1, spec.cache_len(n, extra), transformer.cache_dtype(params))
     hidden = None
     for start, width in spec.prefill_chunks(n):
         tokens = np.zeros((1, width), np.int32)

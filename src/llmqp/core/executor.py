@@ -104,7 +104,7 @@ class ModelExecutor:
         self.cfg = engine.config
         self.params = engine.params
         self.max_slots = pow2_at_least(max_slots)
-        self.dtype = self.params["embed"].dtype
+        self.dtype = transformer.cache_dtype(self.params)
         self.batch = 0  # rows in the slot cache (0: none allocated)
         self.seq_len = 0
         self.cache = None

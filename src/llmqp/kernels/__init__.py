@@ -2,7 +2,8 @@
 
 - `cpu_gemm.cc` multiplies a few rows (a decode step at batch B, a forward of T <= 64 positions) by a weight
   matrix packed in 64-column panels, near the memory-bandwidth bound that XLA:CPU's small-M GEMM misses
-  (benchmarks/limits.py).
+  (benchmarks/limits.py). The weights may be f32 or bf16 (`Engine(dtype="bfloat16")`: half the bytes a step
+  reads; each bf16 weight is widened exactly to f32, and the activations and sums stay f32).
 - `cpu_attention.cc` is the attention of a few positions per row over the f32 KV cache where it lies
   (XLA:CPU copies the whole cache into another layout every layer, or runs slow reduce fusions at batch > 1).
 
@@ -32,6 +33,7 @@ import numpy as np
 
 PANEL = 64  # columns per packed panel (the kernel's kPanel)
 TARGET = "llmqp_gemm_f32"
+BF16_TARGET = "llmqp_gemm_bf16"
 ATTENTION_TARGET = "llmqp_attention_f32"
 # Rows (batch x positions) up to which the trunk's matmuls use the kernel; above (prefill chunks), XLA's dot,
 # which is compute-bound and well blocked there.
@@ -96,6 +98,7 @@ def _load() -> None:
         path = _build(compiler, jax.ffi.include_dir())
         lib = ctypes.CDLL(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LlmqpGemmF32), platform="cpu")
+        jax.ffi.register_ffi_target(BF16_TARGET, jax.ffi.pycapsule(lib.LlmqpGemmBF16), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.LlmqpAttentionF32), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         _state.update(ok=False, reason=f"could not build or load {', '.join(src.name for src in SOURCES)}: {e}")
@@ -119,14 +122,22 @@ def status() -> dict:
     return {"available": ok, "reason": _state.get("reason"), "library": _state.get("path")}
 
 
+def _bf16():
+    import ml_dtypes  # a dependency of jax
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def pack(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """(K, N) f32 -> (ceil(N / 64), K, 64) f32 column panels, zero past N: the kernel's weight layout (written
-    into `out` when given: a C-contiguous f32 array of that shape)."""
-    w = np.asarray(w, np.float32)
+    """(K, N) f32 or bf16 -> (ceil(N / 64), K, 64) column panels of the same dtype (other dtypes: f32), zero past
+    N: the kernel's weight layout (written into `out` when given: a C-contiguous array of that shape)."""
+    w = np.asarray(w)
+    if w.dtype != _bf16():
+        w = w.astype(np.float32, copy=False)
     k, n = w.shape
     panels = _packed_shape(w)[0]
     if out is None:
-        out = np.empty(_packed_shape(w), np.float32)
+        out = np.empty(_packed_shape(w), w.dtype)
     full = n // PANEL
     out[:full] = w[:, :full * PANEL].reshape(k, full, PANEL).transpose(1, 0, 2)
     if full < panels:
@@ -139,21 +150,25 @@ HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
 
-def huge_page_buffers(shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """Uninitialised f32 arrays of these shapes, laid end to end (each 64-byte aligned) in one allocation that
-    starts on a 2 MiB boundary and is advised (madvise) to be backed by transparent huge pages.
+def huge_page_buffers(shapes: list[tuple[int, ...]], dtype=np.float32) -> list[np.ndarray]:
+    """Uninitialised arrays of these shapes (f32, or `dtype`: one dtype for all), laid end to end (each 64-byte
+    aligned) in one allocation that starts on a 2 MiB boundary and is advised (madvise) to be backed by
+    transparent huge pages.
 
     Why: a step streams all the packed weights; with 4 KiB pages the hardware prefetcher stops at every page
     and the TLB misses every 4 KiB (a two-thread read of 400 MB: 20-22 GB/s, 22-26 with huge pages, on the AVX2
     machine of benchmarks/limits.py). Where the advice is not taken (another OS, THP off) they are plain
     arrays."""
-    sizes = [-(-math.prod(s) // 16) * 16 for s in shapes]
-    raw = np.empty(sum(sizes) + HUGE_PAGE // 4, np.float32)
-    start = (-raw.ctypes.data % HUGE_PAGE) // 4
+    dtype = np.dtype(dtype)
+    item = dtype.itemsize
+    per_line = 64 // item
+    sizes = [-(-math.prod(s) // per_line) * per_line for s in shapes]
+    raw = np.empty(sum(sizes) + HUGE_PAGE // item, dtype)
+    start = (-raw.ctypes.data % HUGE_PAGE) // item
     if platform.system() == "Linux":
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise(ctypes.c_void_p(raw.ctypes.data + 4 * start), ctypes.c_size_t(4 * sum(sizes)),
+            libc.madvise(ctypes.c_void_p(raw.ctypes.data + item * start), ctypes.c_size_t(item * sum(sizes)),
                          _MADV_HUGEPAGE)
         except (OSError, AttributeError):
             pass
@@ -179,10 +194,12 @@ def _on_cpu(a: np.ndarray):
 
 
 def pack_device(w):
-    """`pack` of a (K, N) f32 matrix (numpy or JAX), as a JAX array in huge pages (on the default device: call
-    only where that is the CPU, as the kernel is)."""
+    """`pack` of a (K, N) f32 or bf16 matrix (numpy or JAX), as a JAX array in huge pages (on the default device:
+    call only where that is the CPU, as the kernel is)."""
     w = np.asarray(w)
-    (buf,) = huge_page_buffers([_packed_shape(w)])
+    if w.dtype != _bf16():
+        w = w.astype(np.float32, copy=False)
+    (buf,) = huge_page_buffers([_packed_shape(w)], w.dtype)
     return _on_cpu(pack(w, buf))
 
 
@@ -190,42 +207,48 @@ MATMULS = ("w_qkv", "w_o", "w_gate_up", "w_down")
 
 
 def with_packed_weights(params: dict, raw_layers: list[dict] | None = None) -> dict:
-    """params plus ``layer["packed"] = {w_qkv, w_o, w_gate_up, w_down}`` in the kernel's layout, where the
-    kernel is available, JAX runs on the CPU and the weights are f32; else params unchanged. `raw_layers`:
-    the numpy layers to pack from (saves a copy back from the device). All the packed matrices lie in one
-    huge-page allocation, in the order a step reads them."""
+    """params plus ``layer["packed"] = {w_qkv, w_o, w_gate_up, w_down}`` in the kernel's layout and the weights'
+    dtype, where the kernel is available, JAX runs on the CPU and the weights are all f32 or all bf16; else
+    params unchanged. `raw_layers`: the numpy f32 layers to pack f32 weights from (saves a copy back from the
+    device). All the packed matrices lie in one huge-page allocation, in the order a step reads them."""
     import jax
     import jax.numpy as jnp
 
     if jax.default_backend() != "cpu" or not available():
         return params
-    if any(k not in layer or layer[k].dtype != jnp.float32 for layer in params["layers"] for k in MATMULS):
+    dtypes = {layer[k].dtype if k in layer else None for layer in params["layers"] for k in MATMULS}
+    if len(dtypes) != 1 or dtypes.pop() not in (jnp.float32, jnp.bfloat16):
         return params
-    srcs = [[np.asarray((raw_layers[i] if raw_layers is not None else layer)[k]) for k in MATMULS]
+    f32 = params["layers"][0][MATMULS[0]].dtype == jnp.float32
+    srcs = [[np.asarray((raw_layers[i] if raw_layers is not None and f32 else layer)[k]) for k in MATMULS]
             for i, layer in enumerate(params["layers"])]
-    bufs = iter(huge_page_buffers([_packed_shape(w) for ws in srcs for w in ws]))
+    bufs = iter(huge_page_buffers([_packed_shape(w) for ws in srcs for w in ws], srcs[0][0].dtype))
     layers = [dict(layer, packed={k: _on_cpu(pack(w, next(bufs))) for k, w in zip(MATMULS, ws)})
               for layer, ws in zip(params["layers"], srcs)]
     return dict(params, layers=layers)
 
 
 def linear(x, w, packed):
-    """x @ w (f32), through the kernel when `packed` (w in the kernel's layout) is given and x has at most
-    SMALL_M_MAX rows; XLA's dot otherwise. The trunks' one entry point to the kernel."""
+    """x @ w, through the kernel when `packed` (w in the kernel's layout) is given and x has at most SMALL_M_MAX
+    rows; XLA's dot otherwise. The trunks' one entry point to the kernel. The kernel takes x in f32 (exactly
+    widened if it is not) and sums in f32; the result has x's dtype, as ``x @ w`` would for f32 or bf16 w."""
     if packed is not None and math.prod(x.shape[:-1]) <= SMALL_M_MAX:
-        return matmul(x, packed, w.shape[-1])
+        import jax.numpy as jnp
+
+        return matmul(x.astype(jnp.float32), packed, w.shape[-1]).astype(x.dtype)
     return x @ w
 
 
 def matmul(x, packed, n: int):
-    """x (..., K) f32 @ the (K, n) matrix `packed` holds -> (..., n) f32, through the kernel (trace-time:
-    call only where `available()` is True)."""
+    """x (..., K) f32 @ the (K, n) matrix `packed` holds (f32 or bf16) -> (..., n) f32, through the kernel
+    (trace-time: call only where `available()` is True)."""
     import jax
     import jax.numpy as jnp
 
     if not (packed.shape[0] - 1) * PANEL < n <= packed.shape[0] * PANEL:
         raise ValueError(f"packed weights {packed.shape} cannot give {n} columns")
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))(x, packed)
+    target = BF16_TARGET if packed.dtype == jnp.bfloat16 else TARGET
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))(x, packed)
 
 
 def attends(packed, q, cache) -> bool:

@@ -18,8 +18,8 @@ Params pytree::
     layers[i]:   attn_norm (d,), w_qkv (d, q+2kv), b_qkv (q+2kv,) [qkv_bias only], w_o (q, d),
                  ffn_norm (d,), w_gate_up (d, 2F), w_down (F, d),
                  multi_token [optional, `with_multi_token_weights`]: {w_qkv, w_o, w_gate_up, w_down} in bf16
-                 packed [optional, `llmqp.kernels.with_packed_weights`]: the same four f32 matrices in the CPU
-                 kernel's panel layout, used for products of up to `kernels.SMALL_M_MAX` rows
+                 packed [optional, `llmqp.kernels.with_packed_weights`]: the same four matrices (f32 or bf16) in
+                 the CPU kernel's panel layout, used for products of up to `kernels.SMALL_M_MAX` rows
 
 KV cache pytree: ``{"k": [ (B, S, KV, hd) per layer ], "v": [...]}`` — fixed size S, written in place
 (the cache argument is donated).
@@ -47,6 +47,13 @@ def init_cache(cfg: ModelConfig, batch: int, seq_len: int, dtype=jnp.float32) ->
         "k": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
         "v": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
     }
+
+
+def cache_dtype(params):
+    """The KV cache's dtype for these params: f32 where the products run through the CPU kernels (packed
+    weights, f32 or bf16: the kernels' attention reads an f32 cache), else the embedding's dtype."""
+    layers = params.get("layers") or [{}]
+    return jnp.float32 if "packed" in layers[0] else params["embed"].dtype
 
 
 def rms_norm(x, weight, eps: float):
@@ -245,11 +252,13 @@ def dense_logits(params, hidden):
 
     With ``params["unembed_packed"]`` (the engine adds it where the CPU kernel runs), products of 2 to
     `kernels.SMALL_M_MAX` rows — draft windows, scheduler batches — go through `llmqp.kernels`: 2x faster than
-    XLA's dot at 8 rows, and every row's logits equal those of the same row alone, bit for bit. One row stays on
-    XLA's dot: as fast, and the same bits."""
+    XLA's dot at 8 rows, and every row's logits equal those of the same row alone, bit for bit. One f32 row stays
+    on XLA's dot: as fast, and the same bits. bf16 weights go through the kernel at every row count (XLA:CPU
+    widens the whole bf16 matrix for one row): f32 activations, each weight widened exactly, f32 sums."""
     w = params["unembed"]
     packed = params.get("unembed_packed")
-    if packed is not None and w.dtype == jnp.float32 and math.prod(hidden.shape[:-1]) > 1:
+    rows = math.prod(hidden.shape[:-1])
+    if packed is not None and (rows > 1 or w.dtype != jnp.float32):
         return kernels.linear(hidden.astype(jnp.float32), w, packed)
     return (hidden.astype(w.dtype) @ w).astype(jnp.float32)
 
@@ -264,6 +273,10 @@ def sparse_logits(params, hidden, ids):
 
     Gathers only the K unembedding rows that can be chosen: cost O(B*K*d) instead of O(B*V*d)."""
     rows = params["unembed_rows"][ids]  # (B, K, d)
+    if "unembed_packed" in params and rows.dtype != jnp.float32:
+        # bf16 rows where the dense head is the CPU kernel's (f32 activations, exactly widened weights): the same
+        # products here, so that the two heads agree
+        rows = rows.astype(jnp.float32)
     h = hidden.astype(rows.dtype)
     if ids.shape[1] <= EXACT_SPARSE_MAX_K:
         # A multiply + reduce over d: XLA:CPU sums each logit in the same order as the dense head's
