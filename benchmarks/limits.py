@@ -267,9 +267,10 @@ def format_accuracy(cfg, params32, params16, tokenizer) -> dict:
 
 _E2E_SNIPPET = r"""
 import json, sys, time
+import os
 import llmqp
 tasks, max_tokens, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-engine = llmqp.Engine()
+engine = llmqp.Engine(dtype=os.environ.get("LLMQP_E2E_DTYPE", "float32"))
 def one(constrained):
     tokens, ms, outputs = 0, 0.0, []
     for t in tasks:
@@ -318,17 +319,19 @@ print("E2E" + json.dumps(out))
 """
 
 
-def e2e(before_src: str, after_src: str, rounds: int, inner_rounds: int, n_prompts: int, max_tokens: int) -> dict:
-    """Greedy generation tok/s of two source trees, each in its own processes, alternating process by process:
-    unconstrained and JSON-Schema-constrained at batch 1 (decode tokens / decode time), and generate_batch of
-    2 x n_prompts unconstrained requests (tokens / wall time, prefill included). Also whether the two trees
-    generate the same tokens."""
+def e2e(before_src: str, after_src: str, rounds: int, inner_rounds: int, n_prompts: int, max_tokens: int,
+        dtypes: tuple[str, str] = ("float32", "float32")) -> dict:
+    """Greedy generation tok/s of two source trees (or one tree with two weight dtypes, `Engine(dtype=...)`),
+    each in its own processes, alternating process by process: unconstrained and JSON-Schema-constrained at
+    batch 1 (decode tokens / decode time), and generate_batch of 2 x n_prompts unconstrained requests (tokens /
+    wall time, prefill included). Also whether the two sides generate the same tokens."""
     import json
     import subprocess
     import sys
 
     tasks = json.loads((HERE / "data" / "extraction.json").read_text())[:n_prompts]
     trees = {"before": before_src, "after": after_src}
+    tree_dtype = {"before": dtypes[0], "after": dtypes[1]}
     samples = {tree: {"unconstrained": [], "constrained": [], "batch": []} for tree in trees}
     llama = importlib.util.find_spec("llama_cpp") is not None
     if llama:  # llama.cpp on the same GGUF, its own processes in the same alternation
@@ -348,7 +351,7 @@ def e2e(before_src: str, after_src: str, rounds: int, inner_rounds: int, n_promp
                     samples[tree][k].extend(doc[k])
                 print(f"e2e round {r + 1}/{rounds}: llama.cpp done, load {os.getloadavg()[0]:.1f}", flush=True)
                 continue
-            env = dict(os.environ, PYTHONPATH=trees[tree])
+            env = dict(os.environ, PYTHONPATH=trees[tree], LLMQP_E2E_DTYPE=tree_dtype[tree])
             proc = subprocess.run([sys.executable, "-c", _E2E_SNIPPET, json.dumps(tasks), str(max_tokens),
                                    str(inner_rounds)], env=env, capture_output=True, text=True, check=True)
             doc = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("E2E"))[3:])
@@ -356,9 +359,12 @@ def e2e(before_src: str, after_src: str, rounds: int, inner_rounds: int, n_promp
                 samples[tree][k].extend(doc[k])
             outputs[tree] = doc["outputs"]
             print(f"e2e round {r + 1}/{rounds}: {tree} done, load {os.getloadavg()[0]:.1f}", flush=True)
-    result = {"trees": trees, "prompts": len(tasks), "max_tokens": max_tokens, "processes_per_tree": rounds,
-              "rounds_per_process": inner_rounds,
-              "identical_tokens": {k: outputs["before"][k] == outputs["after"][k] for k in outputs["before"]}}
+    result = {"trees": trees, "dtypes": tree_dtype, "prompts": len(tasks), "max_tokens": max_tokens,
+              "processes_per_tree": rounds, "rounds_per_process": inner_rounds,
+              "identical_tokens": {k: outputs["before"][k] == outputs["after"][k] for k in outputs["before"]},
+              "identical_outputs_share": {k: float(np.mean([a == b for a, b in zip(outputs["before"][k],
+                                                                                   outputs["after"][k])]))
+                                          for k in outputs["before"]}}
     for k in ("unconstrained", "constrained", "batch"):
         result[k] = {tree: summary(samples[tree][k]) for tree in trees}
         result[k]["after_vs_before"] = paired_ratio_summary(samples["after"][k], samples["before"][k])
@@ -370,7 +376,9 @@ def e2e(before_src: str, after_src: str, rounds: int, inner_rounds: int, n_promp
                     "time); llama.cpp reads the GGUF's 4-bit weights as they are, we dequantize them to f32",
             **{k: summary(v) for k, v in samples["llamacpp"].items()},
             "after_over_llamacpp": {k: paired_ratio_summary(samples["after"][k], samples["llamacpp"][k])
-                                    for k in ("unconstrained", "constrained")}}
+                                    for k in ("unconstrained", "constrained")},
+            "before_over_llamacpp": {k: paired_ratio_summary(samples["before"][k], samples["llamacpp"][k])
+                                     for k in ("unconstrained", "constrained")}}
     else:
         result["llamacpp"] = "llama-cpp-python not installed (pip install 'llmqp[llamacpp]'): not measured"
     return result
@@ -391,19 +399,26 @@ def main() -> None:
                     help="only the end-to-end comparison: this src/ directory (an older checkout) against --e2e-after")
     ap.add_argument("--e2e-after", default=str(HERE.parent / "src"), metavar="SRC")
     ap.add_argument("--e2e-processes", type=int, default=4, help="processes per tree (alternating)")
+    ap.add_argument("--e2e-dtypes", default="float32,float32", metavar="BEFORE,AFTER",
+                    help="Engine(dtype=...) of each side, e.g. float32,bfloat16 with --e2e-before and --e2e-after "
+                         "the same tree: the weight formats end to end (results/limits_e2e_dtypes.json)")
     args = ap.parse_args()
     quick = quick_mode(args.quick)
     if args.e2e_before:
+        dtypes = tuple(d.strip() for d in args.e2e_dtypes.split(","))
+        if len(dtypes) != 2 or any(d not in ("float32", "bfloat16") for d in dtypes):
+            ap.error(f"--e2e-dtypes takes two of float32, bfloat16 separated by a comma, got {args.e2e_dtypes!r}")
         doc = e2e(args.e2e_before, args.e2e_after, 2 if quick else args.e2e_processes, 1 if quick else 2,
-                  2 if quick else 4, 24 if quick else 64)
-        write_result("limits_e2e", doc, quick=quick)
+                  2 if quick else 4, 24 if quick else 64, dtypes=dtypes)
+        write_result("limits_e2e" if dtypes[0] == dtypes[1] else "limits_e2e_dtypes", doc, quick=quick)
         print("\n| greedy SmolLM2 | before: tok/s (IQR) | after: tok/s (IQR) | after / before (95% CI) | "
               "same tokens |\n|---|---|---|---|---|")
         for k in ("unconstrained", "constrained", "batch"):
             b, a, ratio = doc[k]["before"], doc[k]["after"], doc[k]["after_vs_before"]
             print(f"| {k} | {b['median']:.1f} ({b['q1']:.1f}–{b['q3']:.1f}) | {a['median']:.1f} "
                   f"({a['q1']:.1f}–{a['q3']:.1f}) | {ratio['value']:.2f}x ({ratio['ci95'][0]:.2f}–"
-                  f"{ratio['ci95'][1]:.2f}) | {doc['identical_tokens'][k]} |")
+                  f"{ratio['ci95'][1]:.2f}) | {doc['identical_tokens'][k]} "
+                  f"({doc['identical_outputs_share'][k]:.0%} of outputs) |")
         if isinstance(doc["llamacpp"], dict):
             for k in ("unconstrained", "constrained"):
                 m, ratio = doc["llamacpp"][k], doc["llamacpp"]["after_over_llamacpp"][k]
