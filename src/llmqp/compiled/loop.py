@@ -160,7 +160,7 @@ def _choose(params, tables, hidden, state, step, seed, temperature, top_k, top_p
             fc: FusedConfig):
     """One token for `state` from `hidden` (1, d). Returns (token, logprob, next_state)."""
     start, k = tables["row_start"][state], tables["n_allowed"][state]
-    head = {"unembed": params["unembed"], "unembed_rows": params["unembed_rows"]}
+    head = {k: params[k] for k in ("unembed", "unembed_rows", "unembed_packed") if k in params}
 
     def scored(plan: PlanKind, width: int):
         def run(hidden):
@@ -357,7 +357,7 @@ def run_fused(engine, prompt_ids, tables: ConstraintTables, sampling_params: sam
     hidden, cache = prefill(engine.params, cfg, ids, extra=max_tokens, spec=spec)
     hidden.block_until_ready()
     t1 = time.perf_counter()
-    out = _fused_jit(engine.params, dev, hidden, cache, jnp.int32(len(ids)), jnp.int32(max_tokens),
+    out = _fused_jit(_loop_params(engine), dev, hidden, cache, jnp.int32(len(ids)), jnp.int32(max_tokens),
                      jnp.uint32(sampling_params.seed), jnp.float32(sampling_params.temperature),
                      jnp.int32(sampling_params.top_k), jnp.float32(sampling_params.top_p), jnp.int32(threshold),
                      fc=fc)
@@ -366,6 +366,17 @@ def run_fused(engine, prompt_ids, tables: ConstraintTables, sampling_params: sam
     if timings is not None:
         timings.update(prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3)
     return to_output(out, decode_ms=(t2 - t1) * 1e3)
+
+
+def _loop_params(engine) -> dict:
+    """The params the loop runs on: the engine's, plus its packed bf16 unembedding where it has one, so that the
+    loop's heads score a bf16 engine's tokens as the host loop's heads do (through the CPU kernel, f32
+    activations: `transformer.dense_logits`). An f32 engine's one-row heads do not use it: params unchanged."""
+    head = getattr(engine, "head", {})
+    packed = head.get("unembed_packed")
+    if packed is None or engine.params["unembed"].dtype == jnp.float32:
+        return engine.params
+    return dict(engine.params, unembed_packed=packed)
 
 
 def prefill(params, cfg: ModelConfig, ids: np.ndarray, *, extra: int, spec: DecodeSpec = DEFAULT_SPEC):
