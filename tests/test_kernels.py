@@ -434,9 +434,9 @@ def test_bf16_engine_runs_the_kernels_and_keeps_its_equalities():
     for a, b in zip(alone, bf16.generate_batch(reqs)):
         assert a.token_ids == b.token_ids
     assert bf16.generate(**reqs[2], draft="none").token_ids == alone[2].token_ids
-    for temperature in (0.0, 1.0):  # the fused on-device loop scores like the host loop
-        kw = dict(regex=r"[a-z]{3,12}( [a-z]{3,12}){0,3}", max_tokens=24, temperature=temperature, seed=4)
-        fused, host = bf16.generate("Name a few birds.", compiled=True, **kw), bf16.generate("Name a few birds.", **kw)
-        assert fused.compiled and fused.token_ids == host.token_ids
-        # same heads (without the packed unembedding the loop's log-probs were up to 0.015 off the host's)
-        assert np.max(np.abs(np.subtract(fused.logprobs, host.logprobs))) <= 1e-4
+    # the fused on-device loop scores like the host loop (one sampled run: each setting compiles its own loop)
+    kw = dict(regex=r"[a-z]{3,12}( [a-z]{3,12}){0,3}", max_tokens=16, temperature=1.0, seed=4)
+    fused, host = bf16.generate("Name a few birds.", compiled=True, **kw), bf16.generate("Name a few birds.", **kw)
+    assert fused.compiled and fused.token_ids == host.token_ids
+    # same heads (without the packed unembedding the loop's log-probs were up to 0.015 off the host's)
+    assert np.max(np.abs(np.subtract(fused.logprobs, host.logprobs))) <= 1e-4
