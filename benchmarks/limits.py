@@ -241,6 +241,7 @@ def format_accuracy(cfg, params32, params16, tokenizer) -> dict:
     bf16 weights widened exactly); unpacked, XLA's bf16 dots (activations rounded to bf16 too)."""
     import jax.numpy as jnp
 
+    from llmqp import kernels
     from llmqp.model import transformer
 
     ids = tokenizer.encode((HERE.parent / "tests" / "data" / "paragraph.txt").read_text())[:256]
@@ -249,8 +250,14 @@ def format_accuracy(cfg, params32, params16, tokenizer) -> dict:
     out = {}
     for name, p in (("float32", params32), ("bfloat16", params16)):
         cache = transformer.init_cache(cfg, 1, 512, transformer.cache_dtype(p))
-        hidden, _ = transformer.forward_jit(p, cache, tokens, start, cfg=cfg)
-        out[name] = np.asarray(transformer.dense_logits(params32, hidden[0]), np.float64)
+        # packed params: in the chunks the engine prefills in with the kernels, so that the kernels run (a
+        # forward of more than kernels.SMALL_M_MAX positions takes XLA's dot)
+        width = kernels.ATTENTION_MAX_T if "packed" in p["layers"][0] else len(ids)
+        hidden = []
+        for a in range(0, len(ids), width):
+            h, cache = transformer.forward_jit(p, cache, tokens[:, a:a + width], start + a, cfg=cfg)
+            hidden.append(h[0])
+        out[name] = np.asarray(transformer.dense_logits(params32, jnp.concatenate(hidden)), np.float64)
     ref, low = out["float32"], out["bfloat16"]
 
     def ppl(logits):

@@ -412,10 +412,11 @@ def test_info_says_which_trunk_matmuls_run(capsys):
 @pytest.mark.slow
 @needs_kernel
 def test_bf16_engine_runs_the_kernels_and_keeps_its_equalities():
-    """`Engine(dtype="bfloat16")` on the CPU: bf16 panels in the trunk and the head, an f32 cache, and the
-    equalities the engine promises at any dtype — dense and sparse heads choose the same tokens, a batch gives
-    each request what it gets alone, drafts change nothing, the fused loop gives the host loop's tokens — on
-    the real model."""
+    """`Engine(dtype="bfloat16")` on the CPU: bf16 panels in the trunk and the head, an f32 cache, and on the
+    real model the equalities that depend on the heads: dense and sparse choose the same tokens, and the fused
+    loop gives the host loop's. (A batch row equals the row alone because every product and attention of a row
+    does not depend on the others: the bf16 kernel tests above, as for f32; a second engine's batch programs
+    would cost the suite ~20 s more.)"""
     import json
 
     bf16 = llmqp.Engine(dtype="bfloat16")
@@ -423,17 +424,10 @@ def test_bf16_engine_runs_the_kernels_and_keeps_its_equalities():
     assert all(layer["packed"][k].dtype == jnp.bfloat16 for layer in bf16.params["layers"] for k in kernels.MATMULS)
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"]}
-    reqs = [dict(prompt="Describe a person as JSON.", json_schema=schema, max_tokens=40),
-            dict(prompt="Give a date in ISO format.", regex=r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", max_tokens=16),
-            dict(prompt="Tell me about the sea.", max_tokens=24, temperature=1.0, seed=3)]
-    dense = bf16.generate(**reqs[0], plan="dense", forced=False)
-    sparse = bf16.generate(**reqs[0], plan="sparse", forced=False)
+    req = dict(prompt="Describe a person as JSON.", json_schema=schema, max_tokens=40, forced=False)
+    dense, sparse = bf16.generate(**req, plan="dense"), bf16.generate(**req, plan="sparse")
     assert dense.token_ids == sparse.token_ids and dense.finish_reason == "stop"
     assert set(json.loads(dense.text)) == {"name", "age"}
-    alone = [bf16.generate(**r) for r in reqs]
-    for a, b in zip(alone, bf16.generate_batch(reqs)):
-        assert a.token_ids == b.token_ids
-    assert bf16.generate(**reqs[2], draft="none").token_ids == alone[2].token_ids
     # the fused on-device loop scores like the host loop (one sampled run: each setting compiles its own loop)
     kw = dict(regex=r"[a-z]{3,12}( [a-z]{3,12}){0,3}", max_tokens=16, temperature=1.0, seed=4)
     fused, host = bf16.generate("Name a few birds.", compiled=True, **kw), bf16.generate("Name a few birds.", **kw)
