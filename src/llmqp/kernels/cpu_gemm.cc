@@ -181,7 +181,7 @@ void RunChunk(const Work<W>& w, int64_t c) {
 }
 
 template <ffi::DataType T>
-ffi::Error Gemm(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<T>& wp, ffi::ResultBuffer<ffi::F32>& y) {
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> wp, ffi::ResultBuffer<ffi::F32> y) {
   using W = ffi::NativeType<T>;
   const auto xd = x.dimensions(), wd = wp.dimensions(), yd = y->dimensions();
   if (wd.size() != 3 || wd[2] != kPanel)
@@ -212,28 +212,17 @@ ffi::Error Gemm(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<T>&
   return ffi::Error::Success();
 }
 
-ffi::Error GemmF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
-                   ffi::ResultBuffer<ffi::F32> y) {
-  return Gemm(pool, x, wp, y);
-}
-
-ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> wp,
-                    ffi::ResultBuffer<ffi::F32> y) {
-  return Gemm(pool, x, wp, y);
+// The handler's signature for weights of type T (f32 or bf16): x, the packed weights, y.
+template <ffi::DataType T>
+auto GemmBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmqpGemmBF16, GemmBF16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmqpGemmF32, GemmF32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmqpGemmF32, Gemm<ffi::F32>, GemmBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmqpGemmBF16, Gemm<ffi::BF16>, GemmBinding<ffi::BF16>());
