@@ -369,14 +369,11 @@ def run_fused(engine, prompt_ids, tables: ConstraintTables, sampling_params: sam
 
 
 def _loop_params(engine) -> dict:
-    """The params the loop runs on: the engine's, plus its packed bf16 unembedding where it has one, so that the
-    loop's heads score a bf16 engine's tokens as the host loop's heads do (through the CPU kernel, f32
-    activations: `transformer.dense_logits`). An f32 engine's one-row heads do not use it: params unchanged."""
-    head = getattr(engine, "head", {})
-    packed = head.get("unembed_packed")
-    if packed is None or engine.params["unembed"].dtype == jnp.float32:
-        return engine.params
-    return dict(engine.params, unembed_packed=packed)
+    """The params the loop runs on: the engine's, plus its packed unembedding where it has one, so that the
+    loop's heads score as the host loop's do (`transformer.dense_logits` / `sparse_logits` decide where it is
+    used: a bf16 head at every row count, an f32 one never for the loop's one row)."""
+    packed = getattr(engine, "head", {}).get("unembed_packed")
+    return engine.params if packed is None else dict(engine.params, unembed_packed=packed)
 
 
 def prefill(params, cfg: ModelConfig, ids: np.ndarray, *, extra: int, spec: DecodeSpec = DEFAULT_SPEC):

@@ -122,18 +122,18 @@ def status() -> dict:
     return {"available": ok, "reason": _state.get("reason"), "library": _state.get("path")}
 
 
-def _bf16():
+def _packable(w) -> np.ndarray:
+    """w as a numpy array the kernel takes: bf16 as it is, anything else as f32."""
     import ml_dtypes  # a dependency of jax
 
-    return np.dtype(ml_dtypes.bfloat16)
+    w = np.asarray(w)
+    return w if w.dtype == ml_dtypes.bfloat16 else w.astype(np.float32, copy=False)
 
 
 def pack(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """(K, N) f32 or bf16 -> (ceil(N / 64), K, 64) column panels of the same dtype (other dtypes: f32), zero past
     N: the kernel's weight layout (written into `out` when given: a C-contiguous array of that shape)."""
-    w = np.asarray(w)
-    if w.dtype != _bf16():
-        w = w.astype(np.float32, copy=False)
+    w = _packable(w)
     k, n = w.shape
     panels = _packed_shape(w)[0]
     if out is None:
@@ -196,9 +196,7 @@ def _on_cpu(a: np.ndarray):
 def pack_device(w):
     """`pack` of a (K, N) f32 or bf16 matrix (numpy or JAX), as a JAX array in huge pages (on the default device:
     call only where that is the CPU, as the kernel is)."""
-    w = np.asarray(w)
-    if w.dtype != _bf16():
-        w = w.astype(np.float32, copy=False)
+    w = _packable(w)
     (buf,) = huge_page_buffers([_packed_shape(w)], w.dtype)
     return _on_cpu(pack(w, buf))
 
@@ -217,10 +215,11 @@ def with_packed_weights(params: dict, raw_layers: list[dict] | None = None) -> d
     if jax.default_backend() != "cpu" or not available():
         return params
     dtypes = {layer[k].dtype if k in layer else None for layer in params["layers"] for k in MATMULS}
-    if len(dtypes) != 1 or dtypes.pop() not in (jnp.float32, jnp.bfloat16):
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if dtype not in (jnp.float32, jnp.bfloat16):
         return params
-    f32 = params["layers"][0][MATMULS[0]].dtype == jnp.float32
-    srcs = [[np.asarray((raw_layers[i] if raw_layers is not None and f32 else layer)[k]) for k in MATMULS]
+    use_raw = raw_layers is not None and dtype == jnp.float32
+    srcs = [[np.asarray((raw_layers[i] if use_raw else layer)[k]) for k in MATMULS]
             for i, layer in enumerate(params["layers"])]
     bufs = iter(huge_page_buffers([_packed_shape(w) for ws in srcs for w in ws], srcs[0][0].dtype))
     layers = [dict(layer, packed={k: _on_cpu(pack(w, next(bufs))) for k, w in zip(MATMULS, ws)})
