@@ -227,6 +227,36 @@ def trunk_call(mod, params, cfg, batch: int, t: int, seq_len: int, *, decode: bo
     return run
 
 
+def products_call(params):
+    """A blocking callable running the kernel products of a one-token step alone, in one jitted program (it
+    returns the last product, (1, d)): every
+    layer's four packed matrices (q/k/v, o, gate/up, down) on one row, in the step's order, each product's input
+    the previous one's output cut to the next matrix's K (times 0, plus 1: a finite input, and a data
+    dependence so that XLA runs them one after another, as the step does). What the step costs beyond it is
+    the rest of the trunk: norms, RoPE, the cache write, attention, residual adds, the executor and dispatch."""
+    import jax
+    import jax.numpy as jnp
+
+    from llmqp import kernels
+
+    mats = [(layer["packed"][k], layer[k].shape[-1]) for layer in params["layers"] for k in kernels.MATMULS]
+
+    @jax.jit
+    def chain(packed, x):
+        for w, (_, n) in zip(packed, mats):
+            x = x[:, : w.shape[1]] * 0.0 + 1.0
+            x = kernels.matmul(x, w, n)
+        return x
+
+    packed = [w for w, _ in mats]
+    x0 = jnp.ones((1, max(w.shape[1] for w in packed)), jnp.float32)
+
+    def run():
+        return chain(packed, x0).block_until_ready()
+    run()  # compile
+    return run
+
+
 def trunk_bytes(params) -> int:
     """Bytes of every trunk weight a one-token step reads (matmuls and norms; not the embedding table, nor the
     multi-token copy of `transformer.with_multi_token_weights`)."""
@@ -487,6 +517,8 @@ def main() -> None:
             for b in b_values:
                 variants[f"{prefix}{fmt}:decode B={b}"] = trunk_call(mod, params[fmt], cfg, b, 1, args.seq_len,
                                                                        decode=True)
+            if not prefix and "packed" in params[fmt]["layers"][0]:
+                variants[f"{fmt}:products T=1"] = products_call(params[fmt])
     if not (quick or args.no_flags or accelerator):  # the flags are XLA:CPU's
         for name, options in FLAG_VARIANTS.items():
             for t in (1, 8):
@@ -549,9 +581,17 @@ def main() -> None:
                 read = {"read_bandwidth_kernel": read_bw_name,
                         "read_bound_ms": float(np.median(read_bound)),
                         "one_token_vs_read_bound": paired_ratio_summary(one, read_bound)}
+            products = {}
+            if f"{key}:products T=1" in samples:  # the step split: its kernel products alone, and the rest
+                prod = samples[f"{key}:products T=1"]
+                products = {"products_one_token": {
+                    "ms": ms[f"{key}:products T=1"],
+                    "share_of_step": paired_ratio_summary(prod, one),
+                    "rest_ms": float(np.median(np.asarray(one) - np.asarray(prod))),
+                    **({"vs_read_bound": paired_ratio_summary(prod, read_bound)} if read_bw_name else {})}}
             results["formats"][key] = {
                 "weight_bytes": nbytes, "bandwidth_bound_ms": bound_ms,
-                "one_token_vs_bound": float(np.median(one)) / bound_ms, **read,
+                "one_token_vs_bound": float(np.median(one)) / bound_ms, **read, **products,
                 "forward": per_t,
                 "decode": {str(b): {"ms": ms[f"{key}:decode B={b}"],
                                     "ms_per_row": med[f"{key}:decode B={b}"] / b} for b in b_values},
@@ -633,6 +673,12 @@ def print_tables(results: dict, t_values, b_values) -> None:
                 share = ""
             print(f"| {key} | {t} | {e['ms']['median']:.1f} ({e['ms']['q1']:.1f}–{e['ms']['q3']:.1f}) | "
                   f"{e['ms_per_position']:.1f} | {e['vs_one_token']['value']:.2f} | {share} |")
+    for key, f in results["formats"].items():
+        if "products_one_token" in f:
+            p = f["products_one_token"]
+            vs = f", {p['vs_read_bound']['value']:.2f}x the read bound" if "vs_read_bound" in p else ""
+            print(f"{key}: the one-token step's kernel products alone {p['ms']['median']:.1f} ms{vs}, "
+                  f"{p['share_of_step']['value']:.0%} of the step; the rest {p['rest_ms']:.1f} ms")
     print("\n| weights | decode batch | ms (IQR) | ms / row |\n|---|---|---|---|")
     for key, f in results["formats"].items():
         for b in b_values:

@@ -59,3 +59,16 @@ def test_trunk_bytes_counts_matmuls_and_norms_not_embeddings():
     d, f = cfg.hidden_size, cfg.ffn_size
     per_layer = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + d * 2 * f + f * d + 2 * d
     assert limits.trunk_bytes(params) == 4 * (cfg.n_layers * per_layer + d)
+
+
+def test_products_call_chains_every_packed_matrix_of_a_step():
+    from llmqp import kernels
+
+    _, params = _tiny()
+    packed = kernels.with_packed_weights(params)
+    if "packed" not in packed["layers"][0]:
+        pytest.skip(f"the CPU kernel is not available: {kernels.status()['reason']}")
+    out = np.asarray(limits.products_call(packed)())
+    # every product's input is ones, so the chain ends with the column sums of the last layer's down matrix
+    w_down = np.asarray(params["layers"][-1]["w_down"], np.float64)
+    np.testing.assert_allclose(out[0], w_down.sum(axis=0), rtol=1e-5, atol=1e-5)
