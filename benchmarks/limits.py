@@ -228,12 +228,12 @@ def trunk_call(mod, params, cfg, batch: int, t: int, seq_len: int, *, decode: bo
 
 
 def products_call(params):
-    """A blocking callable running the kernel products of a one-token step alone, in one jitted program (it
-    returns the last product, (1, d)): every
-    layer's four packed matrices (q/k/v, o, gate/up, down) on one row, in the step's order, each product's input
-    the previous one's output cut to the next matrix's K (times 0, plus 1: a finite input, and a data
-    dependence so that XLA runs them one after another, as the step does). What the step costs beyond it is
-    the rest of the trunk: norms, RoPE, the cache write, attention, residual adds, the executor and dispatch."""
+    """A blocking callable running the kernel products of a one-token step alone, in one jitted program, and
+    returning the last product (1, d). Every layer's four packed matrices (q/k/v, o, gate/up, down) run on one
+    row, in the step's order. Each product's input is the previous one's output, cut to the next matrix's K,
+    times 0, plus 1: a finite input, and a data dependence so that XLA runs them one after another, as the step
+    does. What the step costs beyond it is the rest of the trunk: norms, RoPE, the cache write, attention,
+    residual adds, the executor and dispatch."""
     import jax
     import jax.numpy as jnp
 
