@@ -239,16 +239,16 @@ def products_call(params):
 
     from llmqp import kernels
 
-    mats = [(layer["packed"][k], layer[k].shape[-1]) for layer in params["layers"] for k in kernels.MATMULS]
+    packed = [layer["packed"][k] for layer in params["layers"] for k in kernels.MATMULS]
+    widths = [layer[k].shape[-1] for layer in params["layers"] for k in kernels.MATMULS]  # N of each product
 
     @jax.jit
     def chain(packed, x):
-        for w, (_, n) in zip(packed, mats):
+        for w, n in zip(packed, widths):
             x = x[:, : w.shape[1]] * 0.0 + 1.0
             x = kernels.matmul(x, w, n)
         return x
 
-    packed = [w for w, _ in mats]
     x0 = jnp.ones((1, max(w.shape[1] for w in packed)), jnp.float32)
 
     def run():

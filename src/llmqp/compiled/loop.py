@@ -160,7 +160,7 @@ def _choose(params, tables, hidden, state, step, seed, temperature, top_k, top_p
             fc: FusedConfig):
     """One token for `state` from `hidden` (1, d). Returns (token, logprob, next_state)."""
     start, k = tables["row_start"][state], tables["n_allowed"][state]
-    head = {k: params[k] for k in ("unembed", "unembed_rows", "unembed_packed") if k in params}
+    head = {name: params[name] for name in ("unembed", "unembed_rows", "unembed_packed") if name in params}
 
     def scored(plan: PlanKind, width: int):
         def run(hidden):
